@@ -1,0 +1,29 @@
+# `make demo` and `make test` do all set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 resolves to the CPU wheel on this machine kind; constraints.txt pins the rest.
+PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed-%: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PIP_INSTALL) -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-all
+	$(VENV)/bin/genforge demo
+
+test: $(VENV)/.installed-all,dev
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-all,dev
+	$(PY) benchmarks/lm_shakespeare.py
+
+lint: $(VENV)/.installed-all,dev
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

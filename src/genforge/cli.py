@@ -1,0 +1,217 @@
+"""`genforge` command line: parse -> call -> print. Nothing else lives here.
+
+Each subcommand imports its implementation lazily so `genforge --help` stays fast and a missing
+optional extra only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from genforge.common.errors import GenforgeError
+
+
+def _family(run_path: str) -> str:
+    """'lm', 'vae', 'gan', 'diffusion', ... for a run dir; 'lm' for a plain HF model folder."""
+    from genforge.common.runs import RunDir
+
+    run = RunDir(run_path)
+    if run.recipe_path.is_file():
+        return str(run.read_recipe().get("family", "lm"))
+    if not run.path.exists():
+        raise GenforgeError(f"not found: {run_path} (expected a run directory or a model folder)")
+    return "lm"
+
+
+def cmd_data_prepare(a: argparse.Namespace) -> None:
+    if a.input.startswith("builtin:digits") or _is_image_input(a.input):
+        from genforge.data.images import prepare_image_dataset
+
+        stats = prepare_image_dataset(a.input, a.out, val_fraction=a.val_fraction, size=a.size, seed=a.seed)
+    else:
+        from genforge.data.tokens import prepare_text_dataset
+
+        stats = prepare_text_dataset(a.input, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                                     val_fraction=a.val_fraction, field=a.field, doc_split=a.doc_split,
+                                     min_chars=a.min_chars, max_chars=a.max_chars, seed=a.seed)
+    print(f"dataset written to {a.out}")
+    for k, v in stats.items():
+        if not isinstance(v, (dict, list)):
+            print(f"  {k}: {v}")
+
+
+def _is_image_input(path: str) -> bool:
+    from genforge.data.images import looks_like_image_input
+
+    return looks_like_image_input(path)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from genforge.jobs.train import run_recipe
+
+    result = run_recipe(a.recipe, overrides=a.set, resume=a.resume)
+    print(result.summary())
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    if _family(a.run) == "lm":
+        from genforge.eval.lm import evaluate_run
+
+        result = evaluate_run(a.run, max_batches=a.max_batches)
+    else:
+        from genforge.jobs.image_eval import evaluate_image_run
+
+        result = evaluate_image_run(a.run, num_samples=a.num_samples)
+    for k, v in result.items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    if _family(a.run) == "lm":
+        if a.prompt is None:
+            raise GenforgeError("generate: --prompt is required for a language model")
+        from genforge.jobs.textgen import generate_to_terminal
+
+        generate_to_terminal(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                             top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                             stop=a.stop, seed=a.seed, num_samples=a.num_samples)
+    else:
+        from genforge.jobs.imagegen import generate_grid
+
+        out = generate_grid(a.run, num_samples=a.num_samples, class_label=a.class_label, guidance=a.guidance,
+                            steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out)
+        print(f"wrote {out}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from genforge.jobs.demo import run_demo
+
+    run_demo(out_dir=a.out_dir, minutes=a.minutes)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from genforge.serve.server import serve_forever
+
+    keys = list(a.api_key or [])
+    keys += [k for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()]
+    serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
+                  max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
+                  max_queue=a.max_queue, api_keys=keys)
+
+
+def cmd_anomaly(a: argparse.Namespace) -> None:
+    from genforge.jobs.anomaly import score_images
+
+    result = score_images(a.run, a.images, out=a.out)
+    for k, v in result.items():
+        print(f"{k}: {v}")
+
+
+def cmd_augment(a: argparse.Namespace) -> None:
+    from genforge.jobs.augment import augmentation_study
+
+    result = augmentation_study(a.run, minority_class=a.minority_class, keep_fraction=a.keep_fraction,
+                                seed=a.seed)
+    for k, v in result.items():
+        print(f"{k}: {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genforge", description="data -> train -> eval -> serve for generative models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="clean, tokenize and shard text, or index images")
+    prep.add_argument("input", help="file, folder, builtin:pydoc or builtin:digits")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--tokenizer", choices=["byte-bpe", "char"], default="byte-bpe")
+    prep.add_argument("--vocab-size", type=int, default=4096)
+    prep.add_argument("--val-fraction", type=float, default=0.1)
+    prep.add_argument("--field", help="text field of .jsonl/.csv/.parquet records")
+    prep.add_argument("--doc-split", choices=["file", "paragraph", "line"], default=None,
+                      help="how a .txt file splits into documents (default: paragraph)")
+    prep.add_argument("--min-chars", type=int, default=1)
+    prep.add_argument("--max-chars", type=int, default=None)
+    prep.add_argument("--size", type=int, default=None, help="images: resize to SIZE x SIZE")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.set_defaults(func=cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a recipe through the one training loop")
+    tr.add_argument("recipe")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run on the validation split it recorded")
+    ev.add_argument("run")
+    ev.add_argument("--max-batches", type=int, default=None)
+    ev.add_argument("--num-samples", type=int, default=500, help="image runs: samples for FID/KID")
+    ev.set_defaults(func=cmd_eval)
+
+    ge = sub.add_parser("generate", help="generate text or images from a run")
+    ge.add_argument("run")
+    ge.add_argument("--prompt")
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--repetition-penalty", type=float, default=1.0)
+    ge.add_argument("--stop", action="append", default=[])
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--num-samples", type=int, default=1)
+    ge.add_argument("--class", dest="class_label", default=None, help="image runs: class name or index")
+    ge.add_argument("--guidance", type=float, default=None)
+    ge.add_argument("--steps", type=int, default=None)
+    ge.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    ge.add_argument("--out", default=None, help="image runs: PNG grid path")
+    ge.set_defaults(func=cmd_generate)
+
+    de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
+    de.add_argument("--out-dir", default="runs")
+    de.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    de.set_defaults(func=cmd_demo)
+
+    se = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or HF model folder")
+    se.add_argument("model")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--served-model-name", default=None)
+    se.add_argument("--max-model-len", type=int, default=None)
+    se.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    se.add_argument("--max-batch-size", type=int, default=32)
+    se.add_argument("--max-queue", type=int, default=256)
+    se.add_argument("--api-key", action="append", default=[])
+    se.set_defaults(func=cmd_serve)
+
+    an = sub.add_parser("anomaly", help="score images by a VAE run's reconstruction error / ELBO")
+    an.add_argument("run")
+    an.add_argument("images")
+    an.add_argument("--out", default=None)
+    an.set_defaults(func=cmd_anomaly)
+
+    au = sub.add_parser("augment", help="minority-class oversampling study with a conditional model")
+    au.add_argument("run")
+    au.add_argument("--minority-class", required=True)
+    au.add_argument("--keep-fraction", type=float, default=0.1)
+    au.add_argument("--seed", type=int, default=0)
+    au.set_defaults(func=cmd_augment)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GenforgeError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
