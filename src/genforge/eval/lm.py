@@ -1,0 +1,69 @@
+"""Language-model evaluation: validation loss, perplexity and bits per byte on the run's own data.
+
+Bits per byte divides by the UTF-8 bytes of the text rather than by tokens, so models with
+different tokenizers (char, BPE of any size) compare on one scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from genforge.common.errors import RunError
+from genforge.common.progress import progress_bar
+from genforge.common.runs import RunDir, atomic_write_text, update_report
+from genforge.data.tokens import TokenBatches, TokenDataset
+from genforge.models.lm import context_length, load_lm
+
+
+@torch.inference_mode()
+def validation_loss(model, batches, total: int | None = None) -> tuple[float, int]:
+    """Mean next-token loss (nats) and the number of predicted tokens."""
+    nats, count = 0.0, 0
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("eval", total=total, info="")
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), batch["labels"].view(-1),
+                                   reduction="sum")
+            nats += float(loss)
+            count += batch["labels"].numel()
+            bar.update(task, advance=1, info=f"loss={nats / count:.4f}")
+    return nats / max(count, 1), count
+
+
+def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int = 16) -> dict:
+    run = RunDir.open(run_path)
+    recorded = run.read_recipe().get("_provenance", {}).get("dataset", {})
+    if not recorded.get("path"):
+        raise RunError(f"{run.path}: the run does not record its dataset; cannot find validation data")
+    dataset = TokenDataset(recorded["path"])
+    if recorded.get("content_hash") and dataset.content_hash != recorded["content_hash"]:
+        raise RunError(f"the dataset at {recorded['path']} changed since {run.path} was trained "
+                       f"(content hash differs); re-prepare it or evaluate on the original")
+    model, _ = load_lm(run.path)
+    ctx = context_length(model)
+    val = dataset.split("val")
+    data = TokenBatches(dataset.split("train"), val, batch_size, min(ctx, len(val) - 1), seed=0)
+    total = math.ceil((len(val) - 1) // min(ctx, len(val) - 1) / batch_size)
+    t0 = time.perf_counter()
+    loss, tokens = validation_loss(model, data.val_batches(max_batches), total if max_batches is None
+                                   else min(total, max_batches))
+    seconds = time.perf_counter() - t0
+    stats = dataset.stats
+    tokens_per_byte = stats["tokens"]["val"] / max(stats["bytes"]["val"], 1)
+    result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+              "bits_per_byte": loss * tokens_per_byte / math.log(2), "val_tokens": tokens,
+              "eval_seconds": seconds}
+    atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2))
+    update_report(run, "evaluation", (
+        "## Evaluation\n\n| metric | value |\n|---|---|\n"
+        f"| validation loss (nats/token) | {loss:.4f} |\n| perplexity | {result['perplexity']:.2f} |\n"
+        f"| bits per byte | {result['bits_per_byte']:.4f} |\n| validation tokens | {tokens:,} |\n"
+        f"\nOn the validation split of `{recorded['path']}` "
+        f"({'all of it' if max_batches is None else f'first {max_batches} batches'}).\n"))
+    return result

@@ -1,0 +1,112 @@
+"""`genforge train RECIPE`: resolve the recipe, build the family's objective, run the loop, report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genforge.common.config import Recipe, load_recipe, to_dict
+from genforge.common.errors import DataError, RunError
+from genforge.common.progress import console
+from genforge.common.runs import RunDir, update_report
+from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
+
+_FAMILIES = {"lm": "genforge.train.lm", "vae": "genforge.train.vae", "gan": "genforge.train.gan",
+             "diffusion": "genforge.train.diffusion", "classifier": "genforge.train.classifier"}
+
+
+@dataclass
+class TrainOutcome:
+    run: RunDir
+    recipe: Recipe
+    result: TrainResult
+
+    def summary(self) -> str:
+        r = self.result
+        val = r.final_val.get("val_loss")
+        lines = [f"run: {self.run.path}", f"steps: {r.steps}", f"wall time: {r.wall_time:.1f}s"]
+        if val is not None:
+            lines.append(f"val loss: {val:.4f} (best {r.best_val_loss:.4f})")
+        if r.tokens:
+            lines.append(f"tokens/s: {r.tokens / max(r.wall_time, 1e-9):,.0f}")
+        lines += [f"model: {self.run.model_dir}", f"report: {self.run.report_path}"]
+        return "\n".join(lines)
+
+
+def dataset_identity(path: str | Path) -> dict:
+    """Path and content hash of a dataset folder, recorded in the run so eval finds the data."""
+    stats = Path(path) / "stats.json"
+    if not stats.is_file():
+        raise DataError(f"dataset folder not found or incomplete: {path} (no stats.json); "
+                        f"write one with `genforge data prepare INPUT --out {path}`")
+    meta = json.loads(stats.read_text(encoding="utf-8"))
+    return {"path": str(Path(path).resolve()), "content_hash": meta.get("content_hash")}
+
+
+def build_family(recipe: Recipe, device: torch.device):
+    return importlib.import_module(_FAMILIES[recipe.family]).build(recipe, device)
+
+
+def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False,
+               max_steps_now: int | None = None) -> TrainOutcome:
+    """Train one recipe into runs/<name>/ (or continue it with `resume`)."""
+    recipe = load_recipe(path, overrides)
+    return run_loaded_recipe(recipe, resume=resume, max_steps_now=max_steps_now)
+
+
+def run_loaded_recipe(recipe: Recipe, resume: bool = False, max_steps_now: int | None = None) -> TrainOutcome:
+    cfg = recipe.train
+    run = RunDir(recipe.run_dir)
+    if not resume and run.checkpoints():
+        raise RunError(f"run {run.path} already exists; continue it with --resume, "
+                       f"or train under another name (--set name=...)")
+    dataset = dataset_identity(recipe.dataset)
+    if resume and run.recipe_path.is_file():
+        recorded = run.read_recipe().get("_provenance", {}).get("dataset", {})
+        if recorded.get("content_hash") not in (None, dataset["content_hash"]):
+            raise RunError(f"--resume: the dataset {recipe.dataset} changed since {run.path} was started "
+                           f"(content hash differs); use a new run name")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    objective, data = build_family(recipe, device)
+    run.create()
+    run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)})
+    console.print(f"training [bold]{recipe.name}[/] ({recipe.family}) on {device}, "
+                  f"precision {str(pick_dtype(cfg.precision, device)).replace('torch.', '')}")
+    result = train(objective, data, cfg, run, device=device, resume=resume, max_steps_now=max_steps_now)
+    update_report(run, "header", _header(recipe, dataset))
+    update_report(run, "training", _training_section(recipe, objective, result, device, run))
+    return TrainOutcome(run=run, recipe=recipe, result=result)
+
+
+def _header(recipe: Recipe, dataset: dict) -> str:
+    return (f"# Run `{recipe.name}`\n\nFamily **{recipe.family}**, dataset `{dataset['path']}` "
+            f"(content hash `{(dataset['content_hash'] or '')[:16]}`). The full resolved recipe, package "
+            f"versions and git commit are in `recipe.yaml`.\n")
+
+
+def _training_section(recipe: Recipe, objective, result: TrainResult, device: torch.device, run: RunDir) -> str:
+    desc = objective.describe() if hasattr(objective, "describe") else {}
+    rows = [("steps", f"{result.steps}" + (" (stopped by time budget)" if result.stopped_early else "")),
+            ("wall time", f"{result.wall_time:.1f} s"), ("device", str(device))]
+    if result.tokens:
+        rows.append(("tokens seen", f"{result.tokens:,}"))
+        rows.append(("throughput", f"{result.tokens / max(result.wall_time, 1e-9):,.0f} tokens/s"))
+    for k, v in desc.items():
+        rows.append((k, f"{v:,}" if isinstance(v, int) else str(v)))
+    for k, v in result.final_val.items():
+        rows.append((f"final {k}", f"{v:.4f}"))
+    if result.best_val_loss < float("inf"):
+        rows.append(("best val_loss", f"{result.best_val_loss:.4f}"))
+    t = recipe.train
+    rows.append(("schedule", f"lr {t.lr:g}, warmup {t.warmup_steps}, cosine to {t.min_lr if t.min_lr is not None else t.lr / 10:g}, "
+                             f"batch {t.batch_size} x accum {t.grad_accum}"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    plot = "\n\n![loss](plots/loss.png)" if (run.plots_dir / "loss.png").is_file() else ""
+    return f"## Training\n\n| | |\n|---|---|\n{table}{plot}\n"

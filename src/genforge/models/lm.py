@@ -1,0 +1,170 @@
+"""Decoder-only LMs: `transformers` model classes built from presets, saved in the HF layout.
+
+Every model is a stock `transformers` class (LlamaForCausalLM for the dense presets,
+MixtralForCausalLM for the mixture-of-experts one), so a run's `model/` folder loads with
+`AutoModelForCausalLM.from_pretrained` anywhere, and any HF causal-LM folder loads here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from genforge.common.config import rng
+from genforge.common.errors import ConfigError, RunError
+
+# ChatML, the template most small chat models use; applied when a model folder has none.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# name -> (config class, architecture). Sizes are counted with a 4096-token vocabulary
+# (tied embeddings), except lm-base, which is GPT-2-small sized with a 32k vocabulary.
+PRESETS: dict[str, dict] = {
+    "lm-nano": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=384, context_length=256),
+    "lm-tiny": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                    intermediate_size=1024, context_length=256),
+    "lm-small": dict(hidden_size=640, num_hidden_layers=10, num_attention_heads=10, num_key_value_heads=5,
+                     intermediate_size=1728, context_length=512),
+    "lm-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                    intermediate_size=3072, context_length=1024),
+    "lm-moe-tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=512, context_length=256, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@dataclass
+class LMSpec:
+    """The recipe's `model:` section for family `lm`: a preset and any overrides of it."""
+
+    preset: str = rng("lm-tiny", choices=list(PRESETS))
+    context_length: int | None = rng(None, min=8)
+    hidden_size: int | None = rng(None, min=8)
+    num_layers: int | None = rng(None, min=1)
+    num_heads: int | None = rng(None, min=1)
+    num_kv_heads: int | None = rng(None, min=1)
+    intermediate_size: int | None = rng(None, min=8)
+    num_experts: int | None = rng(None, min=2)
+    experts_per_token: int | None = rng(None, min=1)
+    tie_embeddings: bool = True
+    dropout: float = rng(0.0, min=0, max=0.9)
+    rope_theta: float = rng(10000.0, min=1)
+    initializer_range: float = rng(0.02, min=0, min_exclusive=True)
+
+    def resolved(self) -> dict:
+        """Preset values with this spec's overrides applied."""
+        p = dict(PRESETS[self.preset])
+        overrides = {"context_length": self.context_length, "hidden_size": self.hidden_size,
+                     "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                     "num_key_value_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size,
+                     "num_local_experts": self.num_experts, "num_experts_per_tok": self.experts_per_token}
+        p.update({k: v for k, v in overrides.items() if v is not None})
+        if (self.num_experts or self.experts_per_token) and "num_local_experts" not in PRESETS[self.preset]:
+            raise ConfigError(f"model.num_experts: preset {self.preset} is dense; use lm-moe-tiny for experts")
+        if p["hidden_size"] % p["num_attention_heads"]:
+            raise ConfigError(f"model.hidden_size: {p['hidden_size']} is not divisible by num_heads "
+                              f"{p['num_attention_heads']}")
+        if p["num_attention_heads"] % p["num_key_value_heads"]:
+            raise ConfigError(f"model.num_kv_heads: {p['num_key_value_heads']} must divide num_heads "
+                              f"{p['num_attention_heads']}")
+        if "num_local_experts" in p and p["num_experts_per_tok"] > p["num_local_experts"]:
+            raise ConfigError("model.experts_per_token: larger than num_experts")
+        return p
+
+
+def build_lm_config(spec: LMSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    p = spec.resolved()
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=p["hidden_size"], num_hidden_layers=p["num_hidden_layers"],
+        num_attention_heads=p["num_attention_heads"], num_key_value_heads=p["num_key_value_heads"],
+        intermediate_size=p["intermediate_size"], max_position_embeddings=p["context_length"],
+        rms_norm_eps=1e-5, rope_theta=spec.rope_theta, attention_dropout=spec.dropout,
+        tie_word_embeddings=spec.tie_embeddings, initializer_range=spec.initializer_range,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if "num_local_experts" in p:
+        return MixtralConfig(**common, num_local_experts=p["num_local_experts"],
+                             num_experts_per_tok=p["num_experts_per_tok"], router_aux_loss_coef=0.01)
+    return LlamaConfig(**common, mlp_bias=False, attention_bias=False)
+
+
+def create_lm(config: PretrainedConfig) -> PreTrainedModel:
+    """A freshly initialised model; SDPA attention, the fastest kernel on CPU and CUDA here."""
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:  # tied embeddings count once
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def save_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """Model, tokenizer, generation_config.json and chat template in the HF layout."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+                     pad_token_id=model.config.pad_token_id, do_sample=True, temperature=0.8, top_p=0.95,
+                     max_new_tokens=128).save_pretrained(out_dir)
+
+
+def model_folder(path: str | Path) -> Path:
+    """RUN/model for a genforge run directory, the folder itself for an HF model folder."""
+    path = Path(path)
+    if (path / "recipe.yaml").is_file():
+        if not (path / "model" / "config.json").is_file():
+            raise RunError(f"run {path} has no exported model yet (training not finished?); "
+                           f"expected {path / 'model' / 'config.json'}")
+        return path / "model"
+    if not path.exists():
+        raise RunError(f"model not found: {path} (expected a run directory or a Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise RunError(f"{path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def load_lm(path: str | Path, device: str | torch.device = "cpu",
+            dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a run's model or any HF causal-LM folder from disk. Remote code is never executed."""
+    folder = model_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32,
+                                                     trust_remote_code=False, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"cannot load a causal LM from {folder}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048))
