@@ -1,0 +1,263 @@
+"""Generation: one request's state, a continuously batched generator, and `generate`.
+
+    SamplingParams        what to sample (models/sampling.py), validated; errors name the field
+    TokenEvent            one generated token: its id, new text, logprobs, finish reason
+    Sequence              one request: detokenizes incrementally, applies stop strings / stop ids /
+                          EOS / length, turns each sampled token into a TokenEvent
+    BatchGenerator        rows join (prefill) and leave between decode steps; one batched decode
+                          step for all rows; a finished row frees its cache slot at once
+    generate(...)         the single-sequence path (eval, the CLI) on the same pieces
+
+`serve.engine.Engine` is a scheduler thread around a BatchGenerator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from genforge.models.fastdecode import HFRunner, LlamaRunner, make_runner
+from genforge.models.sampling import RowSampler, SamplingParams, sample
+
+__all__ = ["SamplingParams", "TokenEvent", "Sequence", "BatchGenerator", "generate", "eos_token_ids",
+           "context_length"]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. `text` is the new detokenized text (stop strings removed; may be empty
+    while a multi-byte character or a possible stop string is incomplete). `finish_reason` is set
+    on the last event of a request: "stop" | "length" | "abort"."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[str, float]] | None = None
+    finish_reason: str | None = None
+    error: str | None = None  # set with finish_reason "abort" when the engine failed
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (which may list several)."""
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(t) for t in src)
+    return ids
+
+
+def context_length(model: torch.nn.Module, max_model_len: int | None = None) -> int:
+    cfg = model.config.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None) or 2048
+    return min(limit, max_model_len) if max_model_len else limit
+
+
+class Detokenizer:
+    """Incremental detokenization that never emits half a UTF-8 character.
+
+    Fast tokenizers use the `tokenizers` DecodeStream (Rust, ~1 us a token), seeded with a clean
+    tail of the prompt so decoders that strip a leading space (SentencePiece's "▁") see context.
+    Other tokenizers re-decode a short window and hold back text ending in U+FFFD.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.backend = backend if isinstance(backend, Tokenizer) else None
+        tail: list[int] = []
+        for n in (4, 3, 2, 1):  # a tail that decodes cleanly (no partial character at its end)
+            cand = prompt_ids[-n:]
+            if len(cand) == n and "\ufffd" not in tokenizer.decode(cand, skip_special_tokens=True):
+                tail = list(cand)
+                break
+        if self.backend is not None:
+            self.stream = DecodeStream(ids=tail, skip_special_tokens=True) if tail else DecodeStream(
+                skip_special_tokens=True)
+        self.ids = tail
+        self.prefix_offset, self.read_offset = 0, len(tail)
+
+    def step(self, token_id: int) -> str:
+        if self.backend is not None:
+            return self.stream.step(self.backend, token_id) or ""
+        self.ids.append(token_id)
+        dec = self.tokenizer.decode
+        prefix = dec(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = dec(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
+
+
+class Sequence:
+    """One request in flight: its tokens, sampler, detokenizer and stop handling."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, *, eos_ids: set[int],
+                 vocab_size: int, max_model_len: int, device: torch.device | str = "cpu"):
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sampler = RowSampler(params, self.prompt_ids, vocab_size, eos_ids, device)
+        self.detok = Detokenizer(tokenizer, self.prompt_ids)
+        self.end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        self.limit = min(max_model_len, len(self.prompt_ids) + params.max_new_tokens)
+        self.pending = ""  # decoded text held back because it could still begin a stop string
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.created = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.tokens)
+
+    def accept(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> TokenEvent:
+        """Record a sampled token; the event to send (finish_reason set when this ends it)."""
+        self.tokens.append(token)
+        self.sampler.observe(token)
+        top_text = None if top is None else [(self.tokenizer.decode([t]), lp) for t, lp in top]
+        if token in self.end_ids:  # (min_tokens already masked these until reached)
+            text, self.pending = self.pending, ""
+            self.finish_reason = "stop"
+            return TokenEvent(token, text, logprob, top_text, "stop")
+        text = self._apply_stop(self.detok.step(token))
+        if self.finish_reason is None and self.length >= self.limit:
+            text, self.pending = text + self.pending, ""
+            self.finish_reason = "length"
+        return TokenEvent(token, text, logprob, top_text, self.finish_reason)
+
+    def _apply_stop(self, new: str) -> str:
+        stops = self.params.stop
+        if not stops:
+            return new
+        buf = self.pending + new
+        hits = [(i, s) for s in stops if (i := buf.find(s)) >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            self.pending = ""
+            return buf[: min(hits)[0]]
+        # hold back the longest tail of buf that is a proper prefix of some stop string
+        hold = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self.pending = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def abort(self) -> TokenEvent:
+        self.finish_reason = "abort"
+        return TokenEvent(None, "", finish_reason="abort")
+
+
+class BatchGenerator:
+    """Continuous batching over a runner: rows join and leave between decode steps.
+
+    Row i of `rows` owns cache slot i; a finished or cancelled row is removed at once and the last
+    row moves into its slot, so the batch stays compact (see models/kvcache.py).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
+                 max_model_len: int | None = None, fast: bool | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_model_len = context_length(model, max_model_len)
+        self.runner: LlamaRunner | HFRunner = make_runner(model, max_len=self.max_model_len,
+                                                          slots=min(max_batch_size, 8), fast=fast)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = self.runner.vocab_size
+        self.device = next(model.parameters()).device
+        self.rows: list[Sequence] = []
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self.rows)
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        params.validate(self.max_model_len, len(prompt_ids))
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            from genforge.common.errors import GenforgeError
+
+            raise GenforgeError(f"prompt: token id {bad[0]!r} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                param="prompt")
+        return Sequence(prompt_ids, params, self.tokenizer, eos_ids=self.eos_ids, vocab_size=self.vocab_size,
+                        max_model_len=self.max_model_len, device=self.device)
+
+    def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
+        """Prefill new rows together and sample their first tokens."""
+        if not seqs:
+            return []
+        if len(seqs) > self.free_slots:
+            raise ValueError(f"{len(seqs)} new rows but only {self.free_slots} free slots")
+        logits = self.runner.prefill(len(self.rows), [s.prompt_ids for s in seqs])
+        self.rows.extend(seqs)
+        return self._sample(logits, seqs)
+
+    def step(self) -> list[tuple[Sequence, TokenEvent]]:
+        """One batched decode step for every row; each row's next token event."""
+        if not self.rows:
+            return []
+        rows = list(self.rows)
+        logits = self.runner.decode([s.tokens[-1] for s in rows], [s.length - 1 for s in rows])
+        return self._sample(logits, rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
+        tokens, lps, tops = sample(logits, [s.sampler for s in rows])
+        out = [(s, s.accept(t, lp, top)) for s, t, lp, top in zip(rows, tokens, lps, tops)]
+        for s, ev in out:
+            if ev.finish_reason is not None:
+                self.remove(s)
+        return out
+
+    def remove(self, seq: Sequence) -> None:
+        """Free a row's slot now: the last row moves into it."""
+        i = self.rows.index(seq)
+        last = len(self.rows) - 1
+        if i != last:
+            mover = self.rows[last]
+            self.runner.move(last, i, mover.length)
+            self.rows[i] = mover
+        self.rows.pop()
+        self.runner.release(last)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """One sequence from prompt to finish (the batch must be otherwise empty)."""
+        seq = self.new_sequence(prompt_ids, params)
+        events = self.add([seq])
+        try:
+            while True:
+                for s, ev in events:
+                    if s is seq:
+                        yield ev
+                if seq.finished:
+                    return
+                events = self.step()
+        finally:
+            if not seq.finished:
+                seq.abort()
+                self.remove(seq)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+             max_model_len: int | None = None) -> Iterator[TokenEvent]:
+    """Generate for one prompt, yielding a TokenEvent per token (the last has finish_reason).
+
+    Builds a fresh one-row BatchGenerator; to generate many times from one model, keep a
+    BatchGenerator and call its `generate`.
+    """
+    gen = BatchGenerator(model, tokenizer, max_batch_size=1, max_model_len=max_model_len)
+    yield from gen.generate(prompt_ids, params)

@@ -1,0 +1,346 @@
+"""The batching engine: a scheduler thread over the models' continuous-batching generator.
+
+At every iteration the scheduler drops cancelled rows, admits waiting requests while slots are
+free (prefilling the new prompts together, up to a token budget so a burst of long prompts does
+not stall the running rows for long), runs ONE batched decode step for all running rows, and hands
+each request its TokenEvent. Consumers read a `RequestStream` by blocking iteration (CLI, tests)
+or `async for` (the HTTP server); events cross threads through a deque plus a wake-up - a
+Condition for threads, one `loop.call_soon_threadsafe` per event loop per step for asyncio.
+
+    engine = Engine(model, tokenizer, max_batch_size=32)
+    engine.start()
+    stream = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64))
+    for ev in stream: print(ev.text, end="")
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import torch
+
+from genforge.common.errors import GenforgeError, OverloadedError
+from genforge.models.generation import BatchGenerator, Sequence, TokenEvent
+from genforge.models.sampling import SamplingParams
+
+__all__ = ["Engine", "EngineObserver", "RequestStream", "TokenEvent", "SamplingParams"]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+
+class EngineObserver:
+    """Hooks for metrics (the server subclasses this and maps them to Prometheus).
+
+    Called from the scheduler thread: keep them quick; they must be thread-safe.
+    """
+
+    def on_first_token(self, seconds: float) -> None:
+        """Time from submit to the first token of a request."""
+
+    def on_token(self, seconds: float) -> None:
+        """Time between two consecutive tokens of one request."""
+
+    def on_finish(self, *, e2e_seconds: float, prompt_tokens: int, completion_tokens: int,
+                  finish_reason: str) -> None:
+        """A request ended (stop, length or abort)."""
+
+    def on_step(self, *, batch_size: int, num_waiting: int, seconds: float) -> None:
+        """One scheduler iteration (admissions + one decode step) took `seconds`."""
+
+
+class RequestStream:
+    """The events of one request, in order; the last has finish_reason set."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self.id = f"req-{next(_ids)}"
+        self._engine = engine
+        self._seq = seq
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aevent: asyncio.Event | None = None
+        self._done = False  # the final event has been pushed
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.finish_reason: str | None = None
+        try:  # submitted from a coroutine: wake-ups go to that loop
+            self._bind(asyncio.get_running_loop())
+        except RuntimeError:
+            pass
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._seq.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self._seq.tokens)
+
+    def cancel(self) -> None:
+        """Stop generating; the slot and its KV cache are freed at the next step."""
+        if not self._done:
+            self.cancelled = True
+            self._engine._wake()
+
+    # -- producer side (scheduler thread) ---------------------------------------------------------
+    def _push(self, ev: TokenEvent) -> None:
+        now = time.perf_counter()
+        if ev.token_id is not None:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        if ev.finish_reason is not None:
+            self.finish_reason, self.finished_at = ev.finish_reason, now
+        with self._cond:
+            self._events.append(ev)
+            if ev.finish_reason is not None:
+                self._done = True
+            self._cond.notify()
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._aevent = asyncio.Event()
+            self._loop = loop
+
+    # -- consumer side ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                with self._cond:
+                    while not self._events:
+                        self._cond.wait()
+                    ev = self._events.popleft()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            if self.finish_reason is None:  # the consumer stopped early
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        self._bind(asyncio.get_running_loop())
+        try:
+            while True:
+                self._aevent.clear()  # clear, then drain: a wake-up after the drain is kept
+                while self._events:
+                    ev = self._events.popleft()
+                    yield ev
+                    if ev.finish_reason is not None:
+                        return
+                await self._aevent.wait()
+        finally:
+            if self.finish_reason is None or self._events:
+                self.cancel()
+
+    def text(self) -> str:
+        """Block until done; the whole generated text."""
+        return "".join(ev.text for ev in self)
+
+
+class Engine:
+    """Continuous batching over one model; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
+                 max_model_len: int | None = None, observer: EngineObserver | None = None,
+                 max_prefill_tokens: int = 4096, fast: bool | None = None):
+        if max_batch_size < 1 or max_queue < 0:
+            raise GenforgeError("max_batch_size must be >= 1 and max_queue >= 0", param="max_batch_size")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.gen = BatchGenerator(model, tokenizer, max_batch_size=max_batch_size,
+                                  max_model_len=max_model_len, fast=fast)
+        self.max_model_len = self.gen.max_model_len
+        self.max_batch_size = max_batch_size
+        self.observer = observer or EngineObserver()
+        self._waiting: collections.deque[RequestStream] = collections.deque()
+        self._running: dict[Sequence, RequestStream] = {}
+        self._cv = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._stop = False
+        self._drain = True
+        self.steps = 0
+        self.generated_tokens = 0
+
+    @property
+    def fast_path(self) -> bool:
+        return type(self.gen.runner).__name__ == "LlamaRunner"
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="genforge-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop accepting; when `drain`, finish what is queued and running, else abort it."""
+        with self._cv:
+            self._accepting = False
+            self._stop, self._drain = True, drain
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:  # never started: nothing can run the queue
+            self._abort_all("engine shut down")
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(drain=False)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; OverloadedError when the queue is full, GenforgeError for bad input."""
+        if not self._accepting:
+            raise OverloadedError("the engine is shutting down; retry on another replica")
+        seq = self.gen.new_sequence(list(prompt_ids), params)  # validates
+        stream = RequestStream(self, seq)
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise OverloadedError(f"the server is busy ({len(self._waiting)} requests queued); retry later")
+            self._waiting.append(stream)
+            self._cv.notify()
+        return stream
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # -- the scheduler ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._running and not self._stop and not self._has_cancel():
+                    self._cv.wait()
+                if self._stop and (not self._drain or (not self._waiting and not self._running)):
+                    break
+            try:
+                self._iteration()
+            except Exception as e:  # a bug or out of memory: fail the batch, keep serving
+                log.exception("engine step failed")
+                self._abort_running(f"engine error: {type(e).__name__}: {e}")
+        self._abort_all("engine shut down")
+
+    def _has_cancel(self) -> bool:
+        return any(s.cancelled for s in self._running.values()) or any(s.cancelled for s in self._waiting)
+
+    def _iteration(self) -> None:
+        t0 = time.perf_counter()
+        touched: list[RequestStream] = []
+        for seq, stream in list(self._running.items()):
+            if stream.cancelled:
+                self.gen.remove(seq)
+                self._running.pop(seq)
+                self._finish(stream, seq.abort(), touched)
+        admit: list[RequestStream] = []
+        budget = self.max_prefill_tokens
+        with self._cv:
+            while self._waiting and len(admit) < self.gen.free_slots:
+                nxt = self._waiting[0]
+                if nxt.cancelled:
+                    self._waiting.popleft()
+                    self._finish(nxt, nxt._seq.abort(), touched)
+                    continue
+                if admit and nxt.prompt_tokens > budget:
+                    break
+                budget -= nxt.prompt_tokens
+                admit.append(self._waiting.popleft())
+        if admit:
+            for stream in admit:
+                self._running[stream._seq] = stream
+            self._deliver(self.gen.add([s._seq for s in admit]), touched)
+        if self.gen.rows:
+            self._deliver(self.gen.step(), touched)
+            self.steps += 1
+        self._notify(touched)
+        self.observer.on_step(batch_size=len(self.gen.rows), num_waiting=len(self._waiting),
+                              seconds=time.perf_counter() - t0)
+
+    def _deliver(self, events: list[tuple[Sequence, TokenEvent]], touched: list[RequestStream]) -> None:
+        obs = self.observer
+        for seq, ev in events:
+            stream = self._running[seq]
+            prev = stream.last_token_at
+            stream._push(ev)
+            self.generated_tokens += 1
+            if prev is None:
+                obs.on_first_token(stream.first_token_at - stream.submitted)
+            else:
+                obs.on_token(stream.last_token_at - prev)
+            touched.append(stream)
+            if ev.finish_reason is not None:
+                self._running.pop(seq, None)
+                self._observe_finish(stream)
+
+    def _finish(self, stream: RequestStream, ev: TokenEvent, touched: list[RequestStream]) -> None:
+        stream._push(ev)
+        touched.append(stream)
+        self._observe_finish(stream)
+
+    def _observe_finish(self, stream: RequestStream) -> None:
+        self.observer.on_finish(e2e_seconds=(stream.finished_at or time.perf_counter()) - stream.submitted,
+                                prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
+                                finish_reason=stream.finish_reason or "abort")
+
+    @staticmethod
+    def _notify(touched: list[RequestStream]) -> None:
+        """Wake asyncio consumers: one call_soon_threadsafe per event loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+        for stream in touched:
+            if stream._loop is not None:
+                by_loop.setdefault(stream._loop, []).append(stream._aevent)
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # that loop is closed; its consumers are gone
+                pass
+
+    def _abort_running(self, error: str) -> None:
+        touched: list[RequestStream] = []
+        for seq, stream in list(self._running.items()):
+            if seq in self.gen.rows:
+                self.gen.remove(seq)
+            seq.finish_reason = "abort"
+            stream._push(TokenEvent(None, "", finish_reason="abort", error=error))
+            touched.append(stream)
+            self._observe_finish(stream)
+        self._running.clear()
+        self._notify(touched)
+
+    def _abort_all(self, error: str) -> None:
+        self._abort_running(error)
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for stream in waiting:
+            stream._seq.finish_reason = "abort"
+            stream._push(TokenEvent(None, "", finish_reason="abort", error=error))
+            self._observe_finish(stream)
+        self._notify(waiting)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for ev in events:
+        ev.set()
