@@ -32,9 +32,19 @@ def rng(default: Any = dataclasses.MISSING, *, min: float | None = None, max: fl
     return field(default=default, metadata=meta)
 
 
+# Names people bring from other tools, so a misspelt "lerning_rate" still finds "lr".
+_ALIASES = {"learning_rate": "lr", "min_learning_rate": "min_lr", "warmup": "warmup_steps", "steps": "max_steps",
+            "num_steps": "max_steps", "batch": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "max_grad_norm": "grad_clip", "clip": "grad_clip", "dtype": "precision", "context": "context_length"}
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+    candidates = {v: v for v in valid}
+    candidates.update({alias: target for alias, target in _ALIASES.items() if target in valid})
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{candidates[close[0]]}'?)"
+    return f" (valid keys: {', '.join(sorted(valid))})"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -27,12 +27,14 @@ class LMObjective:
         self.tokenizer = tokenizer
         self.device = device
         self.modules = {"model": model}
+        self.moe = hasattr(model.config, "num_local_experts")
 
     def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         return [adamw(self.model.parameters(), cfg, device=self.device)]
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.forward(input_ids=batch["input_ids"], use_cache=False)
+        extra = {"output_router_logits": True} if self.moe else {}
+        out = self.forward(input_ids=batch["input_ids"], use_cache=False, **extra)
         logits = out.logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), batch["labels"].view(-1))
         return loss, getattr(out, "aux_loss", None)
