@@ -225,7 +225,8 @@ def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir,
             tokens += (data.tokens_per_batch or 0) * cfg.grad_accum
             tok_count += (data.tokens_per_batch or 0) * cfg.grad_accum
 
-            if done % cfg.log_every == 0 or done == stop_at:
+            timed_out = cfg.time_budget is not None and elapsed_before + time.perf_counter() - t0 >= cfg.time_budget
+            if done % cfg.log_every == 0 or done == stop_at or timed_out:
                 now = time.perf_counter()
                 tps = tok_count / max(now - tok_t0, 1e-9)
                 tok_t0, tok_count = now, 0
@@ -235,7 +236,6 @@ def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir,
                 metrics.log(row)
                 info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "loss_g", "loss_d") if k in row)
                 bar.update(task, info=info + (f" tok/s={tps:,.0f}" if data.tokens_per_batch else ""))
-            timed_out = cfg.time_budget is not None and elapsed_before + time.perf_counter() - t0 >= cfg.time_budget
             if done % cfg.eval_every == 0 or done == steps or timed_out:
                 last_val = evaluate()
                 metrics.log({"step": done, **last_val})
