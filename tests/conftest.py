@@ -1,3 +1,5 @@
+"""Fixtures shared across layers: a small char-level dataset and a tiny LM recipe."""
+
 from pathlib import Path
 from pydoc_data.topics import topics
 
