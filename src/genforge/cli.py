@@ -38,7 +38,9 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
                                      min_chars=a.min_chars, max_chars=a.max_chars, seed=a.seed)
     print(f"dataset written to {a.out}")
     for k, v in stats.items():
-        if not isinstance(v, (dict, list)):
+        if isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()):
+            print(f"  {k}: " + ", ".join(f"{sk} {sv:,}" if isinstance(sv, int) else f"{sk} {sv}" for sk, sv in v.items()))
+        elif not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")
 
 
