@@ -18,7 +18,7 @@ from genforge.models.gan import load_generator
 from genforge.models.vae import load_vae
 
 TRAIN = {"batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.0, "eval_every": 10,
-         "eval_batches": 2, "log_every": 5, "checkpoint_every": 10, "keep_last": 1, "seed": 0, "threads": 2}
+         "eval_batches": 2, "log_every": 5, "checkpoint_every": 10, "keep_last": 1, "seed": 0, "threads": 1}
 VAE_MODEL = {"latent_dim": 8, "block_out_channels": [16, 32]}
 GAN_MODEL = {"latent_dim": 16, "g_channels": 16, "d_channels": 16}
 
