@@ -11,6 +11,10 @@ from genforge.jobs.train import run_recipe
 from genforge.train.loop import lr_at
 
 
+def recipe_hash(run: RunDir) -> str:
+    return run.read_recipe()["_provenance"]["dataset"]["content_hash"]
+
+
 def losses(run: RunDir, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in run.read_metrics() if key in r}
 
@@ -22,7 +26,9 @@ def test_short_run_validation_loss_falls_and_writes_the_run(tmp_path, char_datas
     run = out.run
     assert (run.model_dir / "model.safetensors").is_file()
     assert (run.plots_dir / "loss.png").stat().st_size > 1000
-    assert "## Training" in run.report_path.read_text()
+    report = run.report_path.read_text()
+    assert "## Training" in report and "git commit" in report and "torch 2." in report
+    assert recipe_hash(run) in report and "max_steps: 60" in report
     recipe = run.read_recipe()
     assert recipe["_provenance"]["dataset"]["content_hash"]
     assert recipe["_provenance"]["packages"]["torch"]

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from genforge.common.config import Recipe, load_recipe, to_dict
 from genforge.common.errors import DataError, RunError
 from genforge.common.progress import console
-from genforge.common.runs import RunDir, update_report
+from genforge.common.runs import RunDir, environment_info, update_report
 from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
 
 _FAMILIES = {"lm": "genforge.train.lm", "vae": "genforge.train.vae", "gan": "genforge.train.gan",
@@ -86,9 +87,13 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False, max_steps_now: int |
 
 
 def _header(recipe: Recipe, dataset: dict) -> str:
+    env = environment_info()
+    versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+    recipe_yaml = yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip()
     return (f"# Run `{recipe.name}`\n\nFamily **{recipe.family}**, dataset `{dataset['path']}` "
-            f"(content hash `{(dataset['content_hash'] or '')[:16]}`). The full resolved recipe, package "
-            f"versions and git commit are in `recipe.yaml`.\n")
+            f"(content hash `{dataset['content_hash']}`).\n\nPython {env['python']}; {versions}; "
+            f"git commit `{env['git_commit'] or 'unknown'}`.\n\n<details><summary>recipe</summary>\n\n"
+            f"```yaml\n{recipe_yaml}\n```\n</details>\n")
 
 
 def _training_section(recipe: Recipe, objective, result: TrainResult, device: torch.device, run: RunDir) -> str:
