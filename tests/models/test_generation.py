@@ -112,6 +112,20 @@ def test_fast_path_matches_hf_logits(name):
         toks, pos = [t[s] for t in ref_tokens], [p + 1 for p in pos]
 
 
+def test_cache_grows_and_compacts_outside_inference_mode(model, tok):
+    runner = LlamaRunner(model, max_len=128, slots=1)
+    prompts = [tok.encode(t) for t in CORPUS[:3]]
+    ref = runner.prefill(0, prompts)  # grows to 4 slots inside inference mode
+    assert runner.cache.slots >= 3
+    runner.move(2, 0, len(prompts[2]))  # the scheduler compacts outside inference mode
+    toks = [1, 1]
+    pos = [len(prompts[2]), len(prompts[1])]
+    again = LlamaRunner(model, max_len=128)
+    again.prefill(0, [prompts[2], prompts[1]])
+    assert (runner.decode(toks, pos) - again.decode(toks, pos)).abs().max() < 1e-5
+    assert ref.shape[0] == 3
+
+
 def test_hf_fallback_matches_fast_path(model, tok):
     prompts = [tok.encode(t) for t in CORPUS]
     fast, slow = LlamaRunner(model, max_len=128), HFRunner(model, max_len=128)
@@ -250,7 +264,7 @@ def test_context_limit_finishes_with_length(model, tok):
 
 @pytest.mark.parametrize("kw, param", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"), ({"max_new_tokens": 0}, "max_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"top_k": -2}, "top_k"), ({"max_new_tokens": 0}, "max_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"min_tokens": 99}, "min_tokens"),
     ({"logprobs": 21}, "logprobs"), ({"seed": "x"}, "seed"), ({"temperature": float("nan")}, "temperature"),
@@ -268,4 +282,5 @@ def test_prompt_too_long_or_bad_ids(model, tok):
     assert e.value.param == "prompt"
     with pytest.raises(GenforgeError, match="vocabulary"):
         gen.new_sequence([1, 99999], SamplingParams())
-    SamplingParams(top_k=-1).validate(128, 10)  # -1 = no limit
+    SamplingParams(top_k=-1).validate(128, 10)  # -1 and 0 = no limit
+    SamplingParams(top_k=0).validate(128, 10)

@@ -34,6 +34,9 @@ def build_params(*, max_new_tokens: int, temperature: float, top_k: int | None, 
     """The request's SamplingParams, checked with errors that name the CLI flag."""
     if not isinstance(num_samples, int) or num_samples < 1:
         raise GenforgeError(f"--num-samples: must be at least 1, got {num_samples}", param="--num-samples")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise GenforgeError(f"--top-k: must be at least 1 (leave it out for no limit), got {top_k}",
+                            param="--top-k")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
     try:

@@ -234,6 +234,12 @@ class BatchGenerator:
         self.rows.pop()
         self.runner.release(last)
 
+    def reset(self) -> None:
+        """Drop every row (after a failed step, whose cache state is unknown)."""
+        for slot in range(len(self.rows)):
+            self.runner.release(slot)
+        self.rows.clear()
+
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """One sequence from prompt to finish (the batch must be otherwise empty)."""
         seq = self.new_sequence(prompt_ids, params)

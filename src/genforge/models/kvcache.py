@@ -58,6 +58,7 @@ class KVCache:
             new_len *= 2
         self._alloc(new_slots, min(new_len, self.max_length))
 
+    @torch.inference_mode()  # grown inside the runner's inference mode, the tensors are inference tensors
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (batch compaction)."""
         if src == dst or length <= 0:

@@ -65,8 +65,8 @@ class SamplingParams:
             raise bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None:
             num("top_k", self.top_k, (int,))
-            if self.top_k < 1 and self.top_k != -1:  # -1: no limit, as in vLLM
-                raise bad("top_k", f"must be >= 1 (or -1 for no limit), got {self.top_k}")
+            if self.top_k < -1:  # -1 and 0: no limit, as in vLLM
+                raise bad("top_k", f"must be >= 1 (or -1 / 0 for no limit), got {self.top_k}")
         num("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")

@@ -231,6 +231,10 @@ class Engine:
 
     # -- the scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        with torch.inference_mode():
+            self._run()
+
+    def _run(self) -> None:
         while True:
             with self._cv:
                 while not self._waiting and not self._running and not self._stop and not self._has_cancel():
@@ -320,9 +324,8 @@ class Engine:
 
     def _abort_running(self, error: str) -> None:
         touched: list[RequestStream] = []
+        self.gen.reset()
         for seq, stream in list(self._running.items()):
-            if seq in self.gen.rows:
-                self.gen.remove(seq)
             seq.finish_reason = "abort"
             stream._push(TokenEvent(None, "", finish_reason="abort", error=error))
             touched.append(stream)
