@@ -48,6 +48,15 @@ def test_fid_matches_closed_form_for_shifted_gaussians():
     assert 0 < fid(a[:2000], a[2000:]) < 0.05
 
 
+def test_sqrtm_and_eigh_forms_agree(feats):
+    from genforge.eval.image import _sym_sqrt, fid_from_stats, fid_from_stats_eigh, gaussian_stats
+
+    rs = np.random.default_rng(6)
+    a, b = gaussian_stats(feats[:300]), gaussian_stats(feats[300:] + 0.3 * rs.normal(size=(300, 16)))
+    exact = fid_from_stats(*a, *b)
+    assert fid_from_stats_eigh(*a, b[0], _sym_sqrt(b[1]), float(np.trace(b[1]))) == pytest.approx(exact, rel=1e-6)
+
+
 def test_fid_survives_singular_covariance():
     rs = np.random.default_rng(3)
     a = rs.normal(size=(10, 32))  # n < d: rank-deficient covariance
@@ -99,6 +108,8 @@ def test_accuracy_and_coverage():
     assert per_class_accuracy(pred, pred, 4)[:3] == [1.0, 1.0, 1.0]
     assert mode_coverage(pred, 4) == pytest.approx(0.75)
     assert mode_coverage(np.zeros(100, dtype=int), 10) == pytest.approx(0.1)
+    # a model trained without class 3 is scored on the classes it saw
+    assert mode_coverage(pred, 4, classes=[0, 1, 2]) == pytest.approx(1.0)
     # a single stray prediction among 1000 does not count as covering a class
     assert mode_coverage(np.r_[np.zeros(999, dtype=int), [1]], 2) == pytest.approx(0.5)
 
@@ -109,6 +120,8 @@ def test_pca_gmm_baseline_samples_requested_classes():
     d = load_digits()
     images = torch.from_numpy(d.images / 8.0 - 1.0).float()[:, None]
     labels = torch.from_numpy(d.target)
+    keep = (labels == 3) | (labels == 4)
+    images, labels = images[keep], labels[keep]
     base = PCAGMMSampler(n_components=16, mixture_components=2).fit(images, labels)
     x = base.sample(20, labels=[3] * 20, seed=1)
     assert x.shape == (20, 1, 8, 8) and x.min() >= -1 and x.max() <= 1

@@ -78,7 +78,7 @@ def build_classifier(spec: ClassifierSpec, *, in_channels: int, num_classes: int
 def save_classifier(model: ImageClassifier, path: str | Path, class_names: list[str], extra: dict | None = None) -> None:
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
-    meta = {"family": "classifier", "class_names": list(class_names), **(extra or {})}
+    meta = {"family": "classifier", "classes": list(class_names), **(extra or {})}
     (path / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 

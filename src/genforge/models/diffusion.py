@@ -100,7 +100,44 @@ def sample_generators(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63) for i in range(n)]
 
 
-class DiffusionModel:
+class ClassNamesMixin:
+    """Class names and the lookup every image generator shares (CLI, API and jobs use it)."""
+
+    family: str
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def resolve_class(self, label: str | int | None) -> int | None:
+        """A class name or index (as given on a command line or in a request) -> index."""
+        if label is None:
+            return None
+        if not self.conditional:
+            raise GenforgeError(f"class: this {self.family} model is unconditional; leave out the class", param="class")
+        text = str(label).strip()
+        if text in self.class_names:
+            return self.class_names.index(text)
+        if text.lstrip("-").isdigit() and 0 <= int(text) < self.num_classes:
+            return int(text)
+        shown = ", ".join(self.class_names[:20]) + (" ..." if self.num_classes > 20 else "")
+        raise GenforgeError(f"class: unknown class {text!r}; this model knows {shown} "
+                            f"(or an index 0..{self.num_classes - 1})", param="class")
+
+    def labels_for(self, label: str | int | None, n: int) -> list[int] | None:
+        """One class for all n samples; without one, a conditional model takes its classes in turn."""
+        k = self.resolve_class(label)
+        if k is not None:
+            return [k] * n
+        return [i % self.num_classes for i in range(n)] if self.conditional else None
+
+
+class DiffusionModel(ClassNamesMixin):
     """A trained UNet + its noise schedule + class names, and the one sampling loop."""
 
     family = "diffusion"
@@ -117,10 +154,6 @@ class DiffusionModel:
     def num_classes(self) -> int:
         n = self.unet.config.num_class_embeds
         return int(n) - 1 if n else 0
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0
 
     @property
     def null_class(self) -> int | None:
@@ -140,8 +173,10 @@ class DiffusionModel:
         return next(self.unet.parameters()).device
 
     def check_request(self, *, labels: list[int] | None, guidance: float | None, steps: int | None,
-                      sampler: str) -> tuple[float, int]:
+                      sampler: str, n: int = 1) -> tuple[float, int]:
         """Validate sampling options; return (guidance, steps) with defaults filled in."""
+        if n < 1:
+            raise GenforgeError(f"n: {n} must be at least 1", param="n")
         if sampler not in SAMPLERS:
             raise GenforgeError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}", param="sampler")
         if labels is not None and not self.conditional:
@@ -162,21 +197,6 @@ class DiffusionModel:
         default_steps = 50 if sampler == "ddim" else total
         return (1.0 if guidance is None else float(guidance)), min(steps or default_steps, total)
 
-    def resolve_class(self, label: str | int | None) -> int | None:
-        """A class name or index (as given on a command line or in a request) -> index."""
-        if label is None:
-            return None
-        if not self.conditional:
-            raise GenforgeError("class: this model is unconditional; leave out the class", param="class")
-        text = str(label).strip()
-        if text in self.class_names:
-            return self.class_names.index(text)
-        if text.lstrip("-").isdigit() and 0 <= int(text) < self.num_classes:
-            return int(text)
-        shown = ", ".join(self.class_names[:20]) + (" ..." if self.num_classes > 20 else "")
-        raise GenforgeError(f"class: unknown class {text!r}; this model knows {shown} "
-                            f"(or an index 0..{self.num_classes - 1})", param="class")
-
     @torch.no_grad()
     def sample(self, n: int, *, labels: list[int] | None = None, guidance: float | None = None,
                steps: int | None = None, sampler: str = "ddim", seed: int = 0, batch_size: int = 256,
@@ -190,7 +210,7 @@ class DiffusionModel:
         """
         if labels is not None and len(labels) != n:
             raise GenforgeError(f"labels: got {len(labels)} labels for {n} samples", param="class")
-        guidance, steps = self.check_request(labels=labels, guidance=guidance, steps=steps, sampler=sampler)
+        guidance, steps = self.check_request(labels=labels, guidance=guidance, steps=steps, sampler=sampler, n=n)
         gens = sample_generators(seed, n)
         out = []
         for lo in range(0, n, batch_size):
@@ -214,7 +234,9 @@ class DiffusionModel:
             cond = uncond if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
         # g = 1 or unconditional sampling needs only one pass; otherwise cond + null in one batch
         two_pass = labels is not None and guidance != 1.0
-        step_kwargs = {"eta": 0.0} if sampler == "ddim" else {}
+        # DDIM: re-derive eps from the clipped x0; otherwise a guided (amplified) eps carries the
+        # overshoot that clipping removed into the next step, and samples saturate at g >= 3
+        step_kwargs = {"eta": 0.0, "use_clipped_model_output": True} if sampler == "ddim" else {}
         for i, t in enumerate(sched.timesteps):
             if two_pass:
                 both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, uncond])).sample
@@ -231,7 +253,8 @@ class DiffusionModel:
         """Write a DDPMPipeline folder plus genforge.json (class names) into `path`."""
         path = Path(path)
         DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(path, safe_serialization=True)
-        meta = {"family": "diffusion", "class_names": self.class_names, "null_class": self.null_class,
+        meta = {"family": "diffusion", "classes": self.class_names, "null_class": self.null_class,
+                "sample_size": self.sample_size, "channels": self.channels,
                 **(extra or {})}
         (path / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return path
@@ -254,4 +277,78 @@ def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> Diff
     unet = UNet2DModel.from_pretrained(folder / "unet").to(device)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     meta = json.loads((folder / META_FILE).read_text(encoding="utf-8")) if (folder / META_FILE).is_file() else {}
-    return DiffusionModel(unet, scheduler, meta.get("class_names"))
+    return DiffusionModel(unet, scheduler, meta.get("classes"))
+
+
+# ------------------------------------------------------------------ any image run (diffusion, VAE, GAN)
+
+class LatentGenerator(ClassNamesMixin):
+    """A VAE decoder or GAN generator behind the same `sample` call as DiffusionModel.
+
+    They map noise to an image in one pass, so `guidance`, `steps` and the `ddpm` sampler are
+    refused with a message rather than ignored.
+    """
+
+    def __init__(self, family: str, module: torch.nn.Module, meta: dict):
+        self.family, self.module, self.meta = family, module, meta
+        cfg = module.config
+        self._num_classes = int(getattr(cfg, "num_classes", 0) or 0)
+        names = meta.get("classes") or []
+        self.class_names = list(names) if len(names) == self._num_classes else [str(i) for i in range(self._num_classes)]
+        self.sample_size, self.channels = int(cfg.sample_size), int(cfg.channels)
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def check_request(self, *, labels: list[int] | None, guidance: float | None, steps: int | None,
+                      sampler: str, n: int = 1) -> tuple[float, int]:
+        if n < 1:
+            raise GenforgeError(f"n: {n} must be at least 1", param="n")
+        for name, value in (("guidance", guidance), ("steps", steps)):
+            if value is not None:
+                raise GenforgeError(f"{name}: a {self.family} generates in one pass; only diffusion runs "
+                                    f"take {name}", param=name)
+        if sampler not in (None, "ddim"):  # "ddim" is the CLI's default, so it cannot mean a request
+            raise GenforgeError(f"sampler: a {self.family} has no sampler; only diffusion runs take "
+                                f"ddim/ddpm", param="sampler")
+        if labels is not None and not self.conditional:
+            raise GenforgeError(f"class: this {self.family} model is unconditional; leave out the class",
+                                param="class")
+        for lab in labels or []:
+            if not 0 <= lab < self.num_classes:
+                raise GenforgeError(f"class: {lab} is out of range (0..{self.num_classes - 1})", param="class")
+        return 1.0, 1
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: list[int] | None = None, guidance: float | None = None,
+               steps: int | None = None, sampler: str | None = None, seed: int = 0, batch_size: int = 512,
+               on_step=None) -> torch.Tensor:
+        self.check_request(labels=labels, guidance=guidance, steps=steps, sampler=sampler, n=n)
+        if self.family == "vae":
+            out = self.module.sample(n, seed=seed)
+        else:
+            lab = None if labels is None else torch.tensor(labels, dtype=torch.long)
+            out = self.module.sample(n, seed=seed, labels=lab)
+        return out.float().cpu().clamp(-1, 1)
+
+
+def load_image_generator(path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel | LatentGenerator:
+    """The generator of any image run (diffusion, vae, gan), from the run or its model/ folder."""
+    folder = model_folder(path)
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8")) if (folder / META_FILE).is_file() else {}
+    family = meta.get("family") or ("diffusion" if (folder / "unet").is_dir() else None)
+    if family == "diffusion":
+        return load_diffusion(folder, device)
+    if family == "vae":
+        from genforge.models.vae import load_vae
+
+        vae, meta = load_vae(folder, device)
+        return LatentGenerator("vae", vae, meta)
+    if family == "gan":
+        from genforge.models.gan import load_generator
+
+        gen, meta = load_generator(folder, device)
+        return LatentGenerator("gan", gen, meta)
+    raise RunError(f"{path}: not an image run with a trained model (found family {family!r}; "
+                   f"image generation needs a diffusion, vae or gan run that finished training)")

@@ -56,5 +56,5 @@ def build(recipe: Recipe, device: torch.device) -> tuple[ClassifierObjective, Im
     spec = from_dict(ClassifierSpec, recipe.model, "model")
     torch.manual_seed(recipe.train.seed)
     model = build_classifier(spec, in_channels=ds.channels, num_classes=ds.num_classes)
-    meta = {"dataset": str(ds.path), "content_hash": ds.content_hash}
+    meta = {"dataset": {"path": str(ds.path.resolve()), "content_hash": ds.content_hash}}
     return ClassifierObjective(model, spec, ds.classes, device, meta), data

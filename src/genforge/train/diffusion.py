@@ -82,5 +82,5 @@ def build(recipe: Recipe, device: torch.device) -> tuple[DiffusionObjective, Ima
     torch.manual_seed(recipe.train.seed)
     model = DiffusionModel(build_unet(spec), build_scheduler(spec),
                            ds.classes if spec.num_classes == ds.num_classes else None)
-    meta = {"dataset": str(ds.path), "content_hash": ds.content_hash}
+    meta = {"dataset": {"path": str(ds.path.resolve()), "content_hash": ds.content_hash}}
     return DiffusionObjective(model, spec, device, meta), data
