@@ -284,3 +284,23 @@ def test_prompt_too_long_or_bad_ids(model, tok):
         gen.new_sequence([1, 99999], SamplingParams())
     SamplingParams(top_k=-1).validate(128, 10)  # -1 and 0 = no limit
     SamplingParams(top_k=0).validate(128, 10)
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_hf():
+    """torch.compile'd step (frozen weights): same logits, batch of one, rows leaving, cache growth."""
+    torch.manual_seed(2)
+    m = LlamaForCausalLM(llama_config()).eval()
+    prompts = [list(range(5, 17)), list(range(30, 33)), list(range(100, 125))]
+    ref, ref_tokens = hf_reference(m, prompts, steps=3)
+    runner = LlamaRunner(m, max_len=128, slots=2, compile=True)
+    assert runner.compiled
+    assert (runner.prefill(0, prompts) - ref[0]).abs().max() < 1e-4
+    toks, pos = [t[0] for t in ref_tokens], [len(p) for p in prompts]
+    for s in range(1, 4):
+        assert (runner.decode(toks, pos) - ref[s]).abs().max() < 1e-4
+        toks, pos = [t[s] for t in ref_tokens], [p + 1 for p in pos]
+    runner.move(2, 0, len(prompts[2]) + 3)  # only the third row is left, now in slot 0
+    logits = runner.decode([ref_tokens[2][3]], [len(prompts[2]) + 3])
+    full_ref, _ = hf_reference(m, prompts[2:], steps=4)
+    assert logits.shape[0] == 1 and (logits - full_ref[4]).abs().max() < 1e-4

@@ -171,12 +171,13 @@ class BatchGenerator:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
-                 max_model_len: int | None = None, fast: bool | None = None):
+                 max_model_len: int | None = None, fast: bool | None = None, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
         self.max_model_len = context_length(model, max_model_len)
         self.runner: LlamaRunner | HFRunner = make_runner(model, max_len=self.max_model_len,
-                                                          slots=min(max_batch_size, 8), fast=fast)
+                                                          slots=min(max_batch_size, 8), fast=fast,
+                                                          compile=compile)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = self.runner.vocab_size
         self.device = next(model.parameters()).device

@@ -28,6 +28,7 @@ class KVCache:
         self.layers: list[torch.Tensor] = []
         self._alloc(slots, min(length, max_length))
 
+    @torch.inference_mode()  # always inference tensors: a compiled step guards on the tensor kind
     def _alloc(self, slots: int, length: int) -> None:
         shape = (slots, 2 * self.kv_heads, length, self.head_dim)
         new = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
