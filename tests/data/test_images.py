@@ -175,6 +175,8 @@ def test_load_image_data_excludes_classes(digits: Path, tmp_path: Path):
     labels = torch.cat([batches.train_batch(i)["labels"] for i in range(30)])
     assert not ({3, 9} & set(labels.tolist()))
     assert not ({3, 9} & set(torch.cat([b["labels"] for b in batches.val_batches(100)]).tolist()))
+    _, sized, _ = load_image_data(digits, {"val_batch_size": 50}, 64, 0)
+    assert [len(b["images"]) for b in sized.val_batches(2)] == [50, 50]
     with pytest.raises(DataError, match="unknown class '11'"):
         load_image_data(digits, {"exclude_classes": [11]}, 64, 0)
     with pytest.raises(ConfigError, match="unknown key 'data.augmnt'"):

@@ -139,3 +139,14 @@ def test_gan_recipe_errors(digits: Path, tmp_path: Path):
         run_loaded_recipe(_recipe("x", "gan", digits, tmp_path, 5, {}, lora={"base": "x"}))
     with pytest.raises(ConfigError, match="unknown key 'data.exclude'"):
         run_loaded_recipe(_recipe("x", "gan", digits, tmp_path, 5, {}, data={"exclude": ["1"]}))
+
+
+def test_gan_resume_is_exact(digits: Path, tmp_path: Path):
+    model = {**GAN_MODEL, "loss": "wgan-gp", "n_critic": 2}
+    straight = run_loaded_recipe(_recipe("a", "gan", digits, tmp_path, 8, model, train={"checkpoint_every": 4}))
+    r = _recipe("b", "gan", digits, tmp_path, 8, model, train={"checkpoint_every": 4})
+    run_loaded_recipe(r, max_steps_now=4)
+    resumed = run_loaded_recipe(r, resume=True)
+    a, b = load_generator(straight.run.path)[0], load_generator(resumed.run.path)[0]
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n

@@ -320,7 +320,7 @@ class ImageBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
                  augment: AugmentConfig | None = None, *,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, val_batch_size: int | None = None):
         if len(images) == 0:
             raise DataError("no training images (is every class excluded?)")
         if batch_size < 1:
@@ -329,6 +329,7 @@ class ImageBatches:
         self.batch_size, self.seed = batch_size, seed
         self.augment = augment if augment is not None and augment.enabled else None
         self.val = val if val is not None and len(val[0]) > 0 else (images, self.labels)
+        self.val_batch_size = val_batch_size or batch_size
         self._perms: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -358,9 +359,9 @@ class ImageBatches:
         return {"images": images, "labels": self.labels[idx]}
 
     def val_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
-        images, labels = self.val
-        return [{"images": images[i:i + self.batch_size], "labels": labels[i:i + self.batch_size].long()}
-                for i in range(0, min(len(images), n * self.batch_size), self.batch_size)]
+        (images, labels), b = self.val, self.val_batch_size
+        return [{"images": images[i:i + b], "labels": labels[i:i + b].long()}
+                for i in range(0, min(len(images), n * b), b)]
 
 
 # --------------------------------------------------------------------------------------- recipes
@@ -384,21 +385,8 @@ def load_image_data(dataset: str | Path, data: dict | None, batch_size: int, see
         raise ConfigError(f"data.exclude_classes: excludes every class of {ds.path}")
     train = ds.split("train", exclude)
     val = ds.split("val", exclude)
-    batches = ImageBatches(*train, batch_size, seed, cfg.augment, val=val)
-    if cfg.val_batch_size:
-        batches = _with_val_batch(batches, cfg.val_batch_size)
+    batches = ImageBatches(*train, batch_size, seed, cfg.augment, val=val, val_batch_size=cfg.val_batch_size)
     return ds, batches, cfg
-
-
-def _with_val_batch(b: ImageBatches, val_batch_size: int) -> ImageBatches:
-    images, labels = b.val
-
-    def val_batches(n: int) -> list[dict[str, torch.Tensor]]:
-        return [{"images": images[i:i + val_batch_size], "labels": labels[i:i + val_batch_size]}
-                for i in range(0, min(len(images), n * val_batch_size), val_batch_size)]
-
-    b.val_batches = val_batches  # type: ignore[method-assign]
-    return b
 
 
 # --------------------------------------------------------------------------------------- output

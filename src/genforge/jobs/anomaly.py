@@ -159,7 +159,7 @@ def _histogram(scores: np.ndarray, is_anom: np.ndarray | None, held_out: list[st
         ax.legend()
     else:
         ax.hist(scores, bins=bins, alpha=0.8)
-    ax.set_xlabel("negative ELBO (nats)")
+    ax.set_xlabel("negative ELBO (nats, up to a constant)")
     ax.set_ylabel("density")
     ax.set_title(f"{title}: anomaly scores")
     fig.tight_layout()
