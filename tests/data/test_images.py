@@ -71,6 +71,11 @@ def test_folder_of_classes_with_mode_majority(tmp_path: Path):
         _png(src / "dogs" / f"{i}.jpg", mode="RGB", value=40)
     _png(src / "dogs" / "gray.png", mode="L")  # the minority mode is converted
     assert looks_like_image_input(src) and not looks_like_image_input(tmp_path / "nothing")
+    docs = tmp_path / "docs"  # a text corpus with a figure stays text
+    _png(docs / "fig.png")
+    for i in range(2):
+        (docs / f"{i}.md").write_text("text")
+    assert not looks_like_image_input(docs)
     with pytest.warns(UserWarning, match="converted 1 of 7 images to RGB"):
         stats = prepare_image_dataset(str(src), tmp_path / "out", val_fraction=0.3)
     assert stats["channels"] == 3 and stats["classes"] == ["cats", "dogs"] and stats["converted"] == 1

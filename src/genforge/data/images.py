@@ -38,6 +38,7 @@ __all__ = ["AugmentConfig", "ImageBatches", "ImageDataConfig", "ImageDataset", "
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTINS = ("builtin:digits",)
+_TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".html")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 SPLITS = {"train": 0, "val": 1}
 
@@ -53,10 +54,16 @@ def looks_like_image_input(path: str | os.PathLike) -> bool:
     p = Path(path)
     if not p.is_dir():
         return False
+    # A text corpus may hold a few figures and an image set a README: the majority decides.
+    images = texts = 0
     for _root, _dirs, files in os.walk(p):
-        if any(f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") for f in files):
-            return True
-    return False
+        for f in files:
+            low = f.lower()
+            images += low.endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            texts += low.endswith(_TEXT_EXTENSIONS)
+        if images + texts > 10_000:
+            break
+    return images > texts
 
 
 # --------------------------------------------------------------------------------------- reading
