@@ -4,8 +4,13 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import pytest
+import torch
 
 from genforge.data.tokens import prepare_text_dataset
+
+# The test models are tiny: a second intra-op thread gains nothing, and OpenMP's spin-waiting makes
+# them many times slower whenever the cores are shared (a server subprocess, a busy CI machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

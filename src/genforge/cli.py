@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from genforge.common.errors import GenforgeError
 
@@ -106,7 +107,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_anomaly(a: argparse.Namespace) -> None:
     from genforge.jobs.anomaly import score_images
 
-    result = score_images(a.run, a.images, out=a.out)
+    classes = [c.strip() for c in a.anomaly_classes.split(",")] if a.anomaly_classes else None
+    result = score_images(a.run, a.images, out=a.out, anomaly_classes=classes, split=a.split)
     for k, v in result.items():
         print(f"{k}: {v}")
 
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("run")
     an.add_argument("images")
     an.add_argument("--out", default=None)
+    an.add_argument("--anomaly-classes", default=None, help="comma-separated classes that count as anomalies "
+                    "(default: the classes the VAE was not trained on)")
+    an.add_argument("--split", choices=["train", "val", "all"], default="val", help="dataset folders: which split")
     an.set_defaults(func=cmd_anomaly)
 
     au = sub.add_parser("augment", help="minority-class oversampling study with a conditional model")
@@ -202,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         args.func(args)
     except GenforgeError as e:
