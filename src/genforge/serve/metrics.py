@@ -1,0 +1,109 @@
+"""Prometheus metrics of one served model, named after vLLM's so existing dashboards fit.
+
+Every app owns its own `CollectorRegistry`: tests start several apps in one process, and a
+global registry would refuse the second set of metrics (duplicate names) and mix their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from genforge.serve.engine import EngineObserver
+
+# Latency buckets as vLLM uses them: from a few ms (a tiny model on a fast box) to minutes.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                50.0, 60.0, 120.0, 240.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServeMetrics:
+    """The server's metrics; `observe_*` methods are called by the request handlers."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        r, label = self.registry, ["model_name"]
+        self.running = Gauge("genforge:num_requests_running", "Sequences being decoded in the batch.",
+                             label, registry=r)
+        self.waiting = Gauge("genforge:num_requests_waiting", "Sequences queued for a batch slot.",
+                             label, registry=r)
+        self.ttft = Histogram("genforge:time_to_first_token_seconds", "Time from arrival to the first token.",
+                              label, buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("genforge:inter_token_latency_seconds", "Time between two tokens of a sequence.",
+                             label, buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("genforge:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             label, buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_len = Histogram("genforge:request_prompt_tokens", "Prompt tokens per request.",
+                                    label, buckets=_TOKEN_BUCKETS, registry=r)
+        self.gen_len = Histogram("genforge:request_generation_tokens", "Generated tokens per request.",
+                                 label, buckets=_TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("genforge:prompt_tokens", "Prompt tokens processed.", label, registry=r)
+        self.generation_tokens = Counter("genforge:generation_tokens", "Tokens generated.", label, registry=r)
+        self.success = Counter("genforge:request_success", "Sequences finished, by finish reason.",
+                               label + ["finished_reason"], registry=r)
+        self.http = Counter("genforge:http_requests", "HTTP requests by endpoint and status code.",
+                            label + ["endpoint", "status"], registry=r)
+        self.http_latency = Histogram("genforge:http_request_duration_seconds",
+                                      "Wall time of HTTP requests (streams: until the last byte).",
+                                      label + ["endpoint"], buckets=_E2E_BUCKETS, registry=r)
+
+    def bind_engine(self, num_running: Callable[[], int], num_waiting: Callable[[], int]) -> None:
+        """Read the engine's queue sizes at scrape time rather than mirroring them by hand."""
+        self.running.labels(self.model_name).set_function(lambda: float(num_running()))
+        self.waiting.labels(self.model_name).set_function(lambda: float(num_waiting()))
+
+    def observer(self) -> EngineObserver:
+        """The engine's hooks, mapped onto these metrics (called from the scheduler thread;
+        prometheus_client's metrics are thread-safe)."""
+        return _Observer(self)
+
+    def observe_prompt(self, prompt_tokens: int) -> None:
+        """Counted once per prompt, not once per choice: n > 1 shares one prompt."""
+        self.prompt_len.labels(self.model_name).observe(prompt_tokens)
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+
+    def observe_http(self, endpoint: str, status: int, seconds: float) -> None:
+        self.http.labels(self.model_name, endpoint, str(status)).inc()
+        self.http_latency.labels(self.model_name, endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Observer(EngineObserver):
+    """Timings come from the engine: it sees each token when it is sampled, not when the event
+    loop gets round to sending it."""
+
+    def __init__(self, metrics: ServeMetrics):
+        m = metrics.model_name
+        self.ttft, self.itl, self.e2e = metrics.ttft.labels(m), metrics.itl.labels(m), metrics.e2e.labels(m)
+        self.gen_len, self.gen_tokens = metrics.gen_len.labels(m), metrics.generation_tokens.labels(m)
+        self.success, self.model_name = metrics.success, m
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def on_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def on_finish(self, *, e2e_seconds: float, prompt_tokens: int, completion_tokens: int,
+                  finish_reason: str) -> None:
+        self.e2e.observe(e2e_seconds)
+        self.gen_len.observe(completion_tokens)
+        self.gen_tokens.inc(completion_tokens)
+        self.success.labels(self.model_name, finish_reason).inc()
