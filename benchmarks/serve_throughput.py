@@ -15,6 +15,23 @@ decoding, EOS ignored, so every request makes exactly 64 tokens.
     .venv/bin/python benchmarks/serve_throughput.py [--rounds 3] [--skip-transformers] [--quick]
 
 Prints a table and writes benchmarks/results/serve_throughput.json.
+
+genforge serve runs with GENFORGE_COMPILE=1 (torch.compile of the decode step with frozen weights,
+~1.75x per step here; --no-compile to leave it out) and torch's default threads; transformers
+serve with one OpenMP thread, its best mode on this machine (see --tf-threads).
+
+Measured here (2-core EPYC VM shared with other jobs, load average 4-8; lm-tiny, 11.0M parameters,
+vocab 4096; medians of 3 alternated rounds, 2026-11-23):
+
+    mode                                        tok/s  TTFT p50  TTFT p95  e2e p50  e2e p95
+    genforge serve                               1462     0.157     0.201     0.71     0.75
+    transformers serve --continuous-batching      753     0.178     0.369     1.37     1.62
+    genforge engine (no HTTP)                    2059     0.128     0.139     0.50     0.50
+    static batch of 16 (generate)                1053     0.971     0.971     0.97     0.97
+    sequential batch 1 (generate)                 193     0.333     0.340     0.33     0.34
+
+1.94x transformers serve, p95 TTFT 0.20 s. With every server on one thread (a busier moment):
+698 vs 351 tok/s (1.99x); with both on torch's default threads transformers serve fell to 30 tok/s.
 """
 
 from __future__ import annotations
@@ -127,8 +144,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], port: int, log: Path, probe: dict, timeout: float = 300) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+def start_server(cmd: list[str], port: int, log: Path, probe: dict, env: dict,
+                 timeout: float = 600) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -145,32 +163,30 @@ def start_server(cmd: list[str], port: int, log: Path, probe: dict, timeout: flo
 
 
 # -- in-process baselines ----------------------------------------------------------------------------
-def run_engine(model, tok, prompts: list[str], clients: int, new_tokens: int) -> dict:
-    from genforge.serve.engine import Engine, SamplingParams
+def run_engine(engine, tok, prompts: list[str], clients: int, new_tokens: int) -> dict:
+    """The same load on the genforge engine in this process (no HTTP)."""
+    from genforge.serve.engine import SamplingParams
 
-    ids = [tok(p)["input_ids"] for p in prompts]
+    queue = [tok(p)["input_ids"] for p in prompts]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    with Engine(model, tok, max_batch_size=32) as engine:
-        async def load() -> list[dict]:
-            queue = list(ids)
-            out: list[dict] = []
+    out: list[dict] = []
 
-            async def worker() -> None:
-                while queue:
-                    p = queue.pop()
-                    t0 = time.perf_counter()
-                    first, n = None, 0
-                    async for _ in engine.submit(p, params):
-                        n += 1
-                        first = first or time.perf_counter()
-                    out.append({"ttft": first - t0, "e2e": time.perf_counter() - t0, "tokens": n})
+    async def worker() -> None:
+        while queue:
+            p = queue.pop()
+            t0 = time.perf_counter()
+            first, n = None, 0
+            async for _ in engine.submit(p, params):
+                n += 1
+                first = first or time.perf_counter()
+            out.append({"ttft": first - t0, "e2e": time.perf_counter() - t0, "tokens": n})
 
-            await asyncio.gather(*(worker() for _ in range(clients)))
-            return out
+    async def load() -> None:
+        await asyncio.gather(*(worker() for _ in range(clients)))
 
-        t0 = time.perf_counter()
-        results = asyncio.run(load())
-        return summarize(results, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    asyncio.run(load())
+    return summarize(out, time.perf_counter() - t0)
 
 
 @torch.inference_mode()
@@ -201,12 +217,27 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true", help="no sequential / static-batch runs")
     ap.add_argument("--quick", action="store_true", help="1 round, 32 requests: a smoke test")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: torch's)")
+    ap.add_argument("--gf-threads", type=int, default=None, help="OMP_NUM_THREADS of genforge serve")
+    ap.add_argument("--tf-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of transformers serve (0: torch's default). Its best mode here: "
+                         "with 1 it made 351-753 tok/s, with torch's default (2) it collapsed to 30 tok/s")
+    ap.add_argument("--no-compile", action="store_true", help="genforge without torch.compile of the step")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.requests = 1, 32
 
     from genforge.models.lm import count_parameters, load_lm
+    from genforge.serve.engine import Engine
+
+    def server_env(threads: int | None) -> dict:
+        env = dict(os.environ, GENFORGE_COMPILE="0" if a.no_compile else "1")
+        env.pop("OMP_NUM_THREADS", None)
+        return {**env, "OMP_NUM_THREADS": str(threads)} if threads and threads > 0 else env
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     folder = Path(a.model_dir) if a.model_dir else build_model_dir(Path(tempfile.gettempdir()) / "gf-bench-lm-tiny")
     model, tok = load_lm(folder)
@@ -224,25 +255,29 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "genforge.cli", "serve", str(folder), "--port", str(port),
                "--served-model-name", "lm-tiny"]
-        proc = start_server(cmd, port, logs / "serve_genforge.log", {**gf_bodies[0], "stream": False})
+        proc = start_server(cmd, port, logs / "serve_genforge.log", {**gf_bodies[0], "stream": False},
+                            server_env(a.gf_threads))
         servers["genforge serve"] = (proc, f"http://127.0.0.1:{port}/v1/completions", gf_bodies)
         if not a.skip_transformers:
             port = free_port()
             cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(folder), "--continuous-batching",
                    "--port", str(port)]
-            proc = start_server(cmd, port, logs / "serve_transformers.log", {**tf_bodies[0], "stream": False})
+            proc = start_server(cmd, port, logs / "serve_transformers.log", {**tf_bodies[0], "stream": False},
+                                server_env(a.tf_threads))
             servers["transformers serve --continuous-batching"] = (
                 proc, f"http://127.0.0.1:{port}/v1/completions", tf_bodies)
         for name, (_, url, bodies) in servers.items():  # warm up: first loaded runs are slower
             run_http(url, bodies[: a.clients], a.clients)
             print(f"warmed up {name}", flush=True)
 
+        engine = Engine(model, tok, max_batch_size=32, compile=not a.no_compile)
+        engine.start()
         runs: dict[str, list[dict]] = {}
         for r in range(a.rounds):
             for name, (_, url, bodies) in servers.items():
                 runs.setdefault(name, []).append(run_http(url, bodies, a.clients))
             runs.setdefault("genforge engine (no HTTP)", []).append(
-                run_engine(model, tok, prompts, a.clients, a.new_tokens))
+                run_engine(engine, tok, prompts, a.clients, a.new_tokens))
             if not a.skip_baselines:
                 runs.setdefault("static batch of 16 (generate)", []).append(
                     run_hf_generate(model, tok, prompts[:16], a.new_tokens, 16))
@@ -250,6 +285,7 @@ def main() -> None:
                     run_hf_generate(model, tok, prompts[:8], a.new_tokens, 1))
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(
                 f"{k} {v[-1]['tok_s']:.0f}" for k, v in runs.items()), flush=True)
+        engine.shutdown()
     finally:
         for proc, _, _ in servers.values():
             proc.terminate()
@@ -280,7 +316,8 @@ def main() -> None:
         "setup": {"requests": a.requests, "clients": a.clients, "new_tokens": a.new_tokens,
                   "prompt_tokens_mean": n_prompt, "rounds": a.rounds, "model": str(folder),
                   "parameters": count_parameters(model), "cpu_count": os.cpu_count(),
-                  "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                  "torch_threads": torch.get_num_threads(), "gf_threads": a.gf_threads, "tf_threads": a.tf_threads,
+                  "genforge_compile": not a.no_compile, "platform": platform.platform(),
                   "torch": torch.__version__},
         "medians": medians, "runs": runs, "verdict": verdict}, indent=2) + "\n")
     print(f"wrote {a.out}")
