@@ -38,9 +38,10 @@ def root(tmp_path_factory) -> Path:
 
 
 def _train(root: Path, name: str, family: str, model: dict, steps: int, **extra) -> Path:
+    data = extra.pop("data", {})
     tree = {"name": name, "family": family, "dataset": str(root / "digits8"), "out_dir": str(root / "runs"),
-            "model": model, "train": {**TRAIN, "max_steps": steps, "eval_every": steps, "checkpoint_every": steps,
-                                      **extra}}
+            "model": model, "data": data,
+            "train": {**TRAIN, "max_steps": steps, "eval_every": steps, "checkpoint_every": steps, **extra}}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(tree), encoding="utf-8")
     return run_recipe(root / f"{name}.yaml").run.path
 
@@ -58,7 +59,8 @@ def gan_run(root) -> Path:
 
 @pytest.fixture(scope="module")
 def vae_run(root) -> Path:
-    return _train(root, "vae", "vae", {"latent_dim": 4, "block_out_channels": [8, 16]}, 5)
+    return _train(root, "vae", "vae", {"latent_dim": 4, "block_out_channels": [8, 16]}, 5,
+                  data={"exclude_classes": ["0"]})
 
 
 def test_grid_and_single_images_for_a_class(diffusion_run, tmp_path):
@@ -149,6 +151,20 @@ def test_eval_writes_metrics_and_report(diffusion_run, gan_run, capsys):
     out = capsys.readouterr().out
     assert "fid:" in out and "\nclass_accuracy:" not in out  # an unconditional GAN has no class accuracy
     assert (gan_run / "classifier" / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_eval_of_a_vae_that_left_a_class_out(vae_run, diffusion_run):
+    from genforge.jobs.image_eval import evaluate_image_run
+
+    evaluate_image_run(diffusion_run, num_samples=20, steps=2, ddpm_samples=0, classifier_steps=40)  # trains it
+    result = evaluate_image_run(vae_run, num_samples=30)
+    rows = json.loads((vae_run / "eval" / "image_metrics.json").read_text())["rows"]
+    # the floor and the references leave out class 0 as the run did
+    assert rows[0]["per_class_accuracy"][0] != rows[0]["per_class_accuracy"][0]  # NaN: no class-0 images
+    assert result["model"] == "VAE" and 0 <= result["coverage"] <= 1
+    with pytest.raises(GenforgeError, match="too few"):
+        evaluate_image_run(vae_run, num_samples=1)
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def _recall_accuracy(model, images: torch.Tensor, labels: torch.Tensor, k: int) 
 
 
 def augmentation_study(run: str | Path, minority_class: str | int, keep_fraction: float = 0.1, seed: int = 0,
-                       *, guidance: float = 2.0, steps: int = 50, classifier_steps: int | None = None) -> dict:
+                       *, guidance: float = 1.5, steps: int = 50, classifier_steps: int | None = None) -> dict:
     """Recall on `minority_class` without and with generated images; see the module docstring."""
     run_dir = RunDir.open(run)
     gen = load_image_generator(run_dir.path)

@@ -124,7 +124,7 @@ def _score(name: str, images: torch.Tensor, labels: list[int] | None, *, clf, re
     return row
 
 
-def evaluate_image_run(run: str | Path, num_samples: int = 500, *, guidance: float = 2.0, steps: int = 50,
+def evaluate_image_run(run: str | Path, num_samples: int = 500, *, guidance: float = 1.5, steps: int = 50,
                        ddpm_samples: int = 16, seed: int = 0, classifier_steps: int | None = None) -> dict:
     """Score an image run (diffusion, vae, gan); write RUN/eval/image_metrics.json and report.md.
 
@@ -178,7 +178,9 @@ def evaluate_image_run(run: str | Path, num_samples: int = 500, *, guidance: flo
             add(f"diffusion DDPM-{total}" + (f" g={g:g}" if g is not None else "") + " (small sample)",
                 min(ddpm_samples, num_samples), guidance=g, sampler="ddpm")
     else:
-        add(f"{gen.family}" + (" (class-conditional)" if gen.conditional else ""), num_samples)
+        kind = str(getattr(gen, "meta", {}).get("loss") or "").upper()
+        add(f"{gen.family.upper()}{' ' + kind if kind else ''}" + (" class-conditional" if gen.conditional else ""),
+            num_samples)
 
     t0 = time.perf_counter()
     base = PCAGMMSampler(seed=seed).fit(train_x, train_y if gen.conditional else None)
@@ -251,8 +253,10 @@ def write_evaluation_section(run: RunDir, out: dict, grids: dict[str, torch.Tens
         "## Evaluation", "",
         f"Features: penultimate layer ({out['feature_dim']}-d) of the domain classifier in `classifier/` "
         f"(held-out accuracy {_pct(rows[0], 'class_accuracy')}). FID at n = {out['n_fid']} for every row "
-        f"against the training images, 95% bootstrap intervals; KID (unbiased, can dip below 0) on all "
-        f"samples. The first row is "
+        f"against the training images, 95% bootstrap intervals; KID (unbiased) on all samples. The "
+        f"classifier was fitted on the training images, so their features are spread a little wider than "
+        f"those of any fresh image: both FID and KID of fresh real images (the floor, first row) are offset "
+        f"from 0 (KID can be below 0); compare a model with the floor. The first row is "
         f"the floor: real held-out images scored like samples. NN distance: median RMS pixel distance "
         f"to the nearest training image (memorisation; copies sit near 0); near-copies: share closer "
         f"than 99% of held-out images are.", "",
