@@ -16,8 +16,8 @@ decoding, EOS ignored, so every request makes exactly 64 tokens.
 
 Prints a table and writes benchmarks/results/serve_throughput.json.
 
-genforge serve runs with GENFORGE_COMPILE=1 (torch.compile of the decode step with frozen weights,
-~1.75x per step here; --no-compile to leave it out) and torch's default threads; transformers
+genforge serve runs as a user starts it: with torch.compile of the decode step (frozen weights,
+~1.75x per step here; --no-compile passes --enforce-eager) and torch's default threads; transformers
 serve with one OpenMP thread, its best mode on this machine (see --tf-threads).
 
 Measured here (2-core EPYC VM shared with other jobs, load average 4-8; lm-tiny, 11.0M parameters,
@@ -232,7 +232,7 @@ def main() -> None:
     from genforge.serve.engine import Engine
 
     def server_env(threads: int | None) -> dict:
-        env = dict(os.environ, GENFORGE_COMPILE="0" if a.no_compile else "1")
+        env = dict(os.environ)
         env.pop("OMP_NUM_THREADS", None)
         return {**env, "OMP_NUM_THREADS": str(threads)} if threads and threads > 0 else env
 
@@ -254,7 +254,7 @@ def main() -> None:
     try:
         port = free_port()
         cmd = [sys.executable, "-m", "genforge.cli", "serve", str(folder), "--port", str(port),
-               "--served-model-name", "lm-tiny"]
+               "--served-model-name", "lm-tiny"] + (["--enforce-eager"] if a.no_compile else [])
         proc = start_server(cmd, port, logs / "serve_genforge.log", {**gf_bodies[0], "stream": False},
                             server_env(a.gf_threads))
         servers["genforge serve"] = (proc, f"http://127.0.0.1:{port}/v1/completions", gf_bodies)

@@ -101,7 +101,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     keys += [k for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()]
     serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
                   max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
-                  max_queue=a.max_queue, api_keys=keys)
+                  max_queue=a.max_queue, api_keys=keys, compile=not a.enforce_eager)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-batch-size", type=int, default=32)
     se.add_argument("--max-queue", type=int, default=256)
     se.add_argument("--api-key", action="append", default=[])
+    se.add_argument("--enforce-eager", action="store_true",
+                    help="skip torch.compile of the decode step (faster start, ~1.7x slower decoding on CPU)")
     se.set_defaults(func=cmd_serve)
 
     an = sub.add_parser("anomaly", help="score images by a VAE run's reconstruction error / ELBO")

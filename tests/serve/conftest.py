@@ -162,7 +162,7 @@ def cli_api(lm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     log = tmp_path_factory.mktemp("cli") / "serve.log"
     env = {**os.environ, "GENFORGE_API_KEYS": "env-key"}
     cmd = [*_genforge_command(), "serve", str(lm_run), "--port", str(port), "--served-model-name", MODEL_NAME,
-           "--api-key", "sk-test", "--max-batch-size", "4"]
+           "--api-key", "sk-test", "--max-batch-size", "4", "--enforce-eager"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     live = CliServer(f"http://127.0.0.1:{port}", api_key="sk-test", proc=proc, log=log)

@@ -87,14 +87,15 @@ async def _wait_disconnect(request: Request) -> None:
 
 class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
-                 max_batch_size: int, max_queue: int, metrics: ServeMetrics):
+                 max_batch_size: int, max_queue: int, metrics: ServeMetrics,
+                 compile: bool = False):
         limit = context_length(model)
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] "
                               f"(the model's context is {limit} tokens)", param="max_model_len")
         self.tokenizer, self.served_name, self.metrics = tokenizer, served_name, metrics
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                             max_model_len=max_model_len, observer=metrics.observer())
+                             max_model_len=max_model_len, observer=metrics.observer(), compile=compile)
         self.max_model_len = self.engine.max_model_len
         self.template = resolve_chat_template(tokenizer)
         gen_cfg = getattr(model, "generation_config", None)

@@ -20,7 +20,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -154,9 +153,9 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  max_model_len: int | None = None, observer: EngineObserver | None = None,
-                 max_prefill_tokens: int = 4096, fast: bool | None = None, compile: bool | None = None):
+                 max_prefill_tokens: int = 4096, fast: bool | None = None, compile: bool = False):
         """`compile`: torch.compile the fast decode step (1.7x per step on this CPU, 30-60 s at start;
-        see models/fastdecode.py); None = the GENFORGE_COMPILE environment variable ("1" = on)."""
+        see models/fastdecode.py)."""
         if max_batch_size < 1 or max_queue < 0:
             raise GenforgeError("max_batch_size must be >= 1 and max_queue >= 0", param="max_batch_size")
         self.model, self.tokenizer = model, tokenizer
@@ -164,7 +163,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.gen = BatchGenerator(model, tokenizer, max_batch_size=max_batch_size,
                                   max_model_len=max_model_len, fast=fast,
-                                  compile=os.environ.get("GENFORGE_COMPILE", "0") == "1" if compile is None else compile)
+                                  compile=compile)
         self.max_model_len = self.gen.max_model_len
         self.max_batch_size = max_batch_size
         self.observer = observer or EngineObserver()

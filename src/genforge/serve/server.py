@@ -219,7 +219,7 @@ def _torch_dtype(dtype: str | None) -> Any:
 def create_app(model_path: str | Path | None = None, *, model: Any = None, tokenizer: Any = None,
                served_model_name: str | None = None, max_model_len: int | None = None, dtype: str = "auto",
                max_batch_size: int = 32, max_queue: int = 256, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool = False) -> Any:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
@@ -239,7 +239,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             device = "cuda" if torch.cuda.is_available() else "cpu"
             model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
         service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
-                            max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics)
+                            max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
+                            compile=compile)
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
@@ -307,7 +308,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
                   max_model_len: int | None = None, dtype: str = "auto", max_batch_size: int = 32,
-                  max_queue: int = 256, api_keys: list[str] | None = None) -> None:
+                  max_queue: int = 256, api_keys: list[str] | None = None, compile: bool = True) -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM, then finish the requests in flight and exit."""
     import uvicorn
 
@@ -315,7 +316,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
         raise ConfigError(f"model not found: {model} (expected a run directory or a Hugging Face model folder)",
                           param="model")
     app = create_app(model, served_model_name=served_model_name, max_model_len=max_model_len, dtype=dtype,
-                     max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys)
+                     max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys,
+                     compile=compile)
     sock = _listen(host, port)
     # uvicorn's own SIGTERM handling is the graceful part: stop accepting, wait for open requests
     # (streams included; no timeout, they end by max_tokens), then run the lifespan shutdown.
