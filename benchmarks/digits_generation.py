@@ -158,7 +158,8 @@ def main() -> int:
         info["eval_seconds"] = time.perf_counter() - t0
         grid = generate_grid(run, num_samples=100, class_label=None, guidance=GUIDANCE if family == "diffusion"
                              else None, steps=50 if family == "diffusion" else None, sampler="ddim",
-                             seed=args.seed, out=RESULTS / f"digits_{family}.png")
+                             seed=args.seed, out=work / "grids" / f"digits_{family}.png")
+        grid = Path(shutil.copy(grid, RESULTS / grid.name))  # the grid only; the singles stay in work/
         info.update(summary=summary, grid=str(grid.relative_to(ROOT)))
         report["families"][family] = info
         rows = metrics["rows"]
