@@ -33,7 +33,7 @@ from genforge.models.lm import LMSpec, build_lm_config, create_lm
 ROOT = Path(__file__).resolve().parent
 MODEL = {"preset": "lm-nano", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
          "intermediate_size": 512, "context_length": 64, "tie_embeddings": True}
-TRAIN = {"batch_size": 12, "lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.1,
+TRAIN = {"batch_size": 12, "lr": 2e-3, "min_lr": 2e-5, "warmup_steps": 100, "weight_decay": 0.1,
          "betas": [0.9, 0.99], "grad_clip": 1.0, "eval_every": 500, "eval_batches": 20, "log_every": 50,
          "checkpoint_every": 1000, "keep_last": 1, "seed": 1337, "device": "cpu"}
 
