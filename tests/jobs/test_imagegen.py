@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -20,14 +19,6 @@ TINY_DIFFUSION = {"block_out_channels": [16, 32], "layers_per_block": 1, "attent
                   "norm_groups": 8, "num_train_timesteps": 100}
 TRAIN = {"batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.0, "eval_batches": 1,
          "log_every": 5, "seed": 0, "threads": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

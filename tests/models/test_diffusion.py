@@ -37,15 +37,6 @@ def write_recipe(tmp: Path, dataset: Path, name: str = "tiny-diffusion", steps: 
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits8(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits") / "digits8"
