@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genforge.common.errors import AuthError, ConfigError, GenforgeError
-from genforge.serve.completions import LMService
+from genforge.serve.service import LMService
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
 from genforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
 
