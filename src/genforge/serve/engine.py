@@ -12,6 +12,12 @@ Condition for threads, one `loop.call_soon_threadsafe` per event loop per step f
     stream = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64))
     for ev in stream: print(ev.text, end="")
     engine.shutdown()
+
+Failure rules: a cancelled request leaves the queue at once (a timed-out or disconnected client
+never holds a queue place); `submit_many` queues all of a request's sequences or none; a failed
+step finishes every request it touched with a final event (and wakes their consumers), marks the
+engine unhealthy until a later step (or an idle probe) succeeds, and gives clients a generic
+message with an error id - the exception itself goes to the log only.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import torch
@@ -43,7 +50,10 @@ class EngineObserver:
     """
 
     def on_first_token(self, seconds: float) -> None:
-        """Time from submit to the first token of a request."""
+        """Time from submit to the first token of a request (as the engine sees it)."""
+
+    def on_admit(self, queue_seconds: float) -> None:
+        """A request left the queue for a batch slot after waiting `queue_seconds`."""
 
     def on_token(self, seconds: float) -> None:
         """Time between two consecutive tokens of one request."""
@@ -69,7 +79,9 @@ class RequestStream:
         self._aevent: asyncio.Event | None = None
         self._done = False  # the final event has been pushed
         self.cancelled = False
+        self.error_status = 500  # the HTTP status an engine error on this stream maps to
         self.submitted = time.perf_counter()
+        self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.finished_at: float | None = None
@@ -87,11 +99,16 @@ class RequestStream:
     def completion_tokens(self) -> int:
         return len(self._seq.tokens)
 
+    @property
+    def done(self) -> bool:
+        """The final event has been produced (it may not have been read yet)."""
+        return self._done
+
     def cancel(self) -> None:
-        """Stop generating; the slot and its KV cache are freed at the next step."""
+        """Stop generating: a queued request leaves the queue now (its final event pushed), a
+        running one frees its slot and KV cache at the next step."""
         if not self._done:
-            self.cancelled = True
-            self._engine._wake()
+            self._engine._cancel(self)
 
     # -- producer side (scheduler thread) ---------------------------------------------------------
     def _push(self, ev: TokenEvent) -> None:
@@ -153,17 +170,23 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  max_model_len: int | None = None, observer: EngineObserver | None = None,
-                 max_prefill_tokens: int = 4096, fast: bool | None = None, compile: bool = False):
+                 max_prefill_tokens: int = 4096, fast: bool | None = None, compile: bool = False,
+                 kv_cache_bytes: int | None = None, probe_interval: float = 5.0):
         """`compile`: torch.compile the fast decode step (1.7x per step on this CPU, 30-60 s at start;
-        see models/fastdecode.py)."""
+        see models/fastdecode.py). `kv_cache_bytes`: the KV cache's memory budget, passed to the
+        BatchGenerator. `probe_interval`: after a failed step, how long the engine waits idle before
+        it tries a one-token generation to find out whether it has recovered."""
         if max_batch_size < 1 or max_queue < 0:
             raise GenforgeError("max_batch_size must be >= 1 and max_queue >= 0", param="max_batch_size")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        extra = {}
+        if kv_cache_bytes is not None:
+            extra["kv_cache_bytes"] = kv_cache_bytes
         self.gen = BatchGenerator(model, tokenizer, max_batch_size=max_batch_size,
                                   max_model_len=max_model_len, fast=fast,
-                                  compile=compile)
+                                  compile=compile, **extra)
         self.max_model_len = self.gen.max_model_len
         self.max_batch_size = max_batch_size
         self.observer = observer or EngineObserver()
@@ -176,10 +199,27 @@ class Engine:
         self._drain = True
         self.steps = 0
         self.generated_tokens = 0
+        self.probe_interval = probe_interval
+        self.fault: str | None = None  # error id of the last failed step, until the engine recovers
+        self._fault_at = 0.0
 
     @property
     def fast_path(self) -> bool:
+        own = getattr(self.gen, "fast_path", None)  # BatchGenerator says so itself where it can
+        if own is not None:
+            return bool(own)
         return type(self.gen.runner).__name__ == "LlamaRunner"
+
+    @property
+    def healthy(self) -> bool:
+        """The scheduler runs and its last step did not fail (or it recovered since)."""
+        return self._thread is not None and self._thread.is_alive() and self.fault is None
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's token capacity the running rows hold (0..1)."""
+        rows = list(self.gen.rows)  # a copy: read from the metrics thread while the scheduler runs
+        used = sum(s.length for s in rows)
+        return used / float(self.max_batch_size * self.max_model_len)
 
     @property
     def num_waiting(self) -> int:
@@ -195,17 +235,23 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="genforge-engine", daemon=True)
             self._thread.start()
 
-    def shutdown(self, drain: bool = True) -> None:
-        """Stop accepting; when `drain`, finish what is queued and running, else abort it."""
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; when `drain`, finish what is queued and running (for at most `timeout`
+        seconds, then abort the rest), else abort it at once."""
         with self._cv:
             self._accepting = False
             self._stop, self._drain = True, drain
             self._cv.notify()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # the drain ran out of time: abort what is left
+                with self._cv:
+                    self._drain = False
+                    self._cv.notify()
+                self._thread.join()
             self._thread = None
         else:  # never started: nothing can run the queue
-            self._abort_all("engine shut down")
+            self._abort_all("the engine shut down; retry on another replica")
 
     def __enter__(self) -> Engine:
         self.start()
@@ -217,46 +263,114 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request; OverloadedError when the queue is full, GenforgeError for bad input."""
-        if not self._accepting:
-            raise OverloadedError("the engine is shutting down; retry on another replica")
-        seq = self.gen.new_sequence(list(prompt_ids), params)  # validates
-        stream = RequestStream(self, seq)
-        with self._cv:
-            if len(self._waiting) >= self.max_queue:
-                raise OverloadedError(f"the server is busy ({len(self._waiting)} requests queued); retry later")
-            self._waiting.append(stream)
-            self._cv.notify()
-        return stream
+        return self.submit_many([(prompt_ids, params)])[0]
 
-    def _wake(self) -> None:
+    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue several sequences (one request's prompts x choices) together: all or none.
+
+        Everything is validated before anything is queued, and the queue's room is checked for all
+        of them at once, so a request never leaves half its choices behind in the queue.
+        """
+        streams = [RequestStream(self, self.gen.new_sequence(list(ids), params)) for ids, params in items]
         with self._cv:
+            # checked under the lock the scheduler takes to exit: a stream queued here is either
+            # run or aborted by the scheduler, never left without a final event
+            if not self._accepting:
+                raise OverloadedError("the engine is shutting down; retry on another replica")
+            if len(streams) > self.max_queue:
+                raise GenforgeError(f"n: this request needs {len(streams)} sequences (prompts x n) but the "
+                                    f"queue holds at most {self.max_queue}; send fewer prompts or a smaller n",
+                                    param="n")
+            if len(self._waiting) + len(streams) > self.max_queue:
+                raise OverloadedError(f"the server is busy ({len(self._waiting)} requests queued); retry later")
+            self._waiting.extend(streams)
             self._cv.notify()
+        return streams
+
+    def _cancel(self, stream: RequestStream) -> None:
+        with self._cv:
+            try:
+                self._waiting.remove(stream)  # still queued: it leaves now, not at the next step
+                queued = True
+            except ValueError:
+                queued = False
+                stream.cancelled = True
+            self._cv.notify()
+        if queued:
+            stream._push(stream._seq.abort())
+            self._observe_finish(stream)
+            self._notify([stream])
 
     # -- the scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        with torch.inference_mode():
-            self._run()
+        try:
+            with torch.inference_mode():
+                self._run()
+        except BaseException:  # the scheduler itself broke: nothing may wait on it any more
+            log.exception("engine scheduler stopped")
+            raise
+        finally:
+            with self._cv:
+                self._accepting = False
+            self._abort_all("the engine stopped; retry on another replica")
+
+    def _idle(self) -> bool:
+        return not self._waiting and not self._running and not self._stop and not self._has_cancel()
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running and not self._stop and not self._has_cancel():
-                    self._cv.wait()
+                while self._idle():
+                    if self.fault is None:
+                        self._cv.wait()
+                        continue
+                    left = self._fault_at + self.probe_interval - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
                 if self._stop and (not self._drain or (not self._waiting and not self._running)):
                     break
+            if self.fault is not None and not self._running and not self._waiting:
+                self._probe()
+                continue
             try:
                 self._iteration()
-            except Exception as e:  # a bug or out of memory: fail the batch, keep serving
-                log.exception("engine step failed")
-                self._abort_running(f"engine error: {type(e).__name__}: {e}")
-        self._abort_all("engine shut down")
+            except Exception:  # a bug or out of memory: fail the batch, keep serving
+                error_id = f"err-{uuid.uuid4().hex[:12]}"
+                log.exception("engine step failed (error id %s)", error_id)
+                self.fault, self._fault_at = error_id, time.monotonic()
+                self._abort_running(f"the generation engine failed while running this request (error id "
+                                    f"{error_id}); retry, and report the id if it keeps happening")
+
+    def _probe(self) -> None:
+        """After a failure, with nothing to do: a one-token generation tells whether we recovered."""
+        self._fault_at = time.monotonic()
+        try:
+            seq = self.gen.new_sequence([0], SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
+            self.gen.add([seq])
+            if not seq.finished:
+                self.gen.remove(seq)
+        except Exception:
+            log.exception("engine probe after fault %s failed", self.fault)
+            self.gen.reset()
+            return
+        log.info("engine recovered after fault %s", self.fault)
+        self.fault = None
 
     def _has_cancel(self) -> bool:
         return any(s.cancelled for s in self._running.values()) or any(s.cancelled for s in self._waiting)
 
     def _iteration(self) -> None:
-        t0 = time.perf_counter()
         touched: list[RequestStream] = []
+        try:
+            self._iteration_body(touched)
+        finally:
+            # also when the step failed: requests that finished earlier in this iteration have
+            # their final event queued, and their consumers must be woken to read it
+            self._notify(touched)
+
+    def _iteration_body(self, touched: list[RequestStream]) -> None:
+        t0 = time.perf_counter()
         for seq, stream in list(self._running.items()):
             if stream.cancelled:
                 self.gen.remove(seq)
@@ -276,13 +390,17 @@ class Engine:
                 budget -= nxt.prompt_tokens
                 admit.append(self._waiting.popleft())
         if admit:
+            now = time.perf_counter()
             for stream in admit:
+                stream.admitted_at = now
                 self._running[stream._seq] = stream
+                self.observer.on_admit(now - stream.submitted)
             self._deliver(self.gen.add([s._seq for s in admit]), touched)
+            self.fault = None  # a model call succeeded: whatever failed before has passed
         if self.gen.rows:
             self._deliver(self.gen.step(), touched)
             self.steps += 1
-        self._notify(touched)
+            self.fault = None
         self.observer.on_step(batch_size=len(self.gen.rows), num_waiting=len(self._waiting),
                               seconds=time.perf_counter() - t0)
 
@@ -325,11 +443,15 @@ class Engine:
             except RuntimeError:  # that loop is closed; its consumers are gone
                 pass
 
-    def _abort_running(self, error: str) -> None:
+    def _abort_running(self, error: str, status: int = 500) -> None:
         touched: list[RequestStream] = []
-        self.gen.reset()
+        try:
+            self.gen.reset()
+        except Exception:  # the cache may be as broken as the step; the requests still get their end
+            log.exception("engine reset failed")
         for seq, stream in list(self._running.items()):
             seq.finish_reason = "abort"
+            stream.error_status = status
             stream._push(TokenEvent(None, "", finish_reason="abort", error=error))
             touched.append(stream)
             self._observe_finish(stream)
@@ -337,11 +459,13 @@ class Engine:
         self._notify(touched)
 
     def _abort_all(self, error: str) -> None:
-        self._abort_running(error)
+        """Shutdown: everything left ends now, with a 503-type error (retry elsewhere)."""
+        self._abort_running(error, status=503)
         with self._cv:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for stream in waiting:
             stream._seq.finish_reason = "abort"
+            stream.error_status = 503
             stream._push(TokenEvent(None, "", finish_reason="abort", error=error))
             self._observe_finish(stream)
         self._notify(waiting)

@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genforge.common.errors import AuthError, ConfigError, GenforgeError
-from genforge.serve.service import LMService
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
 from genforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
+from genforge.serve.service import LMService
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # OpenAI-sized requests are far smaller; this bounds parser memory
 RETRY_AFTER_S = 1  # what a 503 asks clients to wait; the queue drains in about a decode step per token
