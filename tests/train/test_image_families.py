@@ -62,8 +62,10 @@ def test_vae_trains_and_saves(vae_run):
 def test_vae_resume_is_exact(digits: Path, tmp_path: Path):
     straight = run_loaded_recipe(_recipe("a", "vae", digits, tmp_path, 20, VAE_MODEL,
                                          data={"augment": {"crop_prob": 0.5}}))
+    stop = {"time_budget": 0.000001}  # stops after the first step
+    run_loaded_recipe(_recipe("b", "vae", digits, tmp_path, 20, VAE_MODEL, data={"augment": {"crop_prob": 0.5}},
+                              train=stop))
     r = _recipe("b", "vae", digits, tmp_path, 20, VAE_MODEL, data={"augment": {"crop_prob": 0.5}})
-    run_loaded_recipe(r, max_steps_now=10)
     resumed = run_loaded_recipe(r, resume=True)
     a, b = load_vae(straight.run.path)[0], load_vae(resumed.run.path)[0]
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
@@ -144,8 +146,9 @@ def test_gan_recipe_errors(digits: Path, tmp_path: Path):
 def test_gan_resume_is_exact(digits: Path, tmp_path: Path):
     model = {**GAN_MODEL, "loss": "wgan-gp", "n_critic": 2}
     straight = run_loaded_recipe(_recipe("a", "gan", digits, tmp_path, 8, model, train={"checkpoint_every": 4}))
+    run_loaded_recipe(_recipe("b", "gan", digits, tmp_path, 8, model,
+                              train={"checkpoint_every": 4, "time_budget": 0.000001}))  # stops after step 1
     r = _recipe("b", "gan", digits, tmp_path, 8, model, train={"checkpoint_every": 4})
-    run_loaded_recipe(r, max_steps_now=4)
     resumed = run_loaded_recipe(r, resume=True)
     a, b = load_generator(straight.run.path)[0], load_generator(resumed.run.path)[0]
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):

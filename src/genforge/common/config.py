@@ -173,6 +173,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# Settings of how a run executes, not of what it learns: a `--resume` may change these and no others
+# (the schedule, batch, optimizer, precision and seed must stay, or the resumed run is not the same run).
+RESUME_MAY_CHANGE = frozenset({"time_budget", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+                               "keep_last", "device", "threads", "compile"})
+
+
 @dataclass
 class TrainConfig:
     """What the one training loop needs; the same for every family."""

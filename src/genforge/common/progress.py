@@ -17,6 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from genforge.common.runs import atomic_write_text
+
 console = Console(stderr=True)
 
 
@@ -42,9 +44,16 @@ class MetricsLog:
         """On resume, drop rows logged after the checkpoint so the log matches the run."""
         if not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half line a killed run was writing
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line)
+        # Written beside and renamed, so a crash here leaves the old log or the new one, never half.
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
 
 def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: str | Path, title: str = "",

@@ -3,6 +3,11 @@
     runs/<name>/ recipe.yaml model/ adapters/<name>/ checkpoints/step-N/ metrics.jsonl
                  samples/ plots/ report.md
 
+recipe.yaml is the recipe the run was started with and is never overwritten by a resume: each
+`--resume` adds recipe.segment-N.yaml (N = 2, 3, ...) holding the recipe of that segment (only
+the settings a resume may change, such as train.time_budget, can differ) and the step it
+continued from.
+
 Everything that must never be left half-written (checkpoints, model folders, indexes) is
 written to a temporary sibling and renamed into place.
 """
@@ -114,10 +119,26 @@ class RunDir:
             d.mkdir(parents=True, exist_ok=True)
         return self
 
-    def write_recipe(self, recipe_tree: dict, extra: dict | None = None) -> None:
+    def write_recipe(self, recipe_tree: dict, extra: dict | None = None, resumed_from: int | None = None) -> Path:
+        """Record the recipe of a fresh run (recipe.yaml) or of a resumed segment (recipe.segment-N.yaml)."""
         doc = dict(recipe_tree)
         doc["_provenance"] = {**environment_info(), **(extra or {})}
-        atomic_write_text(self.recipe_path, yaml.safe_dump(doc, sort_keys=False))
+        if resumed_from is None or not self.recipe_path.is_file():
+            # A fresh start: segments of an abandoned earlier attempt no longer describe this run.
+            for old in self.segment_recipes():
+                old.unlink()
+            path = self.recipe_path
+        else:
+            n = len(self.segment_recipes()) + 2
+            doc["_provenance"].update(segment=n, resumed_from_step=resumed_from)
+            path = self.path / f"recipe.segment-{n}.yaml"
+        atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def segment_recipes(self) -> list[Path]:
+        """recipe.segment-N.yaml of every resumed segment, in order."""
+        found = self.path.glob("recipe.segment-*.yaml") if self.path.is_dir() else []
+        return sorted(found, key=lambda p: int(p.stem.rsplit("-", 1)[1]))
 
     def read_recipe(self) -> dict:
         return yaml.safe_load(self.recipe_path.read_text(encoding="utf-8"))

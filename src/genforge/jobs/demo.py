@@ -47,7 +47,7 @@ def _seconds_per_step(tree: dict, device: torch.device, probes: int = 3) -> floa
     """Time a few real training steps so the cosine schedule ends inside the time budget."""
     recipe = recipe_from_tree({**tree, "train": {**tree["train"], "max_steps": 1}})
     objective, data = build_family(recipe, device)
-    opt = objective.optimizers(recipe.train)[0]
+    opt = objective.optimizers(recipe.train)[0].optimizer
     times = []
     for i in range(probes + 1):
         t0 = time.perf_counter()

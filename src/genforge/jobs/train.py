@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,14 @@ from genforge.common.config import Recipe, load_recipe, to_dict
 from genforge.common.errors import DataError, RunError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, environment_info, update_report
+from genforge.train import classifier, diffusion, gan, lm, vae
+from genforge.train.checkpoint import read_meta, resume_point
 from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
+from genforge.train.objective import DataSource, Objective
 
-_FAMILIES = {"lm": "genforge.train.lm", "vae": "genforge.train.vae", "gan": "genforge.train.gan",
-             "diffusion": "genforge.train.diffusion", "classifier": "genforge.train.classifier"}
+# family -> build(recipe, device) -> (objective, data)
+FAMILIES = {"lm": lm.build, "vae": vae.build, "gan": gan.build, "diffusion": diffusion.build,
+            "classifier": classifier.build}
 
 
 @dataclass
@@ -48,24 +51,27 @@ def dataset_identity(path: str | Path) -> dict:
     return {"path": str(Path(path).resolve()), "content_hash": meta.get("content_hash")}
 
 
-def build_family(recipe: Recipe, device: torch.device):
-    return importlib.import_module(_FAMILIES[recipe.family]).build(recipe, device)
+def build_family(recipe: Recipe, device: torch.device) -> tuple[Objective, DataSource]:
+    return FAMILIES[recipe.family](recipe, device)
 
 
-def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False,
-               max_steps_now: int | None = None) -> TrainOutcome:
+def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> TrainOutcome:
     """Train one recipe into runs/<name>/ (or continue it with `resume`)."""
     recipe = load_recipe(path, overrides)
-    return run_loaded_recipe(recipe, resume=resume, max_steps_now=max_steps_now)
+    return run_loaded_recipe(recipe, resume=resume)
 
 
-def run_loaded_recipe(recipe: Recipe, resume: bool = False, max_steps_now: int | None = None) -> TrainOutcome:
+def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     cfg = recipe.train
     run = RunDir(recipe.run_dir)
     if not resume and run.checkpoints():
         raise RunError(f"run {run.path} already exists; continue it with --resume, "
                        f"or train under another name (--set name=...)")
     dataset = dataset_identity(recipe.dataset)
+    resumed_from = None
+    if resume:
+        # Refused before anything is built or written: no checkpoint, or a changed training recipe.
+        resumed_from = read_meta(resume_point(run, cfg))["step"]
     if resume and run.recipe_path.is_file():
         recorded = run.read_recipe().get("_provenance", {}).get("dataset", {})
         if recorded.get("content_hash") not in (None, dataset["content_hash"]):
@@ -77,10 +83,10 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False, max_steps_now: int |
     torch.manual_seed(cfg.seed)
     objective, data = build_family(recipe, device)
     run.create()
-    run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)})
+    run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)}, resumed_from=resumed_from)
     console.print(f"training [bold]{recipe.name}[/] ({recipe.family}) on {device}, "
                   f"precision {str(pick_dtype(cfg.precision, device)).replace('torch.', '')}")
-    result = train(objective, data, cfg, run, device=device, resume=resume, max_steps_now=max_steps_now)
+    result = train(objective, data, cfg, run, device=device, resume=resume)
     update_report(run, "header", _header(recipe, dataset))
     update_report(run, "training", _training_section(recipe, objective, result, device, run))
     return TrainOutcome(run=run, recipe=recipe, result=result)
@@ -96,8 +102,9 @@ def _header(recipe: Recipe, dataset: dict) -> str:
             f"```yaml\n{recipe_yaml}\n```\n</details>\n")
 
 
-def _training_section(recipe: Recipe, objective, result: TrainResult, device: torch.device, run: RunDir) -> str:
-    desc = objective.describe() if hasattr(objective, "describe") else {}
+def _training_section(recipe: Recipe, objective: Objective, result: TrainResult, device: torch.device,
+                      run: RunDir) -> str:
+    desc = objective.describe()
     rows = [("steps", f"{result.steps}" + (" (stopped by time budget)" if result.stopped_early else "")),
             ("wall time", f"{result.wall_time:.1f} s"), ("device", str(device))]
     if result.tokens:

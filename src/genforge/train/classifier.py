@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from genforge.common.config import Recipe, TrainConfig, from_dict, to_dict
 from genforge.data.images import ImageBatches, load_image_data
 from genforge.models.classifier import ClassifierSpec, ImageClassifier, build_classifier, save_classifier
-from genforge.train.objective import adamw
+from genforge.train.objective import OptimizerSpec, SingleLoss, adamw
 
 
-class ClassifierObjective:
+class ClassifierObjective(SingleLoss):
     def __init__(self, model: ImageClassifier, spec: ClassifierSpec, class_names: list[str],
                  device: torch.device, meta: dict | None = None):
         self.model = model.to(device)
@@ -27,8 +27,8 @@ class ClassifierObjective:
         self.meta = meta or {}
         self.modules = {"classifier": self.model}
 
-    def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        return [adamw(self.model.parameters(), cfg, device=self.device)]
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        return [OptimizerSpec(adamw(self.model.parameters(), cfg, device=self.device))]
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.model(batch["images"])

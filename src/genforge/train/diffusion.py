@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from genforge.common.config import Recipe, TrainConfig, from_dict, to_dict
 from genforge.data.images import ImageBatches, load_image_data
 from genforge.models.diffusion import DiffusionModel, DiffusionSpec, build_scheduler, build_unet
-from genforge.train.objective import adamw
+from genforge.train.objective import OptimizerSpec, SingleLoss, adamw
 
 
-class DiffusionObjective:
+class DiffusionObjective(SingleLoss):
     def __init__(self, model: DiffusionModel, spec: DiffusionSpec, device: torch.device, meta: dict | None = None):
         self.model = model
         self.unet = model.unet.to(device)
@@ -29,8 +29,8 @@ class DiffusionObjective:
         self.alphas_cumprod = sched.alphas_cumprod.to(device)
         self.T = int(sched.config.num_train_timesteps)
 
-    def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        return [adamw(self.unet.parameters(), cfg, device=self.device)]
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        return [OptimizerSpec(adamw(self.unet.parameters(), cfg, device=self.device))]
 
     def _loss(self, batch: dict, gen: torch.Generator | None = None) -> torch.Tensor:
         x0, labels = batch["images"], batch["labels"]

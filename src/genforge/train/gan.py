@@ -14,8 +14,6 @@ falls as samples get closer to the data, so the loop's "best" checkpoint means s
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from genforge.common.errors import ConfigError
 from genforge.data.images import ImageBatches, ImageDataset, load_image_data
 from genforge.models.gan import NORMS, Discriminator, Generator
 from genforge.models.vae import save_meta
-from genforge.train.objective import adamw
+from genforge.train.objective import MultiStep, OptimizerSpec, Stepper, adamw
 
 LOSSES = ("dcgan", "wgan-gp")
 _BETAS = {"dcgan": (0.5, 0.999), "wgan-gp": (0.0, 0.9)}
@@ -70,7 +68,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
 
 
-class GANObjective:
+class GANObjective(MultiStep):
     def __init__(self, g: Generator, d: Discriminator, spec: GANSpec, dataset: ImageDataset, exclude: list[str],
                  batch_size: int, device: torch.device, seed: int):
         self.g, self.d, self.spec, self.dataset, self.exclude = g, d, spec, dataset, exclude
@@ -81,42 +79,42 @@ class GANObjective:
         gen = torch.Generator().manual_seed(seed + 1)
         self.fixed_z = torch.randn(max(batch_size, 256), g.config.latent_dim, generator=gen).to(device)
 
-    def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        betas = self.spec.betas or _BETAS[self.spec.loss]
-        c = dataclasses.replace(cfg, betas=betas)
-        opt_d = adamw(self.d.parameters(), c, device=self.device)
-        for group in opt_d.param_groups:
-            group["lr_scale"] = self.spec.d_lr_scale  # the loop multiplies its scheduled lr by this
-        return [adamw(self.g.parameters(), c, device=self.device), opt_d]
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        betas = tuple(self.spec.betas or _BETAS[self.spec.loss])
+        return [OptimizerSpec(adamw(self.g.parameters(), cfg, device=self.device, betas=betas)),
+                OptimizerSpec(adamw(self.d.parameters(), cfg, device=self.device, betas=betas),
+                              lr_scale=self.spec.d_lr_scale)]
 
     def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         return labels if self.conditional else None
 
-    def step(self, batch: dict, update: Callable[[int, torch.Tensor], None]) -> dict[str, float]:
+    def step(self, batch: dict, stepper: Stepper) -> dict[str, float]:
         images, labels = batch["images"], batch["labels"]
         n_d = self.spec.n_critic if self.spec.loss == "wgan-gp" else 1
         chunks = list(zip(images.chunk(n_d), labels.chunk(n_d)))
         row: dict[str, float] = {}
         self.d.requires_grad_(True)
         for real, y in chunks:
-            with torch.no_grad():
-                fake = self.g(self.g.noise(len(real)), self._labels(y))
-            d_real, d_fake = self.d(real, self._labels(y)), self.d(fake, self._labels(y))
-            if self.spec.loss == "dcgan":
-                loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            else:
-                gp = self._gradient_penalty(real, fake, y)
-                w = d_real.mean() - d_fake.mean()
-                loss_d = -w + self.spec.gp_lambda * gp
-                row["w_dist"], row["gp"] = float(w.detach()), float(gp.detach())
-            update(1, loss_d)
+            with stepper.autocast():
+                with torch.no_grad():
+                    fake = self.g(self.g.noise(len(real)), self._labels(y))
+                d_real, d_fake = self.d(real, self._labels(y)), self.d(fake, self._labels(y))
+                if self.spec.loss == "dcgan":
+                    loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                else:
+                    gp = self._gradient_penalty(real, fake, y)
+                    w = d_real.mean() - d_fake.mean()
+                    loss_d = -w + self.spec.gp_lambda * gp
+                    row["w_dist"], row["gp"] = float(w.detach()), float(gp.detach())
+            stepper.update(1, loss_d)  # backward outside autocast
         row["loss_d"] = float(loss_d.detach())
         # generator step: D's parameters are frozen so no stale gradients reach its next step
         self.d.requires_grad_(False)
         real, y = chunks[-1]
-        score = self.d(self.g(self.g.noise(len(real)), self._labels(y)), self._labels(y))
-        loss_g = F.softplus(-score).mean() if self.spec.loss == "dcgan" else -score.mean()
-        update(0, loss_g)
+        with stepper.autocast():
+            score = self.d(self.g(self.g.noise(len(real)), self._labels(y)), self._labels(y))
+            loss_g = F.softplus(-score).mean() if self.spec.loss == "dcgan" else -score.mean()
+        stepper.update(0, loss_g)
         self.d.requires_grad_(True)
         row["loss_g"] = float(loss_g.detach())
         if self.spec.loss == "dcgan":

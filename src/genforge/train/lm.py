@@ -12,10 +12,10 @@ from genforge.common.config import Recipe, TrainConfig, from_dict
 from genforge.common.errors import ConfigError
 from genforge.data.tokens import TokenBatches, TokenDataset
 from genforge.models.lm import LMSpec, build_lm_config, count_parameters, create_lm, save_lm
-from genforge.train.objective import adamw
+from genforge.train.objective import OptimizerSpec, SingleLoss, adamw
 
 
-class LMObjective:
+class LMObjective(SingleLoss):
     """Next-token prediction. The loss is computed here, on already-shifted labels, so the
     model's own label shifting (an extra copy per step) is skipped."""
 
@@ -29,8 +29,8 @@ class LMObjective:
         self.modules = {"model": model}
         self.moe = hasattr(model.config, "num_local_experts")
 
-    def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        return [adamw(self.model.parameters(), cfg, device=self.device)]
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        return [OptimizerSpec(adamw(self.model.parameters(), cfg, device=self.device))]
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         extra = {"output_router_logits": True} if self.moe else {}

@@ -2,28 +2,25 @@
 
 The loop owns: device and precision, warmup + cosine schedule, gradient accumulation and clipping,
 EMA, periodic eval, atomic checkpoints (last N + best) with exact resume, the progress bar,
-metrics.jsonl, loss plots and the training section of report.md. A family owns its objective
-(see objective.py).
+metrics.jsonl and loss plots. A family owns its objective (see objective.py); checkpoint files
+are checkpoint.py's, optimizer stepping and EMA optim.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from genforge.common.config import TrainConfig
-from genforge.common.errors import ConfigError, RunError
+from genforge.common.errors import ConfigError
 from genforge.common.progress import MetricsLog, console, plot_curves, progress_bar
 from genforge.common.runs import RunDir, atomic_dir
+from genforge.train import checkpoint
 from genforge.train.objective import DataSource, MultiStep, Objective, SingleLoss
+from genforge.train.optim import EMA, Stepper, maybe
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -84,109 +81,33 @@ class TrainResult:
     stopped_early: bool = False
 
 
-class EMA:
-    """Exponential moving average of the trained modules' floating-point state."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
-        self.decay = decay
-        self.shadow = {n: {k: v.detach().clone() for k, v in m.state_dict().items() if v.is_floating_point()}
-                       for n, m in modules.items()}
-
-    @torch.no_grad()
-    def update(self, modules: dict[str, torch.nn.Module]) -> None:
-        for n, m in modules.items():
-            state = m.state_dict()
-            shadow = list(self.shadow[n].values())
-            live = [state[k] for k in self.shadow[n]]
-            torch._foreach_lerp_(shadow, live, 1.0 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self, modules: dict[str, torch.nn.Module]):
-        """Temporarily load EMA weights into the modules (for eval and export)."""
-        saved = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
-        for n, m in modules.items():
-            m.load_state_dict(self.shadow[n], strict=False)
-        try:
-            yield
-        finally:
-            for n, m in modules.items():
-                m.load_state_dict(saved[n])
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir, *,
-          device: torch.device, resume: bool = False, max_steps_now: int | None = None) -> TrainResult:
-    """Train `objective` on `data` into `run`. `max_steps_now` stops early (tests kill a run this way)."""
+          device: torch.device, resume: bool = False) -> TrainResult:
+    """Train `objective` on `data` into `run`; with `resume`, continue from its latest checkpoint."""
     steps = total_steps(cfg, data)
     if device.type == "cpu":
         # Adam's second moments and late-training gradients drift into denormal floats, which
         # x86 CPUs process tens of times slower; flushing them to zero costs no accuracy.
         torch.set_flush_denormal(True)
-    dtype = pick_dtype(cfg.precision, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    optimizers = objective.optimizers(cfg)
-    params = [p for m in objective.modules.values() for p in m.parameters() if p.requires_grad]
+    stepper = Stepper(objective.optimizers(cfg), cfg, device, pick_dtype(cfg.precision, device))
     ema = EMA(objective.modules, cfg.ema_decay) if cfg.ema_decay else None
     metrics = MetricsLog(run.metrics_path)
-    start_step, best, elapsed_before, tokens = 0, math.inf, 0.0, 0
-
-    ckpt = run.latest_checkpoint() if resume else None
-    if resume and ckpt is None:
-        raise RunError(f"--resume: {run.path} has no checkpoint to resume from")
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        if state["signature"] != objective.signature():
-            raise RunError(f"--resume: {run.path} was trained with a different model config "
-                           f"({_diff(state['signature'], objective.signature())}); use a new run name")
-        for name, m in objective.modules.items():
-            m.load_state_dict(state["modules"][name])
-        for opt, s in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        if ema is not None and state.get("ema"):
-            ema.shadow = state["ema"]
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_step, best = state["step"], state["best_val_loss"]
-        elapsed_before, tokens = state["elapsed"], state["tokens"]
-        _set_rng_state(state["rng"])
-        metrics.truncate_after(start_step)
-        console.print(f"resuming {run.path} from step {start_step}")
-    elif not resume and run.metrics_path.exists():
+    checkpoint.remove_stale_temps(run)
+    start, best, elapsed_before, tokens = 0, math.inf, 0.0, 0
+    if resume:
+        start, best, elapsed_before, tokens = _restore(checkpoint.resume_point(run, cfg), objective, stepper,
+                                                       ema, run, device)
+        metrics.truncate_after(start)
+        console.print(f"resuming {run.path} from step {start}")
+    elif run.metrics_path.exists():
         run.metrics_path.unlink()  # a fresh run starts a fresh log
-
-    def update(i: int, loss: torch.Tensor) -> None:
-        """Backpropagate `loss` and step optimizer `i` (the MultiStep path)."""
-        opt = optimizers[i]
-        (scaler.scale(loss) if scaler else loss).backward()
-        _clip_and_step(opt, [p for g in opt.param_groups for p in g["params"]], cfg, scaler)
 
     def evaluate() -> dict:
         for m in objective.modules.values():
             m.eval()
         sums: dict[str, float] = {}
         n = 0
-        with torch.no_grad(), autocast, (ema.swapped_in(objective.modules) if ema else contextlib.nullcontext()):
+        with torch.no_grad(), stepper.autocast(), maybe(ema and ema.swapped_in(objective.modules)):
             for batch in data.val_batches(cfg.eval_batches):
                 for k, v in objective.eval_step(to_device(batch, device)).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -197,114 +118,100 @@ def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir,
 
     for m in objective.modules.values():
         m.train()
-    stop_at = min(steps, max_steps_now) if max_steps_now else steps
     t0 = time.perf_counter()
-    step, stopped_early, last_val = start_step, False, {}
+    done, stopped_early, last_val = start, False, {}
+    tokens_per_step = (data.tokens_per_batch or 0) * cfg.grad_accum
     with progress_bar() as bar:
-        task = bar.add_task(run.path.name, total=steps, completed=start_step, info="")
+        task = bar.add_task(run.path.name, total=steps, completed=start, info="")
         tok_t0, tok_count = time.perf_counter(), 0
-        for step in range(start_step, stop_at):
+        for step in range(start, steps):
             lr = lr_at(step, cfg, steps)
-            for opt in optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
+            stepper.set_lr(lr)
             row: dict[str, float] = {}
             if isinstance(objective, MultiStep):
-                with autocast:
-                    row = objective.step(to_device(data.train_batch(step), device), update)
+                row = objective.step(to_device(data.train_batch(step), device), stepper)
             else:
                 assert isinstance(objective, SingleLoss)
                 for micro in range(cfg.grad_accum):
                     batch = to_device(data.train_batch(step * cfg.grad_accum + micro), device)
-                    with autocast:
+                    with stepper.autocast():
                         loss, stats = objective.loss(batch)
-                    loss = loss / cfg.grad_accum
-                    (scaler.scale(loss) if scaler else loss).backward()
+                    stepper.backward(loss / cfg.grad_accum)
                     for k, v in stats.items():
                         row[k] = row.get(k, 0.0) + float(v) / cfg.grad_accum
-                row["grad_norm"] = _clip_and_step(optimizers[0], params, cfg, scaler)
+                row["grad_norm"] = stepper.step(0)
+            stepper.end_step()
             if ema is not None:
                 ema.update(objective.modules)
             done = step + 1
-            tokens += (data.tokens_per_batch or 0) * cfg.grad_accum
-            tok_count += (data.tokens_per_batch or 0) * cfg.grad_accum
+            tokens += tokens_per_step
+            tok_count += tokens_per_step
 
-            timed_out = cfg.time_budget is not None and elapsed_before + time.perf_counter() - t0 >= cfg.time_budget
-            if done % cfg.log_every == 0 or done == stop_at or timed_out:
+            elapsed = elapsed_before + time.perf_counter() - t0
+            timed_out = cfg.time_budget is not None and elapsed >= cfg.time_budget
+            last = done == steps or timed_out
+            if _due(done, cfg.log_every, last):
                 now = time.perf_counter()
                 tps = tok_count / max(now - tok_t0, 1e-9)
                 tok_t0, tok_count = now, 0
-                row = {"step": done, "lr": lr, **row, "elapsed": elapsed_before + now - t0}
+                row = {"step": done, "lr": lr, **row, "elapsed": elapsed}
                 if data.tokens_per_batch:
                     row["tokens_per_s"] = tps
                 metrics.log(row)
                 info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "loss_g", "loss_d") if k in row)
                 bar.update(task, info=info + (f" tok/s={tps:,.0f}" if data.tokens_per_batch else ""))
-            if done % cfg.eval_every == 0 or done == steps or timed_out:
+            is_best = False
+            if _due(done, cfg.eval_every, last):
                 last_val = evaluate()
                 metrics.log({"step": done, **last_val})
                 bar.console.print(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
-            is_best = bool(last_val) and last_val.get("val_loss", math.inf) < best and (
-                done % cfg.eval_every == 0 or done == steps or timed_out)
-            if is_best:
-                best = last_val["val_loss"]
-            if done % cfg.checkpoint_every == 0 or done == stop_at or timed_out or is_best:
-                state = {"step": done, "signature": objective.signature(),
-                         "modules": {n: m.state_dict() for n, m in objective.modules.items()},
-                         "optimizers": [o.state_dict() for o in optimizers],
-                         "ema": ema.shadow if ema else None, "scaler": scaler.state_dict() if scaler else None,
-                         "best_val_loss": best, "elapsed": elapsed_before + time.perf_counter() - t0,
-                         "tokens": tokens, "rng": _rng_state()}
-                if done % cfg.checkpoint_every == 0 or done == stop_at or timed_out:
-                    _save_checkpoint(run, f"step-{done}", state)
-                    _prune(run, cfg.keep_last)
+                is_best = last_val.get("val_loss", math.inf) < best
+                best = min(best, last_val.get("val_loss", math.inf))
+            if _due(done, cfg.checkpoint_every, last) or is_best:
+                tensors = {"modules": {n: m.state_dict() for n, m in objective.modules.items()},
+                           "optimizers": [o.state_dict() for o in stepper.optimizers],
+                           "ema": ema.shadow if ema else None,
+                           "scaler": stepper.scaler.state_dict() if stepper.scaler else None}
+                meta = {"step": done, "signature": objective.signature(), "train": checkpoint.training_recipe(cfg),
+                        "best_val_loss": best, "elapsed": elapsed_before + time.perf_counter() - t0,
+                        "tokens": tokens}
+                if _due(done, cfg.checkpoint_every, last):
+                    checkpoint.save(run, f"step-{done}", tensors, meta)
+                    checkpoint.prune(run, cfg.keep_last)
                 if is_best:
-                    _save_checkpoint(run, "best", state)
+                    checkpoint.save(run, "best", tensors, meta)
             bar.update(task, completed=done)
             if timed_out and done < steps:
                 stopped_early = True
                 console.print(f"time budget of {cfg.time_budget:.0f}s reached at step {done}/{steps}")
                 break
     wall = elapsed_before + time.perf_counter() - t0
-    finished = step + 1 if stop_at > start_step else start_step
-    if finished == steps or stopped_early:
-        with atomic_dir(run.model_dir) as tmp, (ema.swapped_in(objective.modules) if ema else contextlib.nullcontext()):
-            objective.export(tmp)
-        loss_keys = sorted({k for r in run.read_metrics() for k in r if "loss" in k and not k.startswith("val_")})
-        plot_curves(run.read_metrics(), loss_keys + ["val_loss"], run.plots_dir / "loss.png",
-                    title=f"{run.path.name}: loss")
-    return TrainResult(steps=finished, final_val=last_val, best_val_loss=best, wall_time=wall,
+    with atomic_dir(run.model_dir) as tmp, maybe(ema and ema.swapped_in(objective.modules)):
+        objective.export(tmp)
+    rows = run.read_metrics()
+    loss_keys = sorted({k for r in rows for k in r if "loss" in k and not k.startswith("val_")})
+    plot_curves(rows, loss_keys + ["val_loss"], run.plots_dir / "loss.png", title=f"{run.path.name}: loss")
+    return TrainResult(steps=done, final_val=last_val, best_val_loss=best, wall_time=wall,
                        tokens=tokens, stopped_early=stopped_early)
 
 
-def _clip_and_step(opt: torch.optim.Optimizer, params: list, cfg: TrainConfig, scaler) -> float:
-    if scaler is not None:
-        scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(norm)
+def _due(done: int, every: int, last: bool) -> bool:
+    """Log, eval and checkpoint every N steps, and always at the last step of a run or segment."""
+    return done % every == 0 or last
 
 
-def _save_checkpoint(run: RunDir, name: str, state: dict) -> None:
-    with atomic_dir(run.checkpoints_dir / name) as tmp:
-        torch.save(state, tmp / "state.pt")
-
-
-def _prune(run: RunDir, keep_last: int) -> None:
-    for old in run.checkpoints()[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return ", ".join(changed[:4]) or "unknown difference"
-
-
-def checkpoint_path(run: RunDir) -> Path | None:
-    return run.latest_checkpoint()
+def _restore(path, objective: Objective, stepper: Stepper, ema: EMA | None, run: RunDir,
+             device: torch.device) -> tuple[int, float, float, int]:
+    """Load checkpoint `path` into the live objects; (step, best val loss, elapsed, tokens)."""
+    tensors, meta = checkpoint.load(path, device)
+    checkpoint.check_same_model(meta["signature"], objective.signature(), run)
+    for name, m in objective.modules.items():
+        m.load_state_dict(tensors["modules"][name])
+    for opt, s in zip(stepper.optimizers, tensors["optimizers"]):
+        opt.load_state_dict(s)
+    if ema is not None and tensors.get("ema"):
+        ema.shadow = tensors["ema"]
+    if stepper.scaler is not None and tensors.get("scaler"):
+        stepper.scaler.load_state_dict(tensors["scaler"])
+    checkpoint.set_rng_state(tensors["rng"], meta["rng"])
+    return meta["step"], meta["best_val_loss"], meta["elapsed"], meta["tokens"]

@@ -4,17 +4,22 @@ A family never subclasses the loop. It hands over two small objects:
 
 * a `DataSource`: batches that are a pure function of their index, so "data position" in a
   checkpoint is one integer and resume is exact;
-* an `Objective`: the modules being trained, their optimizers, and either `loss(batch)` (one
-  optimizer; the loop does accumulation, clipping and the step) or `step(batch, update)` (several
-  optimizers, e.g. a GAN alternating critic and generator; `update(i, loss)` backpropagates `loss`
-  and steps optimizer `i` with the loop's clipping).
+* an `Objective`: the modules being trained, their optimizers (each an `OptimizerSpec`: the
+  optimizer and the share of the scheduled learning rate it gets), and either
+  `SingleLoss.loss(batch)` (one optimizer; the loop does accumulation, clipping and the step) or
+  `MultiStep.step(batch, stepper)` (several optimizers, e.g. a GAN alternating critic and
+  generator: the family computes each loss under `stepper.autocast()` and hands it to
+  `stepper.update(i, loss)`, which backpropagates outside autocast and steps optimizer `i` with
+  the loop's clipping and grad scaling).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -32,36 +37,62 @@ class DataSource(Protocol):
         """A fixed list of up to `n` validation batches (the same ones every eval)."""
 
 
-class Objective(Protocol):
+@dataclass
+class OptimizerSpec:
+    """One optimizer and its learning rate as a multiple of the loop's schedule (a GAN's critic
+    may learn faster than its generator); the loop sets `lr = schedule(step) * lr_scale`."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scale: float = 1.0
+
+
+class Objective:
+    """The base of every family's objective: subclass `SingleLoss` or `MultiStep`."""
+
     modules: dict[str, nn.Module]  # trained, checkpointed, EMA'd when asked
 
-    def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        ...
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        raise NotImplementedError
 
     def eval_step(self, batch: Any) -> dict[str, float]:
         """Validation metrics of one batch; must contain "loss" (lower is better)."""
+        raise NotImplementedError
 
     def signature(self) -> dict:
         """The model config; resuming a run with a different one is refused."""
+        raise NotImplementedError
 
     def export(self, model_dir: Path) -> None:
         """Write the trained model in its ecosystem's layout (HF / diffusers) into `model_dir`."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Rows for the training section of report.md; by default the parameter count."""
+        return {"parameters": sum(p.numel() for m in self.modules.values() for p in m.parameters())}
 
 
-@runtime_checkable
-class SingleLoss(Protocol):
+class SingleLoss(Objective):
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+class Stepper(Protocol):
+    """What the loop hands `MultiStep.step`: forward under `autocast()`, then `update(i, loss)`."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        ...
+
+    def update(self, i: int, loss: torch.Tensor) -> float:
         ...
 
 
-@runtime_checkable
-class MultiStep(Protocol):
-    def step(self, batch: Any, update: Callable[[int, torch.Tensor], None]) -> dict[str, float]:
-        ...
+class MultiStep(Objective):
+    def step(self, batch: Any, stepper: Stepper) -> dict[str, float]:
+        raise NotImplementedError
 
 
 def adamw(params: Iterable[nn.Parameter] | Iterable[dict], cfg: TrainConfig, lr: float | None = None,
-          device: torch.device | None = None) -> torch.optim.AdamW:
+          device: torch.device | None = None, betas: tuple[float, float] | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only, fused where the device supports it."""
     params = list(params)
     if params and isinstance(params[0], nn.Parameter):
@@ -70,4 +101,4 @@ def adamw(params: Iterable[nn.Parameter] | Iterable[dict], cfg: TrainConfig, lr:
         params = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
     fused = device is not None and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(params, lr=lr or cfg.lr, betas=cfg.betas, fused=fused)
+    return torch.optim.AdamW(params, lr=lr or cfg.lr, betas=betas or tuple(cfg.betas), fused=fused)

@@ -27,7 +27,7 @@ from genforge.models.vae import (
     resolve_model_dir,
     save_meta,
 )
-from genforge.train.objective import adamw
+from genforge.train.objective import OptimizerSpec, SingleLoss, adamw
 
 _ARCH = ("latent_dim", "block_out_channels", "norm_groups", "likelihood")
 
@@ -55,7 +55,7 @@ class LoraSpec:
     name: str | None = None  # adapters/<name>/; default: the recipe's name
 
 
-class VAEObjective:
+class VAEObjective(SingleLoss):
     def __init__(self, model: torch.nn.Module, beta: float, dataset: ImageDataset, exclude: list[str],
                  device: torch.device, run: RunDir, lora: LoraSpec | None = None, name: str = "vae"):
         self.model, self.beta, self.dataset, self.exclude = model, beta, dataset, exclude
@@ -66,8 +66,9 @@ class VAEObjective:
     def base(self) -> ConvVAE:
         return getattr(self.model, "get_base_model", lambda: self.model)()
 
-    def optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        return [adamw([p for p in self.model.parameters() if p.requires_grad], cfg, device=self.device)]
+    def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
+        return [OptimizerSpec(adamw([p for p in self.model.parameters() if p.requires_grad], cfg,
+                                    device=self.device))]
 
     def _terms(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
         recon, kl = per_image_losses(self.model, batch["images"], generator)
