@@ -226,7 +226,7 @@ class LlamaRunner:
         # the pads' cache entries lie beyond each row's length, masked out and later overwritten.
         ids = torch.zeros((n, plen), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
         x = F.embedding(ids, self.embed)
         cos, sin = self._rope_tables(self.positions[:plen])
         H, Hkv = self.H, self.Hkv
@@ -238,7 +238,7 @@ class LlamaRunner:
                                                  is_causal=True, enable_gqa=self.rep > 1)
             x = x + F.linear(att.transpose(1, 2).flatten(2), wo, bo)
             x = self._mlp(x, *mlp)
-        last = x[torch.arange(n), torch.tensor(lens) - 1]
+        last = x[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
         return F.linear(self._rms(last, self.norm_w), self.lm_head).float()
 
     @torch.inference_mode()

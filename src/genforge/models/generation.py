@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from genforge.models.fastdecode import HFRunner, LlamaRunner, make_runner
-from genforge.models.sampling import RowSampler, SamplingParams, sample
+from genforge.models.lm import context_length
+from genforge.models.sampling import BatchSampler, RowSampler, SamplingParams
 
 __all__ = ["SamplingParams", "TokenEvent", "Sequence", "BatchGenerator", "generate", "eos_token_ids",
            "context_length"]
@@ -52,12 +53,6 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
         elif isinstance(src, (list, tuple)):
             ids.update(int(t) for t in src)
     return ids
-
-
-def context_length(model: torch.nn.Module, max_model_len: int | None = None) -> int:
-    cfg = model.config.get_text_config()
-    limit = getattr(cfg, "max_position_embeddings", None) or 2048
-    return min(limit, max_model_len) if max_model_len else limit
 
 
 class Detokenizer:
@@ -182,6 +177,7 @@ class BatchGenerator:
         self.vocab_size = self.runner.vocab_size
         self.device = next(model.parameters()).device
         self.rows: list[Sequence] = []
+        self.sampler = BatchSampler()
 
     @property
     def free_slots(self) -> int:
@@ -217,7 +213,7 @@ class BatchGenerator:
         return self._sample(logits, rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
-        tokens, lps, tops = sample(logits, [s.sampler for s in rows])
+        tokens, lps, tops = self.sampler(logits, [s.sampler for s in rows])
         out = [(s, s.accept(t, lp, top)) for s, t, lp, top in zip(rows, tokens, lps, tops)]
         for s, ev in out:
             if ev.finish_reason is not None:

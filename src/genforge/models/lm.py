@@ -148,13 +148,37 @@ def model_folder(path: str | Path) -> Path:
     return path
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """The weights' dtype for a `--dtype` value: "auto" is bf16 on a CUDA device that supports it,
+    fp32 elsewhere (bf16 matmuls on a CPU without AVX512_BF16/AMX are slower than fp32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of auto, float32, bfloat16, float16", param="dtype")
+    return _DTYPES[dtype]
+
+
 def load_lm(path: str | Path, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a run's model or any HF causal-LM folder from disk. Remote code is never executed."""
+            dtype: str | torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a run's model or any HF causal-LM folder from disk. Remote code is never executed.
+
+    `dtype`: a torch dtype or a `--dtype` name (see `resolve_dtype`); None keeps fp32 (eval's
+    default: perplexities in full precision), "auto" picks bf16 on CUDA.
+    """
     folder = model_folder(path)
+    torch_dtype = torch.float32 if dtype is None else resolve_dtype(dtype, device)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype,
                                                      trust_remote_code=False, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
@@ -166,5 +190,17 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device).eval(), tokenizer
 
 
-def context_length(model: PreTrainedModel) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048))
+def context_length(model: torch.nn.Module, max_model_len: int | None = None) -> int:
+    """The context a generator serves: the model's positions, or `max_model_len` when given.
+
+    The one place this is computed (eval, generation, serve). A `max_model_len` beyond the
+    model's positions is refused: RoPE tables and learned positions end there.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = int(getattr(cfg, "max_position_embeddings", None) or 2048)
+    if max_model_len is None:
+        return limit
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not 2 <= max_model_len <= limit:
+        raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] (the model's context is "
+                          f"{limit} tokens)", param="max_model_len")
+    return max_model_len

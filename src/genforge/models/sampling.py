@@ -1,9 +1,16 @@
-"""Sampling parameters and the per-row sampler of a batched decode step.
+"""Sampling parameters, their valid ranges, and the batched sampler of a decode step.
 
-Every row of a batch carries its own `SamplingParams` and its own `torch.Generator`: the random
-numbers a row draws depend only on its seed and how many tokens it has drawn, never on which
-other requests share the batch, so the same seed gives the same text alone or in company
-(up to float rounding differences of batched matmuls, which on this CPU did not show in tests).
+The sampler works on the whole batch at once (one softmax, one cumulative sum, one
+`searchsorted` for all rows) and still gives every row its own random stream: a row's uniform
+numbers are a counter-based hash of (its seed, how many tokens it has drawn, the attempt), computed
+from Python integers, so they depend only on that row, never on which other requests share the
+batch, nor on the device. The same seed gives the same text alone or in company (up to float
+rounding differences of batched matmuls, which on this CPU did not show in tests).
+
+Sampling is by inverse CDF over the (temperature-scaled, top-k-cut) distribution; top-p is exact
+by rejection: a drawn token outside the nucleus is drawn again from the same distribution, which
+yields the nucleus's renormalised distribution (rows still outside after a few attempts, which
+only a tiny top_p makes likely, fall back to a sort).
 """
 
 from __future__ import annotations
@@ -16,7 +23,78 @@ import torch
 
 from genforge.common.errors import GenforgeError
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # OpenAI caps top_logprobs at 20; vLLM uses the same bound for `logprobs`
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range in pydantic's terms: `Field(**r.field_kwargs())` gives the same bounds."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    note: str = ""
+
+    def field_kwargs(self) -> dict[str, float]:
+        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
+
+    def contains(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le))
+
+    def describe(self) -> str:
+        lo = f"[{_num(self.ge)}" if self.ge is not None else (f"({_num(self.gt)}" if self.gt is not None else "")
+        if lo and self.le is not None:
+            text = f"in {lo}, {_num(self.le)}]"
+        elif self.ge is not None:
+            text = f">= {_num(self.ge)}"
+        elif self.gt is not None:
+            text = f"> {_num(self.gt)}"
+        else:
+            text = f"<= {_num(self.le)}"
+        return f"must be {text}{f' ({self.note})' if self.note else ''}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+# The valid values of each sampling field, keyed by the OpenAI request field. serve/protocol.py
+# builds its pydantic bounds from these, so the HTTP layer and the model layer cannot disagree.
+SAMPLING_RANGES: dict[str, Range] = {
+    "max_tokens": Range(ge=1),
+    "temperature": Range(ge=0.0, note="0 = greedy"),
+    "top_k": Range(ge=-1, note="-1 / 0 for no limit"),
+    "top_p": Range(gt=0.0, le=1.0),
+    "repetition_penalty": Range(gt=0.0, note="1 = off"),
+    "presence_penalty": Range(ge=-2.0, le=2.0),
+    "frequency_penalty": Range(ge=-2.0, le=2.0),
+    "min_tokens": Range(ge=0),
+    "seed": Range(ge=-(2 ** 63), le=2 ** 64 - 1),  # any 64-bit integer, signed or unsigned
+    "logprobs": Range(ge=0, le=MAX_LOGPROBS),
+}
+
+
+def check_prompt_length(prompt_len: int, max_new_tokens: int | None, max_model_len: int, *,
+                        prompt_field: str = "prompt", tokens_field: str = "max_tokens") -> int:
+    """The number of tokens to generate; GenforgeError (code context_length_exceeded) if none fit.
+
+    `max_new_tokens=None` means "the rest of the context". The error names `prompt_field` or
+    `tokens_field` (the request's own field names, e.g. "messages" / "max_completion_tokens").
+    """
+    if prompt_len < 1:
+        raise GenforgeError(f"{prompt_field}: the prompt is empty; give at least one token", param=prompt_field)
+    if prompt_len >= max_model_len:
+        raise GenforgeError(f"{prompt_field}: the prompt has {prompt_len} tokens but the model's context is "
+                            f"{max_model_len}; shorten it to at most {max_model_len - 1} tokens",
+                            param=prompt_field, code="context_length_exceeded")
+    if max_new_tokens is None:
+        return max_model_len - prompt_len
+    if prompt_len + max_new_tokens > max_model_len:
+        raise GenforgeError(f"{tokens_field}: {max_new_tokens} new tokens do not fit: the context is "
+                            f"{max_model_len} tokens and the prompt uses {prompt_len}; ask for at most "
+                            f"{max_model_len - prompt_len}", param=tokens_field, code="context_length_exceeded")
+    return max_new_tokens
 
 
 @dataclass
@@ -47,79 +125,82 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, max_model_len: int | None = None, prompt_len: int | None = None) -> SamplingParams:
-        """Raise GenforgeError(param=<OpenAI field>) for a value no request may have; return self."""
+        """Raise GenforgeError(param=<OpenAI field>) for a value no request may have; return self.
+
+        With `max_model_len` and `prompt_len`, the prompt must leave room for one token; a longer
+        `max_new_tokens` is cut to the context (the request finishes with "length").
+        """
 
         def bad(param: str, msg: str) -> GenforgeError:
             return GenforgeError(f"{param}: {msg}", param=param)
 
-        def num(name: str, value: object, kinds: tuple = (int, float)) -> None:
+        def num(name: str, value: object, integer: bool = False) -> None:
+            kinds = (int,) if integer else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds) or (
                     isinstance(value, float) and not math.isfinite(value)):
-                raise bad(name, f"expected a {'integer' if kinds == (int,) else 'number'}, got {value!r}")
+                raise bad(name, f"expected a {'integer' if integer else 'number'}, got {value!r}")
+            if not SAMPLING_RANGES[name].contains(value):
+                raise bad(name, f"{SAMPLING_RANGES[name].describe()}, got {value}")
 
-        num("max_tokens", self.max_new_tokens, (int,))
-        if self.max_new_tokens < 1:
-            raise bad("max_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        num("max_tokens", self.max_new_tokens, integer=True)
         num("temperature", self.temperature)
-        if self.temperature < 0:
-            raise bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None:
-            num("top_k", self.top_k, (int,))
-            if self.top_k < -1:  # -1 and 0: no limit, as in vLLM
-                raise bad("top_k", f"must be >= 1 (or -1 / 0 for no limit), got {self.top_k}")
+            num("top_k", self.top_k, integer=True)
         num("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        num("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            num(name, value)
-            if not -2 <= value <= 2:
-                raise bad(name, f"must be in [-2, 2], got {value}")
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            num(name, getattr(self, name))
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "expected a list of non-empty strings")
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "expected a list of token ids (integers >= 0)")
-        num("min_tokens", self.min_tokens, (int,))
-        if self.min_tokens < 0 or self.min_tokens > self.max_new_tokens:
+        num("min_tokens", self.min_tokens, integer=True)
+        if self.min_tokens > self.max_new_tokens:
             raise bad("min_tokens", f"must be in [0, max_tokens={self.max_new_tokens}], got {self.min_tokens}")
         if self.seed is not None:
-            num("seed", self.seed, (int,))
+            num("seed", self.seed, integer=True)
         if self.logprobs is not None:
-            num("logprobs", self.logprobs, (int,))
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            num("logprobs", self.logprobs, integer=True)
         if max_model_len is not None and prompt_len is not None:
-            if prompt_len < 1:
-                raise bad("prompt", "the prompt is empty; give at least one token")
-            if prompt_len >= max_model_len:
-                raise bad("prompt", f"the prompt has {prompt_len} tokens but the model's context is "
-                                    f"{max_model_len}; shorten it to at most {max_model_len - 1} tokens")
+            check_prompt_length(prompt_len, None, max_model_len)
         return self
 
 
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def uniform(seed: int, draw: int, attempt: int = 0) -> float:
+    """A uniform number in (0, 1) that is a pure function of (seed, draw, attempt)."""
+    z = _splitmix64((seed & _M64) ^ _splitmix64((draw << 8) | (attempt & 0xFF)))
+    return ((z >> 11) + 0.5) * 2.0 ** -53
+
+
 class RowSampler:
-    """Per-row sampling state: the generator and, when penalties are on, token counts."""
+    """One row's sampling state: its seed and draw count and, when penalties are on, token counts."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
                  eos_ids: set[int], device: torch.device | str = "cpu"):
         self.params = params
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.draws = 0  # random draws so far: the counter of this row's random stream
         self.counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
         if params.needs_penalties:
             self.counts = torch.zeros(vocab_size, device=device)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long)
+            ids = torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long, device=device)
             self.seen[ids] = True
         banned = set(params.stop_token_ids) | (eos_ids if not params.ignore_eos else set())
         # min_tokens: until reached, the tokens that would end the request are masked.
-        self.min_tokens_ban = torch.tensor(sorted(t for t in banned if t < vocab_size), dtype=torch.long)
+        self.min_tokens_ban = torch.tensor(sorted(t for t in banned if t < vocab_size), dtype=torch.long,
+                                           device=device)
         self.generated = 0
 
     def observe(self, token: int) -> None:
@@ -127,6 +208,11 @@ class RowSampler:
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True
+
+    @property
+    def plain(self) -> bool:
+        """No penalty and no min_tokens mask applies to the next token."""
+        return self.counts is None and self.generated >= self.params.min_tokens
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalties and min_tokens masking on one row's logits (in place)."""
@@ -142,65 +228,140 @@ class RowSampler:
         return logits
 
 
+@dataclass
+class _BatchParams:
+    """The per-row parameters of one batch composition as tensors on the logits' device."""
+
+    rows: list[RowSampler]
+    greedy: torch.Tensor  # [n] bool
+    all_greedy: bool
+    any_greedy: bool
+    temps: torch.Tensor  # [n, 1]
+    kth: torch.Tensor | None  # [n, 1] index of each row's k-th largest logit among the top kmax
+    no_k: torch.Tensor | None  # [n, 1] rows without a top-k cut
+    kmax: int
+    top_p: torch.Tensor | None  # [n] (None when no row cuts)
+    want_lp: list[int]  # rows that asked for logprobs
+    top_n: int  # the most top logprobs any row asked for
+
+
+_TOP_P_ATTEMPTS = 16
+
+
+class BatchSampler:
+    """Samples a batch's next tokens; caches the parameter tensors while the batch is unchanged."""
+
+    def __init__(self) -> None:
+        self._cached: _BatchParams | None = None
+
+    def _params(self, rows: list[RowSampler], vocab: int, device: torch.device) -> _BatchParams:
+        c = self._cached
+        if c is not None and len(c.rows) == len(rows) and all(a is b for a, b in zip(c.rows, rows)):
+            return c
+        ps = [r.params for r in rows]
+        greedy = [p.greedy for p in ps]
+        ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else vocab for p in ps]
+        kmax = max((k for k in ks if k < vocab), default=0)
+        tps = [p.top_p for p in ps]
+        want_lp = [i for i, p in enumerate(ps) if p.logprobs is not None]
+        c = self._cached = _BatchParams(
+            rows=list(rows),
+            greedy=torch.tensor(greedy, device=device),
+            all_greedy=all(greedy), any_greedy=any(greedy),
+            temps=torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)],
+                               device=device)[:, None],
+            kth=torch.tensor([min(k, kmax) - 1 for k in ks], device=device)[:, None] if kmax else None,
+            no_k=torch.tensor([k >= vocab for k in ks], device=device)[:, None] if kmax else None,
+            kmax=kmax,
+            top_p=torch.tensor(tps, device=device) if min(tps) < 1 else None,
+            want_lp=want_lp, top_n=max((ps[i].logprobs or 0 for i in want_lp), default=0))
+        return c
+
+    def __call__(self, logits: torch.Tensor, rows: list[RowSampler]
+                 ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
+        """Pick one token per row of `logits` [n, vocab] (float32) with each row's own params.
+
+        Returns the tokens, the chosen tokens' logprobs and the top logprobs (token id, logprob)
+        for rows that asked for them (None otherwise). Logprobs are those of the model's
+        distribution (before penalties and temperature), as vLLM reports them by default.
+        """
+        n, vocab = logits.shape
+        bp = self._params(rows, vocab, logits.device)
+        raw_lp = torch.log_softmax(logits, -1) if bp.want_lp else None
+        special = [i for i, r in enumerate(rows) if not r.plain]
+        if special:
+            logits = logits.clone()
+            for i in special:
+                rows[i].process(logits[i])
+        if bp.all_greedy:
+            picks = logits.argmax(-1)
+        else:
+            picks = self._sample(logits, bp)
+            if bp.any_greedy:
+                picks = torch.where(bp.greedy, logits.argmax(-1), picks)
+            for r in rows:
+                r.draws += 1
+        tokens = picks.tolist()
+        chosen: list[float | None] = [None] * n
+        tops: list[list[tuple[int, float]] | None] = [None] * n
+        if raw_lp is not None:
+            sel = torch.tensor(bp.want_lp, device=logits.device)
+            lp = raw_lp[sel]
+            chosen_lp = lp.gather(1, picks[sel][:, None])[:, 0].tolist()
+            top_vals, top_ids = lp.topk(bp.top_n, -1) if bp.top_n else (None, None)
+            top_vals = top_vals.tolist() if top_vals is not None else None
+            top_ids = top_ids.tolist() if top_ids is not None else None
+            for j, i in enumerate(bp.want_lp):
+                chosen[i] = chosen_lp[j]
+                k = rows[i].params.logprobs or 0
+                tops[i] = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
+        return tokens, chosen, tops
+
+    def _sample(self, logits: torch.Tensor, bp: _BatchParams) -> torch.Tensor:
+        x = logits / bp.temps
+        if bp.kmax:
+            kth = x.topk(bp.kmax, -1).values.gather(1, bp.kth)
+            x = x.masked_fill((x < kth) & ~bp.no_k, float("-inf"))
+        probs = torch.softmax(x, -1)
+        cdf = probs.cumsum(-1)
+        rows = bp.rows
+        picks = self._invert(cdf, [uniform(r.seed, r.draws) for r in rows])
+        if bp.top_p is None:
+            return picks
+        pending = torch.arange(len(rows), device=x.device)
+        top_p = bp.top_p
+        for attempt in range(1, _TOP_P_ATTEMPTS + 1):
+            p = probs[pending]
+            # a token is in the nucleus when the tokens likelier than it hold less than top_p
+            above = (p * (p > p.gather(1, picks[pending][:, None]))).sum(-1)
+            outside = (above >= top_p[pending]) & (top_p[pending] < 1)
+            if not bool(outside.any()):
+                return picks
+            pending = pending[outside]
+            idx = pending.tolist()
+            if attempt == _TOP_P_ATTEMPTS:
+                break
+            picks[pending] = self._invert(cdf[pending], [uniform(rows[i].seed, rows[i].draws, attempt)
+                                                        for i in idx])
+        # rare (a tiny top_p over a flat distribution): the nucleus by sorting these rows
+        p = probs[pending]
+        sorted_p, order = p.sort(-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[pending][:, None]
+        p = p.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        picks[pending] = self._invert(p.cumsum(-1), [uniform(rows[i].seed, rows[i].draws, 255) for i in idx])
+        return picks
+
+    @staticmethod
+    def _invert(cdf: torch.Tensor, us: list[float]) -> torch.Tensor:
+        """The token whose CDF interval holds u * total, for each row (never a zero-probability one)."""
+        total = cdf[:, -1:]
+        u = torch.tensor(us, dtype=cdf.dtype, device=cdf.device)[:, None] * total
+        # u * total may round up to total, past the last token with non-zero probability
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, u, right=True)[:, 0]
+
+
 def sample(logits: torch.Tensor, rows: list[RowSampler]
            ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
-    """Pick one token per row of `logits` [n, vocab] with each row's own params.
-
-    Returns the tokens, the chosen tokens' logprobs and the top logprobs (token id, logprob) for
-    rows that asked for them (None otherwise). Logprobs are those of the model's distribution
-    (before penalties and temperature), as vLLM reports them by default.
-    """
-    n = logits.shape[0]
-    want_lp = [r.params.logprobs is not None for r in rows]
-    raw_lp = torch.log_softmax(logits, -1) if any(want_lp) else None
-    plain = all(r.counts is None and r.generated >= r.params.min_tokens for r in rows)
-    if not plain:
-        logits = logits.clone()
-        for i, r in enumerate(rows):
-            r.process(logits[i])
-    greedy = [r.params.greedy for r in rows]
-    if all(greedy):
-        tokens = logits.argmax(-1).tolist()
-    else:
-        tokens = _sample_rows(logits, rows, greedy)
-    chosen_lp: list[float | None] = [None] * n
-    tops: list[list[tuple[int, float]] | None] = [None] * n
-    if raw_lp is not None:
-        for i, r in enumerate(rows):
-            if not want_lp[i]:
-                continue
-            chosen_lp[i] = float(raw_lp[i, tokens[i]])
-            if r.params.logprobs:
-                vals, idx = raw_lp[i].topk(r.params.logprobs)
-                tops[i] = list(zip(idx.tolist(), vals.tolist()))
-            else:
-                tops[i] = []
-    return tokens, chosen_lp, tops
-
-
-def _sample_rows(logits: torch.Tensor, rows: list[RowSampler], greedy: list[bool]) -> list[int]:
-    n, vocab = logits.shape
-    temps = torch.tensor([r.params.temperature if not g else 1.0 for r, g in zip(rows, greedy)])
-    x = logits / temps[:, None]
-    ks = [r.params.top_k if r.params.top_k and 0 < r.params.top_k < vocab else vocab for r in rows]
-    if min(ks) < vocab:
-        top_vals = x.topk(max(k for k in ks if k < vocab), -1).values
-        kth = torch.tensor([top_vals[i, k - 1] if k < vocab else float("-inf") for i, k in enumerate(ks)])
-        x = x.masked_fill(x < kth[:, None], float("-inf"))
-    tps = torch.tensor([r.params.top_p for r in rows])
-    probs = torch.softmax(x, -1)
-    if (tps < 1).any():
-        sorted_p, order = probs.sort(-1, descending=True)
-        # drop a token when the tokens ranked above it already reach top_p; the top one always stays
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= tps[:, None]
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    # Exponential race (Gumbel-max in another form): argmax(p / E), E ~ Exp(1), drawn from the
-    # row's own generator - one draw of `vocab` numbers per token whatever the batch holds.
-    noise = torch.ones_like(probs)
-    for i, r in enumerate(rows):
-        if not greedy[i]:
-            noise[i].exponential_(generator=r.generator)
-    picks = (probs / noise).argmax(-1)
-    if any(greedy):
-        picks = torch.where(torch.tensor(greedy), logits.argmax(-1), picks)
-    return picks.tolist()
+    """One-off `BatchSampler()(logits, rows)`; a decode loop keeps a BatchSampler instead."""
+    return BatchSampler()(logits, rows)
