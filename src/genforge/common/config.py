@@ -1,35 +1,88 @@
-"""Recipes: YAML files a person reads top to bottom, checked strictly against dataclasses.
+"""Recipes: YAML files a person reads top to bottom, checked strictly by pydantic models.
 
-`from_dict` turns a plain dict into a dataclass, naming any unknown key with the closest valid
-one ("unknown key 'train.lerning_rate' (did you mean 'lr'?)"), coercing YAML scalars to the
-annotated types and enforcing the ranges declared in field metadata (`rng(min=..., max=...)`,
-`choices=[...]`).
+Every recipe section is a `Spec` (a pydantic model that forbids unknown keys). `from_dict` validates
+a plain dict against one and turns pydantic's errors into one line that names the key by its full
+path: "unknown key 'train.lerning_rate' (did you mean 'lr'?)", "train.lr: -1.0 is out of range
+(must be > 0)", "train.precision: 'fp8' is not one of auto, fp32, bf16, fp16". Fields declare their
+range or choices with `rng(default, min=..., max=..., choices=[...])`; cross-field rules go in
+`Spec.check()`, which raises `ConfigError` itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from genforge.common.errors import ConfigError
 
-T = TypeVar("T")
+S = TypeVar("S", bound="Spec")
 
 
-def rng(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
+def rng(default: Any = PydanticUndefined, *, min: float | None = None, max: float | None = None,
         choices: list | None = None, min_exclusive: bool = False, help: str = "") -> Any:
-    """A dataclass field with a validated range or set of choices."""
-    meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive, "help": help}
+    """A field with a validated range (`min`, `max`) or set of `choices`; no default = required."""
+    limits: dict[str, Any] = {"le": max}
+    limits["gt" if min_exclusive else "ge"] = min
+    limits = {k: v for k, v in limits.items() if v is not None}
+    extra = {"choices": list(choices)} if choices is not None else None
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return Field(default_factory=lambda: type(default)(default), description=help or None,
+                     json_schema_extra=extra, **limits)
+    return Field(default, description=help or None, json_schema_extra=extra, **limits)
+
+
+class Spec(BaseModel):
+    """A recipe section: unknown keys are errors; numbers may be written as strings ("1e-3")."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_as_numbers(cls, data: Any) -> Any:
+        # pydantic reads `true` as 1 for an int field; a recipe saying `batch_size: true` is a mistake
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and _number_kind(info.annotation):
+                    raise PydanticCustomError("genforge_type", "{field}", {"field": name, "value": value,
+                                                                          "kind": _number_kind(info.annotation)})
+        return data
+
+    @model_validator(mode="after")
+    def _choices_then_check(self) -> Spec:
+        for name, info in type(self).model_fields.items():
+            choices = (info.json_schema_extra or {}).get("choices") if isinstance(info.json_schema_extra, dict) else None
+            value = getattr(self, name)
+            if choices is not None and value not in choices:
+                raise PydanticCustomError("genforge_choice", "{field}", {"field": name, "value": value,
+                                                                        "choices": choices})
+        try:
+            self.check()
+        except ConfigError as e:
+            # Reported among pydantic's errors, so an unknown or missing key elsewhere still comes first.
+            raise PydanticCustomError("genforge_check", "{message}", {"message": e.message}) from None
+        return self
+
+    def check(self) -> None:
+        """Cross-field rules; raise ConfigError with the field's full path."""
+
+
+def _number_kind(annotation: Any) -> str | None:
+    args = set(typing.get_args(annotation)) or {annotation}
+    if bool in args:
+        return None
+    if int in args:
+        return "an integer"
+    if float in args:
+        return "a number"
+    return None
 
 
 # Names people bring from other tools, so a misspelt "lerning_rate" still finds "lr".
@@ -47,124 +100,99 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" (valid keys: {', '.join(sorted(valid))})"
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if errors else ConfigError(f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        seq = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(seq) if origin is tuple else seq
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else _bad(where, "an integer", value)
-            except ValueError:
-                pass
-        _bad(where, "an integer", value)
-    if tp is float:
-        if isinstance(value, bool):
-            _bad(where, "a number", value)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _bad(where, "a number", value)
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        _bad(where, "a string", value)
-    return value
+def _spec_of(annotation: Any) -> type[Spec] | None:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, Spec):
+            return arg
+    return None
 
 
-def _bad(where: str, what: str, value: Any) -> typing.NoReturn:
-    raise ConfigError(f"{where}: expected {what}, got {value!r}")
+def _walk(cls: type[Spec], loc: tuple) -> tuple[type[Spec] | None, Any]:
+    """(the Spec holding the last key of `loc`, that field's annotation) for an error location."""
+    spec: type[Spec] | None = cls
+    annotation: Any = None
+    for i, part in enumerate(loc):
+        if spec is None or not isinstance(part, str) or part not in spec.model_fields:
+            return spec, annotation
+        annotation = spec.model_fields[part].annotation
+        if i < len(loc) - 1:
+            spec = _spec_of(annotation)
+    return spec, annotation
 
 
-def _check_range(value: Any, meta: typing.Mapping, where: str) -> None:
-    if value is None:
-        return
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
-            op = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"{where}: {value} is out of range (must be {op} {lo})")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{where}: {value} is out of range (must be <= {hi})")
+def _path(where: str, loc: tuple) -> str:
+    out = where
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and out-of-range values."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}'{_suggest(str(key), list(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{prefix}{name}'")
-    obj = cls(**kwargs)
-    for name, f in fields.items():
-        _check_range(getattr(obj, name), f.metadata, f"{prefix}{name}")
-    post = getattr(obj, "validate", None)
-    if callable(post):
-        post()
-    return obj
+_EXPECTED = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+             "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true/false",
+             "bool_type": "true/false", "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
+             "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping"}
+_LIMITS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
+
+
+def _message(err: dict, cls: type[Spec], where: str) -> str:
+    """One pydantic error as the one line a person reads."""
+    kind, loc, value, ctx = err["type"], tuple(err["loc"]), err.get("input"), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = cls if len(loc) == 1 else _spec_of(_walk(cls, loc[:-1])[1])
+        valid = list(parent.model_fields) if parent is not None else []
+        return f"unknown key '{_path(where, loc)}'{_suggest(str(loc[-1]), valid)}"
+    if kind == "missing" and loc and isinstance(loc[-1], int):
+        ann = _walk(cls, loc[:-1])[1]
+        tup = next((a for a in (ann, *typing.get_args(ann)) if typing.get_origin(a) is tuple), None)
+        n = len(typing.get_args(tup)) if tup is not None else "more"
+        return f"{_path(where, loc[:-1])}: expected {n} values, got {len(value) if hasattr(value, '__len__') else value!r}"
+    if kind == "missing":
+        return f"missing required key '{_path(where, loc)}'"
+    if kind == "genforge_choice":
+        shown = ", ".join(map(str, ctx["choices"]))
+        return f"{_path(where, (*loc, ctx['field']))}: {ctx['value']!r} is not one of {shown}"
+    if kind == "genforge_check":
+        return ctx["message"]
+    if kind == "genforge_type":
+        return f"{_path(where, (*loc, ctx['field']))}: expected {ctx['kind']}, got {ctx['value']!r}"
+    if kind in ("too_long", "too_short") and "actual_length" in ctx:
+        n = ctx.get("max_length") if kind == "too_long" else ctx.get("min_length")
+        return f"{_path(where, loc)}: expected {n} values, got {ctx['actual_length']}"
+    if kind in _LIMITS:
+        key, op = _LIMITS[kind]
+        if isinstance(value, (int, str)) and float in (typing.get_args(_walk(cls, loc)[1]) or {_walk(cls, loc)[1]}):
+            value = float(value)  # shown as the recipe's value was read: train.lr: -1.0
+        limit = ctx[key]
+        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+        return f"{_path(where, loc)}: {value} is out of range (must be {op} {limit})"
+    if kind in _EXPECTED:
+        got = f"{type(value).__name__} {value!r}" if _EXPECTED[kind] == "a mapping" else repr(value)
+        return f"{_path(where, loc)}: expected {_EXPECTED[kind]}, got {got}"
+    if kind == "literal_error":
+        return f"{_path(where, loc)}: {value!r} is not one of {ctx.get('expected')}"
+    return f"{_path(where, loc)}: {err['msg']}"
+
+
+_ORDER = {"extra_forbidden": 0, "missing": 1}
+
+
+def from_dict(cls: type[S], data: dict | None, where: str = "") -> S:
+    """Validate recipe section `data` (None = empty) against Spec `cls`; one ConfigError if it is wrong."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__} {data!r}")
+    try:
+        return cls.model_validate(dict(data or {}))
+    except ValidationError as e:
+        errors = sorted(e.errors(include_url=False), key=lambda err: _ORDER.get(err["type"], 2))
+        raise ConfigError(_message(errors[0], cls, where)) from None
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass as plain YAML-able data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
+    """A Spec (or dataclass) as plain YAML-able data (tuples become lists)."""
+    if isinstance(obj, BaseModel):
+        return {name: to_dict(getattr(obj, name)) for name in type(obj).model_fields}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
@@ -179,8 +207,7 @@ RESUME_MAY_CHANGE = frozenset({"time_budget", "eval_every", "eval_batches", "log
                                "keep_last", "device", "threads", "compile"})
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Spec):
     """What the one training loop needs; the same for every family."""
 
     max_steps: int | None = rng(None, min=1, help="optimizer steps; sets the schedule length")
@@ -206,7 +233,7 @@ class TrainConfig:
     ema_decay: float | None = rng(None, min=0, max=1)
     threads: int | None = rng(None, min=1, help="CPU threads; default: all cores")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("train: set max_steps or max_tokens (time_budget alone does not size the schedule)")
         for i, b in enumerate(self.betas):
@@ -214,18 +241,25 @@ class TrainConfig:
                 raise ConfigError(f"train.betas[{i}]: {b} is out of range (must be in [0, 1))")
 
 
-@dataclass
-class Recipe:
+class Recipe(Spec):
     """One runnable job: a family, its dataset, its model and the loop settings."""
 
     name: str
     family: str = rng(choices=["lm", "vae", "gan", "diffusion", "classifier"])
     dataset: str = rng(help="path of a dataset folder written by `genforge data prepare`")
-    model: dict = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: dict = field(default_factory=dict)
+    model: dict = Field(default_factory=dict)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: dict = Field(default_factory=dict)
     lora: dict | None = None
     out_dir: str = "runs"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_is_a_section(cls, data: Any) -> Any:
+        # validated like any given section, so its errors are reported with the others
+        if isinstance(data, dict) and "train" not in data:
+            data = {**data, "train": {}}
+        return data
 
     @property
     def run_dir(self) -> Path:

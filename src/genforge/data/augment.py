@@ -9,17 +9,15 @@ brightness and contrast act on the [0, 1] view of the [-1, 1] images.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from genforge.common.config import rng
+from genforge.common.config import Spec, rng
 from genforge.common.errors import ConfigError
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(Spec):
     """The recipe's `data.augment` section."""
 
     crop_prob: float = rng(0.0, min=0, max=1, help="probability of a random resized crop per image")
@@ -29,7 +27,7 @@ class AugmentConfig:
     brightness: float = rng(0.0, min=0, max=1, help="brightness factor drawn from [1-b, 1+b]")
     contrast: float = rng(0.0, min=0, max=1, help="contrast factor drawn from [1-c, 1+c]")
 
-    def validate(self) -> None:
+    def check(self) -> None:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.augment.crop_scale: {list(self.crop_scale)} must satisfy 0 < min <= max <= 1")

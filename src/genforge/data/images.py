@@ -20,14 +20,14 @@ import math
 import os
 import warnings
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from genforge.common.config import from_dict, rng
+from genforge.common.config import Spec, from_dict, rng
 from genforge.common.errors import ConfigError, DataError
 from genforge.common.runs import atomic_dir
 from genforge.data.augment import AugmentConfig, augment_batch
@@ -373,12 +373,11 @@ class ImageBatches:
 
 # --------------------------------------------------------------------------------------- recipes
 
-@dataclass
-class ImageDataConfig:
+class ImageDataConfig(Spec):
     """The recipe's `data:` section for image families (vae, gan, diffusion, classifier)."""
 
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    exclude_classes: list[str] = field(default_factory=list)  # held out of train and val (anomaly study)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    exclude_classes: list[str] = Field(default_factory=list)  # held out of train and val (anomaly study)
     val_batch_size: int | None = rng(None, min=1, help="default: train.batch_size")
 
 

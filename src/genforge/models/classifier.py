@@ -9,30 +9,29 @@ UNet (config.json + diffusion_pytorch_model.safetensors).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from pydantic import Field
 from torch import nn
 
-from genforge.common.config import rng
+from genforge.common.config import Spec, rng
 from genforge.common.errors import ConfigError, RunError
 
 META_FILE = "genforge.json"
 
 
-@dataclass
-class ClassifierSpec:
+class ClassifierSpec(Spec):
     """The recipe's `model:` section for family classifier."""
 
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
     feature_dim: int = rng(64, min=2, help="width of the penultimate layer (the FID/KID features)")
     norm_groups: int = rng(8, min=1)
     dropout: float = rng(0.2, min=0, max=0.9)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not self.channels:
             raise ConfigError("model.channels: give at least one conv width, e.g. [32, 64, 128]")
         for i, c in enumerate(self.channels):

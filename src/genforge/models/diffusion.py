@@ -11,13 +11,13 @@ unet/, scheduler/) plus `genforge.json` with the class names, so
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from pydantic import Field
 
-from genforge.common.config import rng, to_dict
+from genforge.common.config import Spec, rng, to_dict
 from genforge.common.errors import ConfigError, GenforgeError, RunError
 
 META_FILE = "genforge.json"
@@ -25,15 +25,14 @@ SAMPLERS = ("ddim", "ddpm")
 MAX_GUIDANCE = 20.0
 
 
-@dataclass
-class DiffusionSpec:
+class DiffusionSpec(Spec):
     """The recipe's `model:` section for family diffusion."""
 
     sample_size: int | None = rng(None, min=4, help="image side; default: the dataset's")
     channels: int | None = rng(None, min=1, max=4, help="default: the dataset's")
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = rng(2, min=1, max=4)
-    attention_levels: list[int] = field(default_factory=lambda: [2])
+    attention_levels: list[int] = Field(default_factory=lambda: [2])
     attention_head_dim: int = rng(8, min=1)
     norm_groups: int = rng(8, min=1)
     dropout: float = rng(0.0, min=0, max=0.9)
@@ -43,7 +42,7 @@ class DiffusionSpec:
     beta_schedule: str = rng("squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
     prediction_type: str = rng("epsilon", choices=["epsilon", "v_prediction", "sample"])
 
-    def validate(self) -> None:
+    def check(self) -> None:
         levels = len(self.block_out_channels)
         if levels < 1:
             raise ConfigError("model.block_out_channels: give at least one level, e.g. [32, 64, 64]")
@@ -67,8 +66,7 @@ class DiffusionSpec:
                                 "sample_size": self.sample_size or sample_size,
                                 "channels": self.channels or channels,
                                 "num_classes": num_classes if self.num_classes is None else self.num_classes})
-        spec.validate()
-        return spec
+        return spec  # constructing it ran check() again
 
 
 def build_unet(spec: DiffusionSpec) -> UNet2DModel:

@@ -7,7 +7,6 @@ MixtralForCausalLM for the mixture-of-experts one), so a run's `model/` folder l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from genforge.common.config import rng
+from genforge.common.config import Spec, rng
 from genforge.common.errors import ConfigError, RunError
 
 # ChatML, the template most small chat models use; applied when a model folder has none.
@@ -50,8 +49,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass
-class LMSpec:
+class LMSpec(Spec):
     """The recipe's `model:` section for family `lm`: a preset and any overrides of it."""
 
     preset: str = rng("lm-tiny", choices=list(PRESETS))

@@ -14,13 +14,12 @@ falls as samples get closer to the data, so the loop's "best" checkpoint means s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from genforge.common.config import Recipe, TrainConfig, from_dict, rng
+from genforge.common.config import Recipe, Spec, TrainConfig, from_dict, rng
 from genforge.common.errors import ConfigError
 from genforge.data.images import ImageBatches, ImageDataset, load_image_data
 from genforge.models.gan import NORMS, Discriminator, Generator
@@ -31,8 +30,7 @@ LOSSES = ("dcgan", "wgan-gp")
 _BETAS = {"dcgan": (0.5, 0.999), "wgan-gp": (0.0, 0.9)}
 
 
-@dataclass
-class GANSpec:
+class GANSpec(Spec):
     """The recipe's `model:` section for family gan."""
 
     loss: str = rng("dcgan", choices=list(LOSSES))
@@ -47,7 +45,7 @@ class GANSpec:
     d_lr_scale: float = rng(1.0, min=0, min_exclusive=True, help="discriminator lr = train.lr * this")
     betas: tuple[float, float] | None = None  # Adam betas; default by loss (see module docstring)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.loss == "wgan-gp" and self.norm == "batch":
             raise ConfigError("model.norm: batch norm breaks the WGAN-GP gradient penalty (it is per "
                               "sample); use layer or none")

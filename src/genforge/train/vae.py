@@ -9,12 +9,12 @@ with plain `ConvVAE.from_pretrained`) and the adapter in peft format to adapters
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from genforge.common.config import Recipe, TrainConfig, from_dict, rng
+from genforge.common.config import Recipe, Spec, TrainConfig, from_dict, rng
 from genforge.common.errors import ConfigError, RunError
 from genforge.common.runs import RunDir, atomic_dir
 from genforge.data.images import ImageBatches, ImageDataset, load_image_data
@@ -32,19 +32,17 @@ from genforge.train.objective import OptimizerSpec, SingleLoss, adamw
 _ARCH = ("latent_dim", "block_out_channels", "norm_groups", "likelihood")
 
 
-@dataclass
-class VAESpec:
+class VAESpec(Spec):
     """The recipe's `model:` section for family vae."""
 
     latent_dim: int = rng(16, min=1, max=1024)
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     norm_groups: int = rng(8, min=1)
     likelihood: str = rng("gaussian", choices=list(LIKELIHOODS))
     beta: float = rng(1.0, min=0, help="weight of the KL term (beta-VAE); 1 = the ELBO")
 
 
-@dataclass
-class LoraSpec:
+class LoraSpec(Spec):
     """The recipe's `lora:` section (VAE): a decoder LoRA on a trained VAE run."""
 
     base: str = rng(help="run directory (or model folder) of the trained VAE to adapt")
