@@ -57,3 +57,41 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_recipe(write(tmp_path, "a: [1,\n"))
     with pytest.raises(ConfigError, match="expected key=value"):
         load_recipe(write(tmp_path, BASE), ["train.lr"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=true", "train.batch_size: expected an integer, got True"),
+    ("train.betas=[0.9]", "train.betas: expected 2 values, got 1"),
+    ("train.lr=0", "train.lr: 0.0 is out of range (must be > 0)"),
+    ("train.warmup_steps=-1", "train.warmup_steps: -1 is out of range (must be >= 0)"),
+    ("train.ema_decay=2", "train.ema_decay: 2.0 is out of range (must be <= 1)"),
+    ("train=5", "train: expected a mapping, got int 5"),
+])
+def test_messages_are_one_line_with_the_full_path(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, BASE), [override])
+    assert str(e.value) == message
+
+
+def test_nested_sections_name_the_full_path_and_suggest_from_their_own_keys():
+    from genforge.data.images import ImageDataConfig
+
+    with pytest.raises(ConfigError, match=r"^unknown key 'data.augment.flip_prb' \(did you mean 'flip_prob'\?\)$"):
+        from_dict(ImageDataConfig, {"augment": {"flip_prb": 1}}, "data")
+    with pytest.raises(ConfigError, match=r"^data.augment.flip_prob: 2.0 is out of range \(must be <= 1\)$"):
+        from_dict(ImageDataConfig, {"augment": {"flip_prob": 2}}, "data")
+
+
+def test_a_missing_key_is_reported_before_a_cross_field_rule(tmp_path):
+    with pytest.raises(ConfigError, match="^missing required key 'dataset'$"):
+        load_recipe(write(tmp_path, "name: x\nfamily: lm\n"))
+
+
+def test_sections_are_pydantic_models_with_their_ranges_in_the_schema():
+    from pydantic import BaseModel
+
+    assert issubclass(TrainConfig, BaseModel)
+    props = TrainConfig.model_json_schema()["properties"]
+    assert props["batch_size"]["minimum"] == 1 and props["lr"]["exclusiveMinimum"] == 0
+    cfg = from_dict(TrainConfig, {"max_steps": "100", "lr": "3e-4"}, "train")  # YAML strings coerced
+    assert cfg.max_steps == 100 and cfg.lr == 3e-4
