@@ -95,13 +95,18 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from genforge.serve.options import parse_bytes, resolve_api_keys
     from genforge.serve.server import serve_forever
 
-    keys = list(a.api_key or [])
-    keys += [k for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()]
+    keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
+    kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
                   max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
-                  max_queue=a.max_queue, api_keys=keys, compile=not a.enforce_eager)
+                  max_queue=a.max_queue, api_keys=keys, compile=not a.enforce_eager,
+                  request_timeout=a.request_timeout or None, shutdown_timeout=a.shutdown_timeout,
+                  limit_concurrency=a.limit_concurrency, header_timeout=a.header_timeout,
+                  body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
+                  root_path=a.root_path)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -120,6 +125,37 @@ def cmd_augment(a: argparse.Namespace) -> None:
                                 seed=a.seed)
     for k, v in result.items():
         print(f"{k}: {v}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,11 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--served-model-name", default=None)
-    se.add_argument("--max-model-len", type=int, default=None)
+    se.add_argument("--max-model-len", type=_positive_int, default=None,
+                    help="context per sequence (default: the model's)")
     se.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    se.add_argument("--max-batch-size", type=int, default=32)
-    se.add_argument("--max-queue", type=int, default=256)
-    se.add_argument("--api-key", action="append", default=[])
+    se.add_argument("--max-batch-size", type=_positive_int, default=32, help="sequences decoded together")
+    se.add_argument("--max-queue", type=_positive_int, default=256,
+                    help="sequences waiting for a batch slot (more: 503; one request's prompts x n above it: 400)")
+    se.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                    help="memory budget of the KV cache, e.g. 512MiB, 2GiB or bytes")
+    se.add_argument("--api-key", action="append", default=[],
+                    help="accepted key (repeatable; visible in the process list: prefer --api-key-file)")
+    se.add_argument("--api-key-file", default=None, metavar="PATH", help="file with one accepted key per line")
+    se.add_argument("--root-path", default="", help="path prefix when served behind a proxy (ASGI root_path)")
+    se.add_argument("--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
+                    help="deadline per request from arrival, queue + generation (504 after it; 0 = none)")
+    se.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                    help="on SIGTERM, how long requests in flight may finish before they are cancelled")
+    se.add_argument("--limit-concurrency", type=_positive_int, default=None, metavar="N",
+                    help="HTTP requests in flight at once (503 above; /health and /metrics exempt)")
+    se.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                    help="time for a request's headers to arrive")
+    se.add_argument("--body-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                    help="time for a request's body to arrive")
+    se.add_argument("--keep-alive", type=_positive_float, default=5.0, metavar="SECONDS",
+                    help="idle time before a keep-alive connection is closed")
     se.add_argument("--enforce-eager", action="store_true",
                     help="skip torch.compile of the decode step (faster start, ~1.7x slower decoding on CPU)")
     se.set_defaults(func=cmd_serve)

@@ -67,7 +67,10 @@ def test_serves_a_plain_hf_folder(lm_run, api: Live) -> None:
     with serve_in_thread(create_app(lm_run / "model", max_model_len=64)) as live:
         c = client(live)
         [card] = c.models.list().data
-        assert card.id == str(lm_run / "model") and card.model_extra["max_model_len"] == 64
+        # served under the run's name, never a path; the path it was started with still works
+        assert card.id == lm_run.name and card.model_extra["max_model_len"] == 64
+        assert str(lm_run) not in httpx.get(live.url + "/metrics").text
+        assert c.completions.create(model=str(lm_run / "model"), prompt="x", max_tokens=1).choices
         messages = [{"role": "user", "content": "What is a tuple?"}]
         here = c.chat.completions.create(model=card.id, messages=messages, max_tokens=8, temperature=0)
         there = client(api).chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8,

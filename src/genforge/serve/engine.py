@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import itertools
 import logging
 import threading
@@ -33,7 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import torch
 
-from genforge.common.errors import GenforgeError, OverloadedError
+from genforge.common.errors import ConfigError, GenforgeError, OverloadedError
 from genforge.models.generation import BatchGenerator, Sequence, TokenEvent
 from genforge.models.sampling import SamplingParams
 
@@ -160,6 +161,18 @@ class RequestStream:
             if self.finish_reason is None or self._events:
                 self.cancel()
 
+    def share_wakeup(self, event: asyncio.Event) -> None:
+        """Wake `event` (one per HTTP request, shared by its choices) instead of this stream's own;
+        read with `take()`. Call on the event loop before the first `take()`."""
+        self._loop, self._aevent = asyncio.get_running_loop(), event
+
+    def take(self) -> list[TokenEvent]:
+        """Every event produced so far and not yet taken (non-blocking)."""
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
     def text(self) -> str:
         """Block until done; the whole generated text."""
         return "".join(ev.text for ev in self)
@@ -183,6 +196,9 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         extra = {}
         if kv_cache_bytes is not None:
+            if "kv_cache_bytes" not in inspect.signature(BatchGenerator).parameters:
+                raise ConfigError("--kv-cache-memory: this build's generator cannot bound its KV cache yet; "
+                                  "leave the option out", param="kv_cache_memory")
             extra["kv_cache_bytes"] = kv_cache_bytes
         self.gen = BatchGenerator(model, tokenizer, max_batch_size=max_batch_size,
                                   max_model_len=max_model_len, fast=fast,

@@ -7,10 +7,16 @@
 wins over it. `size` must be the model's own (it generates at one size); only `b64_json` is
 served (there is no file host for `url`). Errors are OpenAI-style 4xx bodies whether or not the
 app around the router installs genforge's handlers, so the router also works on a bare FastAPI.
+
+Limits: one generation runs at a time (concurrent ones would only fight for the cores) and at
+most `max_queue` wait behind it (more: 503 with Retry-After); one request may ask for at most
+MAX_WORK denoising passes (n x steps); a client that goes away cancels its generation at the
+next step, whether it was running or still waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import secrets
@@ -21,13 +27,15 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genforge.common.errors import GenforgeError
 from genforge.models.diffusion import load_image_generator
 
 MAX_N = 64
+MAX_WORK = 6400  # n x steps per request: 64 images of 100 steps, or 6 of 1000 DDPM steps
+RETRY_AFTER_S = 2
 IGNORED_OPENAI_FIELDS = ("user", "quality", "style", "background", "moderation", "output_format",
                          "output_compression")
 
@@ -47,9 +55,19 @@ class ImageGenerationRequest(BaseModel):
     sampler: Literal["ddim", "ddpm"] | None = None
 
 
-def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                   "code": None}}, status_code=status)
+def _error(message: str, param: str | None = None, status: int = 400, type_: str = "invalid_request_error",
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param,
+                                   "code": None}}, status_code=status, headers=headers)
+
+
+class _Cancelled(Exception):
+    """The client went away: stop sampling at the next step."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
@@ -73,16 +91,17 @@ def _png_b64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def images_router(run_dir: str | Path) -> APIRouter:
+def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MAX_WORK) -> APIRouter:
     """A router serving the image run at `run_dir` (loaded now, so a bad run fails at startup)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_image_generator(run_dir, device=device)
     lock = threading.Lock()  # one generation at a time: concurrent ones would only fight for cores
+    admitted = 0  # running + waiting; only touched on the event loop
     router = APIRouter()
 
-    def generate(req: ImageGenerationRequest) -> dict:
+    def generate(req: ImageGenerationRequest, cancel: threading.Event) -> dict:
         if req.response_format not in (None, "b64_json"):
             raise GenforgeError(f"response_format: {req.response_format!r} is not supported; use "
                                 f"'b64_json' (this server does not host image files)", param="response_format")
@@ -101,9 +120,24 @@ def images_router(run_dir: str | Path) -> APIRouter:
         labels = model.labels_for(label, req.n)
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
         kw: dict = {"guidance": req.guidance, "steps": req.steps, "sampler": req.sampler or "ddim"}
-        model.check_request(labels=labels, n=req.n, **kw)
-        with lock:
-            images = model.sample(req.n, labels=labels, seed=seed, **kw)
+        _, steps = model.check_request(labels=labels, n=req.n, **kw)
+        if req.n * steps > max_work:
+            raise GenforgeError(f"n: {req.n} images x {steps} steps = {req.n * steps} denoising passes; one "
+                                f"request may ask for at most {max_work} (fewer images or fewer steps)", param="n")
+
+        def on_step(i: int, total: int) -> None:
+            if cancel.is_set():
+                raise _Cancelled
+
+        while not lock.acquire(timeout=0.1):  # waiting in line: leave as soon as the client does
+            if cancel.is_set():
+                raise _Cancelled
+        try:
+            if cancel.is_set():
+                raise _Cancelled
+            images = model.sample(req.n, labels=labels, seed=seed, on_step=on_step, **kw)
+        finally:
+            lock.release()
         return {"created": int(time.time()),
                 "data": [{"b64_json": _png_b64(im), "revised_prompt": None} for im in images]}
 
@@ -121,9 +155,26 @@ def images_router(run_dir: str | Path) -> APIRouter:
             req = ImageGenerationRequest.model_validate(body)
         except ValidationError as e:
             return _error(*_validation_message(e))
+        nonlocal admitted
+        if admitted > max_queue:  # one running + max_queue waiting
+            return _error(f"the image generator is busy ({admitted - 1} requests waiting); retry later",
+                          status=503, type_="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        admitted += 1
+        cancel = threading.Event()
+        job = asyncio.ensure_future(run_in_threadpool(generate, req, cancel))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            return JSONResponse(await run_in_threadpool(generate, req))
+            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():
+                cancel.set()  # the worker stops at its next step; its slot frees then
+                await asyncio.gather(job, return_exceptions=True)
+                return Response(status_code=499)
+            return JSONResponse(job.result())
         except GenforgeError as e:
             return JSONResponse(e.to_openai(), status_code=e.status)
+        finally:
+            admitted -= 1
+            cancel.set()
+            gone.cancel()
 
     return router

@@ -1,4 +1,9 @@
-"""Prometheus metrics of one served model, named after vLLM's so existing dashboards fit.
+"""Prometheus metrics of one served model.
+
+Names follow vLLM's where the quantity is the same (`vllm:X` here is `genforge:X`, same labels and
+units), so a vLLM dashboard ports by changing the prefix; they are not vLLM's names. The
+`http_*`, `request_errors` metrics are genforge's own. The `model_name` label is the served
+name (never a filesystem path).
 
 Every app owns its own `CollectorRegistry`: tests start several apps in one process, and a
 global registry would refuse the second set of metrics (duplicate names) and mix their values.
@@ -26,6 +31,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
                 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                 50.0, 60.0, 120.0, 240.0)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -42,8 +48,18 @@ class ServeMetrics:
                              label, registry=r)
         self.waiting = Gauge("genforge:num_requests_waiting", "Sequences queued for a batch slot.",
                              label, registry=r)
-        self.ttft = Histogram("genforge:time_to_first_token_seconds", "Time from arrival to the first token.",
-                              label, buckets=_TTFT_BUCKETS, registry=r)
+        self.ttft = Histogram("genforge:time_to_first_token_seconds",
+                              "Time from the request's arrival to the write of the first token to the client "
+                              "(non-streamed: of the whole response).", label, buckets=_TTFT_BUCKETS, registry=r)
+        self.queue_time = Histogram("genforge:request_queue_time_seconds",
+                                    "Time a sequence waited in the queue for a batch slot.", label,
+                                    buckets=_QUEUE_BUCKETS, registry=r)
+        self.kv_usage = Gauge("genforge:kv_cache_usage_perc",
+                              "Fraction (0-1) of the KV cache's token capacity held by running sequences.",
+                              label, registry=r)
+        self.errors = Counter("genforge:request_errors", "Failed HTTP requests by kind (invalid_request, auth, "
+                              "not_found, too_large, timeout, overloaded, client_disconnected, engine, "
+                              "internal).", label + ["kind"], registry=r)
         self.itl = Histogram("genforge:inter_token_latency_seconds", "Time between two tokens of a sequence.",
                              label, buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("genforge:e2e_request_latency_seconds", "Time from arrival to the last token.",
@@ -62,10 +78,13 @@ class ServeMetrics:
                                       "Wall time of HTTP requests (streams: until the last byte).",
                                       label + ["endpoint"], buckets=_E2E_BUCKETS, registry=r)
 
-    def bind_engine(self, num_running: Callable[[], int], num_waiting: Callable[[], int]) -> None:
+    def bind_engine(self, num_running: Callable[[], int], num_waiting: Callable[[], int],
+                    kv_cache_usage: Callable[[], float] | None = None) -> None:
         """Read the engine's queue sizes at scrape time rather than mirroring them by hand."""
         self.running.labels(self.model_name).set_function(lambda: float(num_running()))
         self.waiting.labels(self.model_name).set_function(lambda: float(num_waiting()))
+        if kv_cache_usage is not None:
+            self.kv_usage.labels(self.model_name).set_function(lambda: float(kv_cache_usage()))
 
     def observer(self) -> EngineObserver:
         """The engine's hooks, mapped onto these metrics (called from the scheduler thread;
@@ -77,6 +96,13 @@ class ServeMetrics:
         self.prompt_len.labels(self.model_name).observe(prompt_tokens)
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
 
+    def observe_ttft(self, seconds: float) -> None:
+        """Called by the HTTP layer once the first token's bytes were handed to the socket."""
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def observe_error(self, kind: str) -> None:
+        self.errors.labels(self.model_name, kind).inc()
+
     def observe_http(self, endpoint: str, status: int, seconds: float) -> None:
         self.http.labels(self.model_name, endpoint, str(status)).inc()
         self.http_latency.labels(self.model_name, endpoint).observe(seconds)
@@ -86,17 +112,17 @@ class ServeMetrics:
 
 
 class _Observer(EngineObserver):
-    """Timings come from the engine: it sees each token when it is sampled, not when the event
-    loop gets round to sending it."""
+    """Engine-side timings: inter-token latency, queue time, end to end. TTFT is not taken here but
+    where the client can see the token (the HTTP layer, serve/gate.py)."""
 
     def __init__(self, metrics: ServeMetrics):
         m = metrics.model_name
-        self.ttft, self.itl, self.e2e = metrics.ttft.labels(m), metrics.itl.labels(m), metrics.e2e.labels(m)
+        self.queue, self.itl, self.e2e = metrics.queue_time.labels(m), metrics.itl.labels(m), metrics.e2e.labels(m)
         self.gen_len, self.gen_tokens = metrics.gen_len.labels(m), metrics.generation_tokens.labels(m)
         self.success, self.model_name = metrics.success, m
 
-    def on_first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
+    def on_admit(self, queue_seconds: float) -> None:
+        self.queue.observe(queue_seconds)
 
     def on_token(self, seconds: float) -> None:
         self.itl.observe(seconds)

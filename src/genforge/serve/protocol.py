@@ -3,8 +3,12 @@
 Requests follow the OpenAI spec field for field; genforge's extensions (top_k,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are extra fields, as vLLM does.
 Unknown fields are ignored rather than rejected, so clients that send newer or vendor-specific
-fields (user, store, metadata, ...) keep working. Ranges live here, so a bad value is a 400 that
-names the field before anything reaches the engine.
+fields (user, store, metadata, ...) keep working - except OpenAI fields that would change the
+answer and that genforge does not implement (logit_bias, best_of, response_format, tools, ...):
+those are refused with a 400 naming the field unless they carry their default (null or the
+documented no-op value), so a client never gets an answer that silently ignored what it asked.
+Ranges and sizes of everything a client controls live here, so a bad value is a 400 that names
+the field before anything reaches the engine.
 """
 
 from __future__ import annotations
@@ -14,12 +18,34 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
+from pydantic_core import PydanticCustomError
 
 # OpenAI caps top_logprobs at 20; vLLM uses the same bound for completions' `logprobs`.
 MAX_LOGPROBS = 20
 # More choices than this per request would let one request take over the whole batch.
 MAX_N = 16
+MAX_PROMPTS = 64  # prompts in one /v1/completions batch (each also counts against the queue)
+MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
+MAX_STOP_CHARS = 256  # each; matched at every step, so the length is work per token
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 1024
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer, as OpenAI documents
+
+
+def _unsupported(*defaults: Any) -> AfterValidator:
+    """Accept a field only at its default (None or one of `defaults`); otherwise a 400 naming it."""
+
+    def check(value: Any) -> Any:
+        if value is None or any(value == d for d in defaults):
+            return value
+        raise PydanticCustomError("unsupported", "is not supported by this server; leave it out")
+
+    return AfterValidator(check)
+
+
+_Unsupported = Annotated[Any, _unsupported()]
+StopStr = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Request(BaseModel):
@@ -38,8 +64,8 @@ class _SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -49,7 +75,17 @@ class _SamplingFields(_Request):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # OpenAI fields genforge does not implement: refused unless at their defaults
+    logit_bias: Annotated[Any, _unsupported({})] = None
+    response_format: Annotated[Any, _unsupported({"type": "text"})] = None
+    tools: Annotated[Any, _unsupported([])] = None
+    tool_choice: Annotated[Any, _unsupported("none")] = None
+    functions: Annotated[Any, _unsupported([])] = None
+    function_call: Annotated[Any, _unsupported("none")] = None
+    prediction: _Unsupported = None
+    audio: _Unsupported = None
+    modalities: Annotated[Any, _unsupported(["text"])] = None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -58,9 +94,12 @@ class _SamplingFields(_Request):
 
 class CompletionRequest(_SamplingFields):
     # A string, a batch of strings, one token-id list, or a batch of token-id lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int] | Annotated[
+        list[list[int]], Field(max_length=MAX_PROMPTS)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
+    best_of: Annotated[Any, _unsupported(1)] = None
+    suffix: Annotated[Any, _unsupported("")] = None
 
 
 class TextPart(_Request):
@@ -80,7 +119,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None

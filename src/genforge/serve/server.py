@@ -1,23 +1,24 @@
-"""The OpenAI-compatible HTTP server: `create_app` builds the FastAPI app, `serve_forever` runs it.
+"""The OpenAI-compatible HTTP server: `create_app` builds the ASGI app, `serve_forever` runs it.
 
-    request -> _Gate (auth, body size, HTTP metrics; before any parsing)
+    request -> Gate (auth, concurrency, body size/time, JSON depth; before any parsing; serve/gate.py)
             -> FastAPI (pydantic validation; errors become OpenAI-style 400s naming the field)
             -> LMService (prompt -> token ids -> SamplingParams -> engine) -> JSON or SSE
 
 The engine (serve/engine.py) batches all requests' tokens in one scheduler thread; this module
 only turns HTTP into engine submissions and engine events into OpenAI responses. A client that
 goes away (streaming or not) cancels its sequences in the engine at once, so an abandoned request
-does not keep a batch slot.
+does not keep a batch slot or a queue place. A 5xx never carries exception text: the client gets
+an error id, the log gets the traceback under that id.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
-import json
+import logging
 import re
 import socket
-import time
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,109 +27,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genforge.common.errors import AuthError, ConfigError, GenforgeError
+from genforge.common.errors import ConfigError, GenforgeError
+from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
+from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
 from genforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
 from genforge.serve.service import LMService
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # OpenAI-sized requests are far smaller; this bounds parser memory
-RETRY_AFTER_S = 1  # what a 503 asks clients to wait; the queue drains in about a decode step per token
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/images/generations",
-              "/health", "/metrics")
-
-
-async def _send_json(send: Any, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": raw, "more_body": False})
-
-
-class _Gate:
-    """Pure-ASGI front door: checks the API key and the body size before FastAPI parses anything.
-
-    The body is read here, capped, and replayed to the app, so a huge or endless chunked body is
-    refused after `max_body_bytes` without ever being held whole in memory or parsed.
-    """
-
-    def __init__(self, app: Any, *, api_keys: list[str], max_body_bytes: int, metrics: ServeMetrics):
-        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
-        self.keys = [k.encode() for k in api_keys if k]
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 0
-
-        async def send_(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_)
-        finally:
-            path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
-            # 499 (nginx's "client closed request"): the client left before any response started.
-            self.metrics.observe_http(path, status or 499, time.perf_counter() - start)
-
-    def _authorized(self, scope: dict) -> bool:
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        # compare against every key in constant time, so timing reveals neither key nor position
-        return any([hmac.compare_digest(token.strip(), k) for k in self.keys])
-
-    async def _handle(self, scope: dict, receive: Any, send: Any) -> None:
-        if self.keys and scope["path"].startswith("/v1/") and not self._authorized(scope):
-            err = AuthError("invalid or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
-            return await _send_json(send, 401, err.to_openai(), [(b"www-authenticate", b"Bearer")])
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            receive = await self._read_body(scope, receive, send)
-            if receive is None:
-                return
-        await self.app(scope, receive, send)
-
-    async def _read_body(self, scope: dict, receive: Any, send: Any) -> Any:
-        limit = self.max_body
-        too_big = error_body(f"request body exceeds the limit of {limit} bytes", param=None,
-                             code="request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                declared_n = int(declared)
-            except ValueError:
-                await _send_json(send, 400, error_body("Content-Length header is not an integer"))
-                return None
-            if declared_n > limit:
-                await _send_json(send, 413, too_big, [(b"connection", b"close")])
-                return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:  # chunked bodies declare no length: count as they arrive
-                await _send_json(send, 413, too_big, [(b"connection", b"close")])
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # afterwards: the real channel, so disconnects still arrive
-
-        return replay
+log = logging.getLogger(__name__)
+DEFAULT_REQUEST_TIMEOUT_S = 600.0  # queue + generation; a full-context answer on a CPU fits well within
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 # ---------------------------------------------------------------- validation errors -> OpenAI 400s
@@ -191,8 +99,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:  # a bug: still answer in shape
-        return JSONResponse(error_body(f"internal server error ({type(exc).__name__})", "internal_server_error"),
-                            status_code=500)
+        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body(f"internal server error (error id {error_id}); the server log has the "
+                                       f"details", "server_error"), status_code=500)
 
 
 # ---------------------------------------------------------------- the app
@@ -216,17 +126,42 @@ def _torch_dtype(dtype: str | None) -> Any:
     return choices[dtype]
 
 
+def default_served_name(path: str | Path) -> str:
+    """The name a model is served under when none is given: its folder's name, never a path
+    (a run's model/ folder takes the run's name)."""
+    p = Path(path).resolve()
+    if p.name == "model" and (p.parent / "recipe.yaml").is_file():
+        return p.parent.name
+    return p.name or "genforge"
+
+
 def create_app(model_path: str | Path | None = None, *, model: Any = None, tokenizer: Any = None,
                served_model_name: str | None = None, max_model_len: int | None = None, dtype: str = "auto",
                max_batch_size: int = 32, max_queue: int = 256, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool = False) -> Any:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool = False,
+               request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+               limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
+               image_max_queue: int = 8) -> Gate:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
+    `api_keys`: every route but /health and /metrics needs one of them (none given: no auth; an
+    empty key is an error). `request_timeout`: seconds from arrival to the last token (None: none).
+    `limit_concurrency`: requests in flight at once (503 above). `kv_cache_bytes`: the KV cache budget.
     """
     if model is None and model_path is None:
         raise ConfigError("create_app: give a model path or a loaded model and tokenizer")
-    name = served_model_name or (str(model_path) if model_path is not None else "genforge")
+    from genforge.serve.options import check_keys
+
+    keys = check_keys(list(api_keys or []), "api_keys")
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size {max_batch_size}: must be at least 1", param="max_batch_size")
+    if max_queue < 1:
+        raise ConfigError(f"--max-queue {max_queue}: must be at least 1", param="max_queue")
+    if limit_concurrency is not None and limit_concurrency < 1:
+        raise ConfigError(f"--limit-concurrency {limit_concurrency}: must be at least 1", param="limit_concurrency")
+    name = served_model_name or (default_served_name(model_path) if model_path is not None else "genforge")
+    aliases = (str(model_path),) if model_path is not None else ()
     metrics = ServeMetrics(name)
     family = _run_family(Path(model_path)) if model is None else "lm"
     service: LMService | None = None
@@ -240,7 +175,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
         service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
                             max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
-                            compile=compile)
+                            compile=compile, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
+                            aliases=aliases)
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
@@ -251,19 +187,23 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         try:
             yield
         finally:
-            # uvicorn calls this after it stopped accepting and in-flight requests finished;
-            # drain=True still lets anything the engine holds run to completion.
+            # uvicorn calls this after its own drain (--shutdown-timeout): every HTTP request has
+            # ended or been cancelled, which cancelled its sequences; a short grace, then abort.
             if service is not None:
-                await service.shutdown()
+                await service.shutdown(timeout=1.0)
 
-    app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.metrics, app.state.service = metrics, service
     _install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
         if service is not None and not service.healthy():
-            return JSONResponse(error_body("engine is not running", "server_error"), status_code=503)
+            fault = service.engine.fault
+            why = f"the engine failed (error id {fault}) and has not recovered yet" if fault else \
+                "the engine is not running"
+            return JSONResponse(error_body(why, "server_error"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -273,7 +213,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     @app.get("/v1/models")
     async def models() -> ModelList:
         limit = service.max_model_len if service is not None else None
-        return ModelList(data=[ModelCard(id=name, root=str(model_path or name), max_model_len=limit)])
+        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=limit)])
 
     if service is not None:
         @app.post("/v1/completions")
@@ -287,9 +227,10 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         # Image runs: the image engineer's router owns generation; this module only mounts it.
         from genforge.serve.images import images_router
 
-        app.include_router(images_router(Path(model_path)))
+        app.include_router(images_router(Path(model_path), max_queue=image_max_queue))
 
-    return _Gate(app, api_keys=list(api_keys or []), max_body_bytes=max_body_bytes, metrics=metrics)
+    return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,
+                limit_concurrency=limit_concurrency)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -308,20 +249,36 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
                   max_model_len: int | None = None, dtype: str = "auto", max_batch_size: int = 32,
-                  max_queue: int = 256, api_keys: list[str] | None = None, compile: bool = True) -> None:
-    """Load MODEL and serve it until SIGINT/SIGTERM, then finish the requests in flight and exit."""
+                  max_queue: int = 256, api_keys: list[str] | None = None, compile: bool = True,
+                  request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+                  shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, limit_concurrency: int | None = None,
+                  header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+                  keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
+                  root_path: str = "") -> None:
+    """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
+    finish for at most `shutdown_timeout` seconds, cancel the rest and exit."""
     import uvicorn
+
+    from genforge.serve.options import exposure_warning
 
     if not Path(model).exists():
         raise ConfigError(f"model not found: {model} (expected a run directory or a Hugging Face model folder)",
                           param="model")
+    for flag, value in (("--shutdown-timeout", shutdown_timeout), ("--header-timeout", header_timeout),
+                        ("--body-timeout", body_timeout), ("--keep-alive", keep_alive)):
+        if not value > 0:
+            raise ConfigError(f"{flag} {value}: must be > 0 seconds", param=flag[2:].replace("-", "_"))
+    warning = exposure_warning(host, list(api_keys or []))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     app = create_app(model, served_model_name=served_model_name, max_model_len=max_model_len, dtype=dtype,
                      max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys,
-                     compile=compile)
+                     compile=compile, request_timeout=request_timeout, body_timeout=body_timeout,
+                     limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes)
     sock = _listen(host, port)
-    # uvicorn's own SIGTERM handling is the graceful part: stop accepting, wait for open requests
-    # (streams included; no timeout, they end by max_tokens), then run the lifespan shutdown.
-    config = uvicorn.Config(app, log_level="info", lifespan="on", timeout_graceful_shutdown=None,
-                            access_log=False)
-    print(f"serving {served_model_name or model} on http://{host}:{port}/v1", flush=True)
+    config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
+                            limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
+                            root_path=root_path)
+    shown = served_model_name or default_served_name(model)
+    print(f"serving {shown} on http://{host}:{port}{root_path}/v1", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,25 +1,34 @@
 """/v1/completions and /v1/chat/completions: requests -> engine submissions -> OpenAI responses.
 
 One `LMService` per app owns the engine. A request becomes one engine sequence per (prompt,
-choice); n > 1 with a seed gives choice i the seed `seed + i`, so the choices differ and the
-whole response is reproducible. Context limits are checked here, before anything is queued, so
-"too long" is a 400 naming the field rather than a silently truncated answer.
+choice), queued all together or not at all; n > 1 with a seed gives choice i the seed `seed + i`
+(wrapped to 64 bits), so the choices differ and the whole response is reproducible. Context
+limits are checked here, before anything is queued, so "too long" is a 400 naming the field
+rather than a silently truncated answer.
+
+Time: every request has a deadline (`request_timeout`, from its arrival, covering the queue and
+the generation); when it passes, its sequences are cancelled (leaving the queue at once) and the
+client gets 504 with code `request_timeout` - in a stream, as an error event before `[DONE]`.
+Tokenizing and template rendering of large inputs run in a worker thread, so one big prompt does
+not stall every other stream on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
-from genforge.models.generation import TokenEvent, context_length
+from genforge.models.generation import context_length
 from genforge.models.sampling import SamplingParams
 from genforge.serve.chat import render_chat, resolve_chat_template
-from genforge.serve.engine import Engine, RequestStream
+from genforge.serve.engine import Engine
+from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import (
     SSE_DONE,
@@ -43,33 +52,16 @@ from genforge.serve.protocol import (
     now,
     sse,
 )
+from genforge.serve.streaming import Choice, ChunkEncoder, DeadlineExceeded, event_batches
 
 # Model-default sampling values the server honours from generation_config.json when a request
 # leaves them out (as vLLM does); everything else in that file is the model's business.
 _DEFAULTED = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
-class _Choice:
-    """One generated sequence and what the response needs from it."""
-
-    def __init__(self, index: int, prompt_index: int, stream: RequestStream):
-        self.index, self.prompt_index, self.stream = index, prompt_index, stream
-        self.parts: list[str] = []
-        self.logprobs: list[tuple[str, float | None, list[tuple[str, float]] | None]] = []
-        self.offset = 0  # characters sent so far (completions' text_offset)
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-
-    def add(self, ev: TokenEvent, token_text: Any, want_logprobs: bool) -> list:
-        """Record an event; the logprob entries it adds (empty unless logprobs were asked for)."""
-        self.parts.append(ev.text)
-        new = []
-        if want_logprobs and ev.token_id is not None:
-            new = [(token_text(ev.token_id), ev.logprob, ev.top_logprobs)]
-            self.logprobs += new
-        if ev.finish_reason is not None:
-            self.finish_reason, self.error = ev.finish_reason, ev.error
-        return new
+# Inputs longer than this (characters) are tokenized / rendered in a worker thread: below it the
+# thread hop costs more than the work.
+OFFLOAD_CHARS = 4096
 
 
 def _renamed(err: GenforgeError, names: dict[str, str]) -> GenforgeError:
@@ -87,33 +79,40 @@ async def _wait_disconnect(request: Request) -> None:
 
 class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
-                 max_batch_size: int, max_queue: int, metrics: ServeMetrics,
-                 compile: bool = False):
+                 max_batch_size: int, max_queue: int, metrics: ServeMetrics, compile: bool = False,
+                 request_timeout: float | None = None, kv_cache_bytes: int | None = None,
+                 aliases: tuple[str, ...] = ()):
+        """`aliases`: other names a request's `model` may use (e.g. the path it was started with)."""
         limit = context_length(model)
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] "
                               f"(the model's context is {limit} tokens)", param="max_model_len")
+        if request_timeout is not None and request_timeout <= 0:
+            raise ConfigError(f"--request-timeout {request_timeout}: must be > 0 seconds", param="request_timeout")
         self.tokenizer, self.served_name, self.metrics = tokenizer, served_name, metrics
+        self.names = {served_name, *aliases}
+        self.request_timeout = request_timeout
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                             max_model_len=max_model_len, observer=metrics.observer(), compile=compile)
+                             max_model_len=max_model_len, observer=metrics.observer(), compile=compile,
+                             kv_cache_bytes=kv_cache_bytes)
         self.max_model_len = self.engine.max_model_len
         self.template = resolve_chat_template(tokenizer)
         gen_cfg = getattr(model, "generation_config", None)
         diff = gen_cfg.to_diff_dict() if gen_cfg is not None else {}
         self.defaults = {k: diff[k] for k in _DEFAULTED if diff.get(k) is not None}
         self._token_text: dict[int, str] = {}
-        metrics.bind_engine(lambda: self.engine.num_running, lambda: self.engine.num_waiting)
+        metrics.bind_engine(lambda: self.engine.num_running, lambda: self.engine.num_waiting,
+                            self.engine.kv_cache_usage)
 
     async def start(self) -> None:
         self.engine.start()
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float | None = None) -> None:
         # join() blocks: off the event loop, which must keep delivering the last tokens
-        await asyncio.to_thread(self.engine.shutdown, drain=True)
+        await asyncio.to_thread(self.engine.shutdown, drain=True, timeout=timeout)
 
     def healthy(self) -> bool:
-        thread = getattr(self.engine, "_thread", None)
-        return thread is not None and thread.is_alive()
+        return self.engine.healthy
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -124,9 +123,28 @@ class LMService:
     # ------------------------------------------------------------ request -> engine
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_name:
+        if model is not None and model not in self.names:
             raise NotFoundError(f"model '{model}' does not exist; this server serves '{self.served_name}' "
                                 f"(see GET /v1/models)", param="model", code="model_not_found")
+
+    def _deadline(self, request: Request) -> float | None:
+        """time.monotonic() by which the request must be done (counted from its arrival)."""
+        if self.request_timeout is None:
+            return None
+        arrival = request.scope.get(ARRIVAL)
+        waited = time.perf_counter() - arrival if arrival is not None else 0.0
+        return time.monotonic() - waited + self.request_timeout
+
+    def _timeout_body(self) -> dict:
+        return error_body(f"the request did not finish within the server's request timeout of "
+                          f"{self.request_timeout:g} s (queue + generation); ask for fewer tokens or retry "
+                          f"when the server is less busy", "timeout_error", code="request_timeout")
+
+    @staticmethod
+    async def _offload(size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if size < OFFLOAD_CHARS:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     def _room(self, prompt_len: int, max_tokens: int | None, tokens_field: str, prompt_field: str) -> int:
         """Tokens to generate: the request's max, or the rest of the context."""
@@ -151,108 +169,94 @@ class LMService:
             return value if value is not None else self.defaults.get(name, fallback)
 
         top_k = pick("top_k", None)
+        # seed + i stays a signed 64-bit integer (seed may be 2**63 - 1)
+        seed = None if req.seed is None else (req.seed + i + 2**63) % 2**64 - 2**63
         return SamplingParams(
             max_new_tokens=max_new, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
             top_k=top_k if top_k is not None and top_k > 0 else None,
             repetition_penalty=pick("repetition_penalty", 1.0), presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, stop=req.stop_list(),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            seed=None if req.seed is None else req.seed + i, logprobs=logprobs)
+            seed=seed, logprobs=logprobs)
 
     def _submit(self, prompts: list[list[int]], req: _SamplingFields, max_tokens: int | None,
-                logprobs: int | None, names: dict[str, str]) -> list[_Choice]:
-        """Check every prompt first, then queue all sequences; all or none are queued."""
+                logprobs: int | None, names: dict[str, str]) -> list[Choice]:
+        """Check every prompt first, then queue all sequences: all or none are queued."""
         tokens_field, prompt_field = names.get("max_tokens", "max_tokens"), names.get("prompt", "prompt")
         rooms = [self._room(len(ids), max_tokens, tokens_field, prompt_field) for ids in prompts]
-        choices: list[_Choice] = []
+        items = [(ids, self._params(req, room, logprobs, i)) for ids, room in zip(prompts, rooms)
+                 for i in range(req.n)]
         try:
-            for p, (ids, room) in enumerate(zip(prompts, rooms)):
-                for i in range(req.n):
-                    stream = self.engine.submit(ids, self._params(req, room, logprobs, i))
-                    choices.append(_Choice(p * req.n + i, p, stream))
+            streams = self.engine.submit_many(items)
         except GenforgeError as e:
-            for c in choices:
-                c.stream.cancel()
             raise _renamed(e, names) from None
         for ids in prompts:
             self.metrics.observe_prompt(len(ids))
-        return choices
-
-    async def _events(self, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, TokenEvent]]:
-        """Events of all choices as they come (one queue, one pump task per choice)."""
-        if len(choices) == 1:
-            async for ev in choices[0].stream:
-                yield choices[0], ev
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(c: _Choice) -> None:
-            try:
-                async for ev in c.stream:
-                    await queue.put((c, ev))
-            except Exception as e:  # re-raised in the consumer, not lost in a task
-                queue.put_nowait((c, e))
-            finally:
-                queue.put_nowait((c, None))
-
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
-        try:
-            remaining = len(choices)
-            while remaining:
-                c, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield c, item
-        finally:
-            for t in tasks:
-                t.cancel()
+        return [Choice(k, k // req.n, stream) for k, stream in enumerate(streams)]
 
     @staticmethod
-    def _cancel_unfinished(choices: list[_Choice]) -> None:
+    def _cancel_unfinished(choices: list[Choice]) -> None:
         for c in choices:
             if c.finish_reason is None:
                 c.stream.cancel()
 
-    async def _collect(self, request: Request, choices: list[_Choice], want_logprobs: bool) -> bool:
-        """Run all choices to the end; False if the client went away first (all cancelled)."""
+    async def _collect(self, request: Request, choices: list[Choice], want_logprobs: bool) -> Response | None:
+        """Run all choices to the end: None when done, else the response to give (client gone,
+        deadline passed). Unfinished choices are cancelled either way."""
+        deadline = self._deadline(request)
 
         async def consume() -> None:
-            async for c, ev in self._events(choices):
-                c.add(ev, self.token_text, want_logprobs)
+            async for batch in event_batches(choices, deadline):
+                for c, ev in batch:
+                    c.add(ev, self.token_text, want_logprobs)
 
         work = asyncio.create_task(consume())
         gone = asyncio.create_task(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if work in done:
+            if work not in done:
+                return Response(status_code=499)
+            try:
                 work.result()
-                return True
-            return False
+            except DeadlineExceeded:
+                return JSONResponse(self._timeout_body(), status_code=504)
+            return None
         finally:
             work.cancel()
             gone.cancel()
             self._cancel_unfinished(choices)
 
     @staticmethod
-    def _usage(prompts: list[list[int]], choices: list[_Choice]) -> UsageInfo:
+    def _usage(prompts: list[list[int]], choices: list[Choice]) -> UsageInfo:
         prompt = sum(len(p) for p in prompts)  # once per prompt, however many choices share it
         completion = sum(c.stream.completion_tokens for c in choices)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    @staticmethod
-    def _engine_failure(choices: list[_Choice]) -> JSONResponse | None:
+    def _engine_failure(self, request: Request, choices: list[Choice]) -> JSONResponse | None:
         for c in choices:
-            if c.error:  # the engine failed mid-request: our fault, not the client's
-                return JSONResponse(error_body(c.error, "server_error"), status_code=500)
+            if c.error:  # the engine failed (500) or shut down (503): the text is generic, with an id
+                status = c.stream.error_status
+                if status == 500:
+                    request.scope[ERROR_KIND] = "engine"
+                headers = {"Retry-After": "1"} if status == 503 else None
+                kind = "server_error" if status == 500 else "server_overloaded"
+                return JSONResponse(error_body(c.error, kind), status_code=status, headers=headers)
         return None
+
+    def _stream_error(self, request: Request, c: Choice) -> str:
+        self.metrics.observe_error("engine" if c.stream.error_status == 500 else "overloaded")
+        return sse(error_body(c.error or "generation failed", "server_error"))
 
     @staticmethod
     def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @staticmethod
+    def _json(request: Request, body: Any, choices: list[Choice]) -> JSONResponse:
+        if any(c.stream.completion_tokens for c in choices):
+            request.scope[FIRST_TOKEN] = "pending"  # the client sees its first token with this write
+        return JSONResponse(body.model_dump())
 
     # ------------------------------------------------------------ /v1/completions
 
@@ -267,15 +271,17 @@ class LMService:
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model(req.model)
-        prompts, texts = self._completion_prompts(req)
+        raw = req.prompt
+        size = len(raw) if isinstance(raw, str) else sum(len(p) if isinstance(p, (str, list)) else 1 for p in raw)
+        prompts, texts = await self._offload(size, self._completion_prompts, req)
         want_lp = req.logprobs is not None
         choices = self._submit(prompts, req, req.max_tokens, req.logprobs, {"prompt": "prompt"})
         rid, created = new_id("cmpl"), now()
         if req.stream:
-            return self._streaming(self._stream_completion(req, rid, created, prompts, texts, choices))
-        if not await self._collect(request, choices, want_lp):
-            return Response(status_code=499)
-        if (failure := self._engine_failure(choices)) is not None:
+            return self._streaming(self._stream_completion(request, req, rid, created, prompts, texts, choices))
+        if (early := await self._collect(request, choices, want_lp)) is not None:
+            return early
+        if (failure := self._engine_failure(request, choices)) is not None:
             return failure
         out = []
         for c in choices:
@@ -283,12 +289,14 @@ class LMService:
             lp = completion_logprobs(c.logprobs, len(head)) if want_lp else None
             out.append(CompletionChoice(index=c.index, text=head + "".join(c.parts), logprobs=lp,
                                         finish_reason=c.finish_reason))
-        return JSONResponse(CompletionResponse(id=rid, created=created, model=self.served_name, choices=out,
-                                               usage=self._usage(prompts, choices)).model_dump())
+        return self._json(request, CompletionResponse(id=rid, created=created, model=self.served_name,
+                                                      choices=out, usage=self._usage(prompts, choices)), choices)
 
-    async def _stream_completion(self, req: CompletionRequest, rid: str, created: int, prompts: list[list[int]],
-                                 texts: list[str], choices: list[_Choice]) -> AsyncIterator[str]:
+    async def _stream_completion(self, request: Request, req: CompletionRequest, rid: str, created: int,
+                                 prompts: list[list[int]], texts: list[str], choices: list[Choice]
+                                 ) -> AsyncIterator[str]:
         want_lp = req.logprobs is not None
+        enc = ChunkEncoder(rid, created, self.served_name, chat=False)
 
         def chunk(items: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
             return sse(CompletionChunk(id=rid, created=created, model=self.served_name, choices=items, usage=usage))
@@ -298,20 +306,36 @@ class LMService:
                 for c in choices:
                     c.offset = len(texts[c.prompt_index])
                     yield chunk([CompletionChoice(index=c.index, text=texts[c.prompt_index])])
-            async for c, ev in self._events(choices):
-                new = c.add(ev, self.token_text, want_lp)
-                if c.error:
-                    yield sse(error_body(c.error, "server_error"))
+            failed = False
+            async for batch in event_batches(choices, self._deadline(request)):
+                out = []
+                for c, ev in batch:
+                    new = c.add(ev, self.token_text, want_lp)
+                    if c.error:
+                        out.append(self._stream_error(request, c))
+                        failed = True
+                        break
+                    if not (ev.text or ev.finish_reason or new):
+                        continue  # text held back (half a character, a possible stop string)
+                    if want_lp:
+                        lp = completion_logprobs(new, c.offset)
+                        out.append(chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=lp,
+                                                           finish_reason=ev.finish_reason)]))
+                    else:
+                        out.append(enc.token(c.index, ev.text, ev.finish_reason))
+                    c.offset += len(ev.text)
+                if out:
+                    if request.scope.get(FIRST_TOKEN) is None:
+                        request.scope[FIRST_TOKEN] = "pending"
+                    yield "".join(out)  # one write for everything that arrived together
+                if failed:
                     break
-                if not (ev.text or ev.finish_reason or new):
-                    continue  # text held back (half a character, a possible stop string)
-                lp = completion_logprobs(new, c.offset) if want_lp else None
-                c.offset += len(ev.text)
-                yield chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=lp,
-                                              finish_reason=ev.finish_reason)])
             else:
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield chunk([], self._usage(prompts, choices))
+            yield SSE_DONE
+        except DeadlineExceeded:
+            yield sse(self._timeout_body())
             yield SSE_DONE
         finally:
             self._cancel_unfinished(choices)
@@ -322,8 +346,10 @@ class LMService:
         self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise GenforgeError("top_logprobs: set logprobs to true to use top_logprobs", param="top_logprobs")
-        prompt = render_chat(self.tokenizer, self.template, req.messages,
-                             add_generation_prompt=req.add_generation_prompt, template_kwargs=req.chat_template_kwargs)
+        size = sum(len(m.text()) for m in req.messages)
+        prompt = await self._offload(size, render_chat, self.tokenizer, self.template, req.messages,
+                                     add_generation_prompt=req.add_generation_prompt,
+                                     template_kwargs=req.chat_template_kwargs)
         tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -331,39 +357,56 @@ class LMService:
         choices = self._submit([prompt], req, max_tokens, logprobs, names)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return self._streaming(self._stream_chat(req, rid, created, prompt, choices))
-        if not await self._collect(request, choices, req.logprobs):
-            return Response(status_code=499)
-        if (failure := self._engine_failure(choices)) is not None:
+            return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices))
+        if (early := await self._collect(request, choices, req.logprobs)) is not None:
+            return early
+        if (failure := self._engine_failure(request, choices)) is not None:
             return failure
         out = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.parts)),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason) for c in choices]
-        return JSONResponse(ChatCompletionResponse(id=rid, created=created, model=self.served_name, choices=out,
-                                                   usage=self._usage([prompt], choices)).model_dump())
+        return self._json(request, ChatCompletionResponse(id=rid, created=created, model=self.served_name,
+                                                          choices=out, usage=self._usage([prompt], choices)), choices)
 
-    async def _stream_chat(self, req: ChatCompletionRequest, rid: str, created: int, prompt: list[int],
-                           choices: list[_Choice]) -> AsyncIterator[str]:
+    async def _stream_chat(self, request: Request, req: ChatCompletionRequest, rid: str, created: int,
+                           prompt: list[int], choices: list[Choice]) -> AsyncIterator[str]:
+        enc = ChunkEncoder(rid, created, self.served_name, chat=True)
+
         def chunk(items: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=rid, created=created, model=self.served_name, choices=items,
                                            usage=usage))
 
         try:
-            for c in choices:  # OpenAI opens every choice with the role
-                yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
-            async for c, ev in self._events(choices):
-                new = c.add(ev, self.token_text, req.logprobs)
-                if c.error:
-                    yield sse(error_body(c.error, "server_error"))
+            yield "".join(enc.role(c.index) for c in choices)  # OpenAI opens every choice with the role
+            failed = False
+            async for batch in event_batches(choices, self._deadline(request)):
+                out = []
+                for c, ev in batch:
+                    new = c.add(ev, self.token_text, req.logprobs)
+                    if c.error:
+                        out.append(self._stream_error(request, c))
+                        failed = True
+                        break
+                    if not (ev.text or ev.finish_reason or new):
+                        continue
+                    if req.logprobs:
+                        delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()
+                        out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
+                                                          logprobs=chat_logprobs(new))]))
+                    else:
+                        out.append(enc.token(c.index, ev.text, ev.finish_reason))
+                if out:
+                    if request.scope.get(FIRST_TOKEN) is None:
+                        request.scope[FIRST_TOKEN] = "pending"
+                    yield "".join(out)
+                if failed:
                     break
-                if not (ev.text or ev.finish_reason or new):
-                    continue
-                delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()
-                yield chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
-                                             logprobs=chat_logprobs(new) if req.logprobs else None)])
             else:
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield chunk([], self._usage([prompt], choices))
+            yield SSE_DONE
+        except DeadlineExceeded:
+            yield sse(self._timeout_body())
             yield SSE_DONE
         finally:
             self._cancel_unfinished(choices)

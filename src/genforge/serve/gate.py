@@ -1,0 +1,201 @@
+"""The pure-ASGI front door, in front of FastAPI: what must hold before any parsing happens.
+
+    auth (every route but PUBLIC_PATHS) -> concurrency limit -> body read (size cap, time limit)
+    -> JSON nesting depth -> the app;   HTTP metrics, error counts and the client-side TTFT on the way out
+
+The route is judged by the path the router will match (the request path without the ASGI
+`root_path`), so mounting the app under a prefix or serving it with `--root-path` cannot move a
+route out of the auth check: anything that is not exactly a public path needs the key, unknown
+routes included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+from typing import Any
+
+from genforge.common.errors import AuthError
+from genforge.serve.metrics import ServeMetrics
+from genforge.serve.protocol import error_body
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no key
+ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/images/generations",
+                       "/health", "/metrics", "/openapi.json"})
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # OpenAI-sized requests are far smaller; this bounds parser memory
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that trickles its body holds a connection, not a server
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest about 6 deep; Python's json recurses, so bound it first
+RETRY_AFTER_S = 1  # what a 503 asks clients to wait; the queue drains in about a decode step per token
+
+# Scope keys the service sets / reads (plain strings: the ASGI scope is a dict shared by both).
+ARRIVAL = "genforge.arrival"
+FIRST_TOKEN = "genforge.first_token"  # "pending" before the body write that shows the first token
+ERROR_KIND = "genforge.error_kind"  # overrides the kind derived from the status
+
+_ERROR_KINDS = {400: "invalid_request", 401: "auth", 404: "not_found", 405: "invalid_request",
+                408: "timeout", 413: "too_large", 422: "invalid_request", 499: "client_disconnected",
+                500: "internal", 503: "overloaded", 504: "timeout"}
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
+_BRACKETS_ONLY = bytes(range(256)).translate(None, b"[]{}")  # every byte but the brackets: deleted
+
+
+def route_path(scope: dict) -> str:
+    """The path the router matches: `path` without `root_path` (as Starlette computes it)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root):]
+    return path or "/"
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `body`'s arrays/objects nest deeper than `limit` (strings skipped; C-speed passes)."""
+    structure = _JSON_STRING.sub(b"", body).translate(None, _BRACKETS_ONLY)
+    if structure.count(b"[") + structure.count(b"{") <= limit:
+        return False  # the usual case: too few brackets to nest that deep at all
+    depth = 0
+    for byte in structure:
+        depth += 1 if byte in (0x5B, 0x7B) else -1
+        if depth > limit:
+            return True
+    return False
+
+
+async def send_json(send: Any, status: int, body: dict, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+
+class Gate:
+    """See the module docstring. `api_keys` empty = no auth (the caller warns when that is exposed)."""
+
+    def __init__(self, app: Any, *, api_keys: list[str], max_body_bytes: int, metrics: ServeMetrics,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S, limit_concurrency: int | None = None):
+        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+        self.body_timeout, self.limit = body_timeout, limit_concurrency
+        self.keys = [k.encode() for k in api_keys]
+        self.in_flight = 0
+
+    @property
+    def state(self) -> Any:
+        """The FastAPI app's state (service, metrics): tests and embedders reach them here."""
+        return self.app.state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 0
+        scope[ARRIVAL] = start
+        metrics = self.metrics
+
+        async def send_(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and scope.get(FIRST_TOKEN) == "pending":
+                # stamped after the write returned: the token is on its way to the client now
+                scope[FIRST_TOKEN] = "sent"
+                metrics.observe_ttft(time.perf_counter() - start)
+
+        path = route_path(scope)
+        try:
+            await self._handle(scope, path, receive, send_)
+        finally:
+            # 499 (nginx's "client closed request"): the client left before any response started.
+            final = status or 499
+            metrics.observe_http(path if path in ENDPOINTS else "other", final, time.perf_counter() - start)
+            if final >= 400:
+                metrics.observe_error(scope.get(ERROR_KIND) or _ERROR_KINDS.get(final, f"http_{final}"))
+
+    def _authorized(self, scope: dict) -> bool:
+        auth = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # compare against every key in constant time, so timing reveals neither key nor position
+        return any([hmac.compare_digest(token.strip(), k) for k in self.keys])
+
+    async def _handle(self, scope: dict, path: str, receive: Any, send: Any) -> None:
+        public = path in PUBLIC_PATHS
+        if self.keys and not public and not self._authorized(scope):
+            err = AuthError("invalid or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            return await send_json(send, 401, err.to_openai(), [(b"www-authenticate", b"Bearer")])
+        if public or self.limit is None:
+            return await self._admitted(scope, receive, send)
+        if self.in_flight >= self.limit:
+            body = error_body(f"the server is at its limit of {self.limit} concurrent requests; retry later",
+                              "server_overloaded", code="too_many_requests")
+            return await send_json(send, 503, body, [(b"retry-after", str(RETRY_AFTER_S).encode())])
+        self.in_flight += 1
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _admitted(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            receive = await self._read_body(scope, receive, send)
+            if receive is None:
+                return
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, scope: dict, receive: Any, send: Any) -> Any:
+        limit = self.max_body
+        too_big = error_body(f"request body exceeds the limit of {limit} bytes", param=None,
+                             code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                declared_n = int(declared)
+            except ValueError:
+                await send_json(send, 400, error_body("Content-Length header is not an integer"))
+                return None
+            if declared_n > limit:
+                await send_json(send, 413, too_big, [(b"connection", b"close")])
+                return None
+        chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                body = error_body(f"the request body did not arrive within {self.body_timeout:g} s",
+                                  code="request_timeout")
+                await send_json(send, 408, body, [(b"connection", b"close")])
+                return None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # chunked bodies declare no length: count as they arrive
+                await send_json(send, 413, too_big, [(b"connection", b"close")])
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        # large bodies off the event loop: a megabyte of escapes takes ~0.1 s to scan
+        too_deep = json_too_deep(body) if len(body) < 65536 else await asyncio.to_thread(json_too_deep, body)
+        if too_deep:
+            await send_json(send, 400, error_body(f"request body nests arrays/objects deeper than "
+                                                  f"{MAX_JSON_DEPTH} levels", code="json_too_deep"))
+            return None
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the real channel, so disconnects still arrive
+
+        return replay
