@@ -2,14 +2,21 @@
 
 A runner holds the KV cache of up to N rows in slots 0..n-1 and offers:
 
-    prefill(first_slot, prompts)  -> logits of each prompt's last position        [len(prompts), vocab]
+    extend(slots, chunks, starts) -> logits after each chunk's last token          [len(chunks), vocab]
+                                     (a prompt, or a piece of one: chunked prefill)
+    prefill(first_slot, prompts)  -> extend() of whole prompts into first_slot..
     decode(tokens, positions)     -> logits after feeding one token to rows 0..n-1 [n, vocab]
-    move(src, dst, length)        -> compact the batch when a row leaves
+    move(src, dst, length), swap(a, b, length) -> keep the decoding rows in slots 0..n-1
+    fast_path                     -> True for LlamaRunner, False for HFRunner
+
+Prefill and decode run the same transformer code (`_Core`, with a query-length axis: L tokens of
+a chunk, or L = 1); only the decode step is torch.compiled.
 
 `LlamaRunner` is the fast path: it runs the weights of a Llama-style transformers model (Llama,
 Mistral, Qwen2 without sliding window) directly, with fused qkv and gate/up matmuls, RoPE applied
 to q and k in one go, a preallocated cache and one `scaled_dot_product_attention` per layer with a
-per-row length mask. On a 2-core CPU the HF forward spends most of a small model's step in Python
+per-row length mask. The model's q/k/v and gate/up weights become views into the fused tensors, so
+the weights are in memory once. On a 2-core CPU the HF forward spends most of a small model's step in Python
 and tiny kernels (mask construction, cache bookkeeping, rotary per layer); this path issues about
 15 kernels per layer. It must give the HF model's logits (tests check max |diff| < 1e-4 in fp32).
 
@@ -55,14 +62,29 @@ def fast_path_unsupported(model: torch.nn.Module, max_len: int | None = None) ->
     return None
 
 
+@torch.no_grad()
 def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linears that read the same input: one matmul, not three."""
-    weight = torch.cat([lin.weight.detach() for lin in linears], 0).contiguous()
-    if all(lin.bias is None for lin in linears):
-        return weight, None
-    bias = [lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
-            for lin in linears]
-    return weight, torch.cat(bias).contiguous()
+    """One weight (and bias) for several linears that read the same input: one matmul, not three.
+
+    The model's own Linear weights become views into the fused tensor, so memory holds one copy
+    of the weights, not the model's plus the runner's.
+    """
+    if len(linears) == 1:
+        lin = linears[0]
+        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+    weight = torch.cat([lin.weight.detach() for lin in linears], 0)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                          for lin in linears])
+    start = 0
+    for lin in linears:
+        end = start + lin.out_features
+        lin.weight.data = weight[start:end]
+        if lin.bias is not None:
+            lin.bias.data = bias[start:end]
+        start = end
+    return weight, bias
 
 
 class _Weights(torch.nn.Module):
@@ -74,8 +96,16 @@ class _Weights(torch.nn.Module):
             self.register_buffer(name, t, persistent=False)
 
 
-class _DecodeCore(torch.nn.Module):
-    """The layers of one decode step: a pure function of its inputs and the KV cache it updates."""
+class _Core(torch.nn.Module):
+    """The transformer over L new tokens per row, for prefill (L = a chunk) and decode (L = 1).
+
+    Inputs: `x` [n, L, hidden] embeddings; `cos`/`sin` [n, L, H + 2Hkv, D] RoPE tables at each
+    token's position; `mask` [n, 1, rep*L or 1, span] (key t visible to a query); the KV-cache
+    write targets `write_rows`/`write_pos` [m] for the new tokens kept by `keep` (flat indices
+    into n*L; None = all); `read_rows` the cache rows attended (None = rows 0..n-1, a view).
+    The new keys and values are written first, then each row attends to its cache: the causal
+    mask's offset by the cached length is in `mask`. Returns the logits of each row's last token.
+    """
 
     def __init__(self, runner: LlamaRunner):
         super().__init__()
@@ -85,23 +115,26 @@ class _DecodeCore(torch.nn.Module):
         self.final = _Weights({"norm": runner.norm_w, "lm_head": runner.lm_head})
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                rows: torch.Tensor, pos: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        n, span = mask.shape[0], mask.shape[-1]
-        H, Hkv, D = self.H, self.Hkv, self.D
+                write_rows: torch.Tensor, write_pos: torch.Tensor, keep: torch.Tensor | None,
+                read_rows: torch.Tensor | slice | None, caches: list[torch.Tensor]) -> torch.Tensor:
+        n, L, span = x.shape[0], x.shape[1], mask.shape[-1]
+        H, Hkv, D, rep = self.H, self.Hkv, self.D, self.rep
         for w, cache in zip(self.layers, caches):
             h = F.rms_norm(x, (self.hidden,), w.w_in, self.eps)
-            qkv = F.linear(h, w.wqkv, w.bqkv).view(n, H + 2 * Hkv, D)
-            qkv = _rope(qkv, cos, sin)
-            cache[rows, :, pos] = qkv[:, H:]  # keys and values of all rows, one indexed copy
-            kv = cache[:n, :, :span]
-            # GQA without repeating keys: with one query per row, the `rep` query heads that share
-            # a kv head can stand in the query-length axis of that head.
-            q = qkv[:, :H].reshape(n, Hkv, self.rep, D)
+            qkv = _rope(F.linear(h, w.wqkv, w.bqkv).view(n, L, H + 2 * Hkv, D), cos, sin)
+            new_kv = qkv[:, :, H:].reshape(n * L, 2 * Hkv, D)
+            cache[write_rows, :, write_pos] = new_kv if keep is None else new_kv[keep]  # one indexed copy
+            kv = cache[:n, :, :span] if read_rows is None else cache[read_rows, :, :span]
+            # GQA without repeating keys: the `rep` query heads that share a kv head stand in the
+            # query axis of that head, next to the L query positions.
+            q = qkv[:, :, :H].reshape(n, L, Hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(n, Hkv, rep * L, D)
             att = F.scaled_dot_product_attention(q, kv[:, :Hkv], kv[:, Hkv:], attn_mask=mask)
-            x = x + F.linear(att.reshape(n, H * D), w.wo, w.bo)
+            att = att.view(n, Hkv, rep, L, D).permute(0, 3, 1, 2, 4).reshape(n, L, H * D)
+            x = x + F.linear(att, w.wo, w.bo)
             gate, up = F.linear(F.rms_norm(x, (self.hidden,), w.w_post, self.eps), w.wgu, w.bgu).chunk(2, -1)
             x = x + F.linear(self.act(gate) * up, w.wd, w.bd)
-        return F.linear(F.rms_norm(x, (self.hidden,), self.final.norm, self.eps), self.final.lm_head)
+        last = F.rms_norm(x[:, -1], (self.hidden,), self.final.norm, self.eps)
+        return F.linear(last, self.final.lm_head)
 
 
 _NAMES = ("w_in", "wqkv", "bqkv", "wo", "bo", "w_post", "wgu", "bgu", "wd", "bd")
@@ -113,10 +146,29 @@ def _rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return qkv * cos + flipped * sin
 
 
+def _buckets(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
+    """Indices grouped so that padding each group to its longest adds at most `waste` of its tokens
+    (or 8 tokens a row): one long chunk never pads many short ones to its length."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None:
+            longest, total = lengths[g[0]], sum(lengths[j] for j in g) + lengths[i]
+            if longest * (len(g) + 1) <= (1 + waste) * total or longest - lengths[i] <= 8:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 class LlamaRunner:
     """The fast path for Llama-style models (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4, compile: bool = False):
+    fast_path = True
+
+    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4, compile: bool = False,
+                 max_slots: int | None = None):
         why = fast_path_unsupported(model, max_len)
         if why:
             raise ValueError(f"fast decode path does not cover this model: {why}")
@@ -161,9 +213,9 @@ class LlamaRunner:
         self.sin = sin
         self.positions = torch.arange(max_len, device=self.device)
         self.cache = KVCache(len(self.layers), self.Hkv, self.D, max_length=max_len, dtype=self.dtype,
-                             device=self.device, slots=slots)
+                             device=self.device, slots=slots, max_slots=max_slots)
 
-        self.core = _DecodeCore(self)
+        self.core = _Core(self)
         self.step_fn = self.core
         self.compiled = False
         if compile:
@@ -175,8 +227,8 @@ class LlamaRunner:
         Measured here (2-core AVX-512 EPYC VM, torch 2.13 CPU, lm-tiny 11M params, batch 16, one
         thread, CPU time per step): eager 9.4-9.9 ms, compiled 9.3 ms without freezing, 5.8 ms with
         freezing (weights constant-folded and prepacked for oneDNN, elementwise ops fused) - 1.7x.
-        The compile takes 30-60 s on this machine, so it is opt-in (Engine(compile=True),
-        GENFORGE_COMPILE=1); it falls back to eager if the compiler is unavailable.
+        The compile takes 30-60 s on this machine, so it is opt-in (Engine(compile=True)); it falls
+        back to eager if the compiler is unavailable. Prefill stays eager (shapes vary too much).
         """
         try:
             import torch._inductor.config as inductor_config
@@ -196,10 +248,6 @@ class LlamaRunner:
             return
         self.step_fn, self.compiled = fn, True
 
-    # -- pieces ------------------------------------------------------------------------------
-    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden,), w, self.eps)
-
     def _rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin over all q, k and v heads ([..., H + 2Hkv, D]); v heads get cos 1, sin 0."""
         cos, sin = self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)
@@ -210,60 +258,82 @@ class LlamaRunner:
         sin_all = torch.cat((sin.expand(shape), torch.zeros_like(ones)), -2)
         return cos_all, sin_all
 
-    def _mlp(self, x: torch.Tensor, w_post, wgu, bgu, wd, bd) -> torch.Tensor:
-        gate, up = F.linear(self._rms(x, w_post), wgu, bgu).chunk(2, -1)
-        return x + F.linear(self.act(gate) * up, wd, bd)
-
-    # -- the two entry points ------------------------------------------------------------------
-    @torch.inference_mode()
+    # -- the entry points ----------------------------------------------------------------------
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
         """Run whole prompts into slots first_slot.. ; logits of each prompt's last token."""
-        n = len(prompts)
-        lens = [len(p) for p in prompts]
-        plen = max(lens)
-        self.cache.ensure(first_slot + n, plen)
-        # Right padding needs no mask: with causal attention real tokens never see the pads, and
-        # the pads' cache entries lie beyond each row's length, masked out and later overwritten.
-        ids = torch.zeros((n, plen), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
-        x = F.embedding(ids, self.embed)
-        cos, sin = self._rope_tables(self.positions[:plen])
-        H, Hkv = self.H, self.Hkv
-        for (w_in, wqkv, bqkv, wo, bo, *mlp), cache in zip(self.layers, self.cache.layers):
-            qkv = F.linear(self._rms(x, w_in), wqkv, bqkv).unflatten(-1, (H + 2 * Hkv, self.D))
-            qkv = _rope(qkv, cos, sin).transpose(1, 2)  # [n, heads, plen, D]
-            cache[first_slot: first_slot + n, :, :plen] = qkv[:, H:]
-            att = F.scaled_dot_product_attention(qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:],
-                                                 is_causal=True, enable_gqa=self.rep > 1)
-            x = x + F.linear(att.transpose(1, 2).flatten(2), wo, bo)
-            x = self._mlp(x, *mlp)
-        last = x[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]
-        return F.linear(self._rms(last, self.norm_w), self.lm_head).float()
+        return self.extend(list(range(first_slot, first_slot + len(prompts))), prompts, [0] * len(prompts))
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Feed tokens[i] at positions[i] to the row in slot i (i < len(tokens)); next-token logits."""
+    def extend(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed `chunks[i]` to the row in `slots[i]`, whose cache holds `starts[i]` positions (chunked
+        prefill); logits after each chunk's last token [len(chunks), vocab]. Rows of similar chunk
+        length run together, left-padded (pads are neither written to the cache nor attended)."""
+        self.cache.ensure(max(slots) + 1, max(s + len(c) for s, c in zip(starts, chunks)))
+        out = torch.empty((len(chunks), self.vocab_size), dtype=torch.float32, device=self.device)
+        for group in _buckets([len(c) for c in chunks]):
+            logits = self._extend_group([slots[i] for i in group], [chunks[i] for i in group],
+                                        [starts[i] for i in group])
+            out[torch.tensor(group, device=self.device)] = logits
+        return out
+
+    def _extend_group(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        n, L = len(chunks), max(len(c) for c in chunks)
+        ids, pos, keep, wrows = [], [], [], []
+        for i, (slot, c, s) in enumerate(zip(slots, chunks, starts)):
+            pad = L - len(c)
+            ids += [0] * pad + c
+            pos += [s] * pad + list(range(s, s + len(c)))  # a pad sits at the row's first new position
+            keep += range(i * L + pad, (i + 1) * L)
+            wrows += [slot] * len(c)
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev).view(n, L)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev).view(n, L)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+        span = max(s + len(c) for s, c in zip(starts, chunks))
+        mask = (self.positions[:span][None, None, :] <= pos_t[:, :, None]).unsqueeze(1)  # [n, 1, L, span]
+        if self.rep > 1:
+            mask = mask.unsqueeze(2).expand(n, 1, self.rep, L, span).reshape(n, 1, self.rep * L, span)
+        contiguous = slots == list(range(slots[0], slots[0] + n))
+        read = slice(slots[0], slots[0] + n) if contiguous else torch.tensor(slots, device=dev)
+        cos, sin = self._rope_tables(pos_t)
+        return self.core(F.embedding(ids_t, self.embed), cos, sin, mask,
+                         torch.tensor(wrows, dtype=torch.long, device=dev), pos_t.flatten()[keep_t], keep_t,
+                         read, self.cache.layers).float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int], *, free_slot: int | None = 1) -> torch.Tensor:
+        """Feed tokens[i] at positions[i] to the row in slot i (i < len(tokens)); next-token logits.
+
+        `free_slot`: a slot whose cache no row needs (None: none is), used by the compiled step for
+        a batch of one.
+        """
         if self.compiled and len(tokens) == 1:
+            if free_slot is None or (self.cache.max_slots is not None and free_slot >= self.cache.max_slots):
+                return self._decode_with(self.core, tokens, positions)
             # a batch of one would make the dynamic-shape compile specialise (and recompile) for
-            # size 1; run a throwaway second row in the free slot 1 instead
-            return self._decode_with(self.step_fn, tokens * 2, positions * 2)[:1]
+            # size 1; run a throwaway second row that writes into the free slot instead
+            return self._decode_with(self.step_fn, tokens * 2, positions * 2, scratch=free_slot)[:1]
         return self._decode_with(self.step_fn, tokens, positions)
 
-    def _decode_with(self, fn, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def _decode_with(self, fn, tokens: list[int], positions: list[int], scratch: int | None = None) -> torch.Tensor:
         n = len(tokens)
         span = max(positions) + 1
-        self.cache.ensure(n, span)
-        tok = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        rows = torch.arange(n, device=self.device)
-        cos, sin = self._rope_tables(pos)
+        dev = self.device
+        self.cache.ensure(max(n, (scratch or 0) + 1), span)
+        tok = torch.tensor(tokens, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        rows = torch.arange(n, device=dev) if scratch is None else torch.tensor([0, scratch], device=dev)
+        cos, sin = self._rope_tables(pos[:, None])
         # Each row sees its own prefix only: key t is visible to row i when t <= positions[i].
         mask = (self.positions[:span][None, :] <= pos[:, None]).view(n, 1, 1, span)
-        return fn(F.embedding(tok, self.embed), cos, sin, mask, rows, pos, self.cache.layers).float()
+        return fn(F.embedding(tok, self.embed)[:, None], cos, sin, mask, rows, pos, None, None,
+                  self.cache.layers).float()
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
+
+    def swap(self, a: int, b: int, length: int) -> None:
+        self.cache.swap(a, b, length)
 
     def release(self, slot: int) -> None:
         """Nothing to free: the slot's cache is overwritten by the next row that takes it."""
@@ -272,7 +342,9 @@ class LlamaRunner:
 class HFRunner:
     """Fallback for any causal LM: its own forward, one DynamicCache per row, one row at a time."""
 
-    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4):
+    fast_path = False
+
+    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4, max_slots: int | None = None):
         self.model = model
         self.max_len = max_len
         self.vocab_size = model.config.get_text_config().vocab_size
@@ -288,14 +360,17 @@ class HFRunner:
         return out.logits[0, -1].float()
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        return self.extend(list(range(first_slot, first_slot + len(prompts))), prompts, [0] * len(prompts))
+
+    def extend(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         rows = []
-        for i, p in enumerate(prompts):
-            cache = DynamicCache(config=self.model.config)
-            self.caches[first_slot + i] = cache
-            rows.append(self._forward(p, cache, 0))
+        for slot, c, s in zip(slots, chunks, starts):
+            if s == 0:
+                self.caches[slot] = DynamicCache(config=self.model.config)
+            rows.append(self._forward(c, self.caches[slot], s))
         return torch.stack(rows)
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int], *, free_slot: int | None = None) -> torch.Tensor:
         return torch.stack([self._forward([t], self.caches[i], p)
                             for i, (t, p) in enumerate(zip(tokens, positions))])
 
@@ -303,15 +378,18 @@ class HFRunner:
         if src != dst:
             self.caches[dst] = self.caches.pop(src)
 
+    def swap(self, a: int, b: int, length: int) -> None:
+        self.caches[a], self.caches[b] = self.caches.get(b), self.caches.get(a)
+
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
 
 
 def make_runner(model: torch.nn.Module, *, max_len: int, slots: int = 4, fast: bool | None = None,
-                compile: bool = False) -> LlamaRunner | HFRunner:
+                compile: bool = False, max_slots: int | None = None) -> LlamaRunner | HFRunner:
     """The fast path where it covers the model (or `fast=True` insists), else the HF fallback."""
     if fast is None:
         fast = fast_path_unsupported(model, max_len) is None
     if fast:
-        return LlamaRunner(model, max_len=max_len, slots=slots, compile=compile)
-    return HFRunner(model, max_len=max_len, slots=slots)
+        return LlamaRunner(model, max_len=max_len, slots=slots, compile=compile, max_slots=max_slots)
+    return HFRunner(model, max_len=max_len, slots=slots, max_slots=max_slots)

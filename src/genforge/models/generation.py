@@ -21,7 +21,9 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from genforge.common.errors import ConfigError, GenforgeError
 from genforge.models.fastdecode import HFRunner, LlamaRunner, make_runner
+from genforge.models.kvcache import fit_kv_budget, kv_bytes_per_position
 from genforge.models.lm import context_length
 from genforge.models.sampling import BatchSampler, RowSampler, SamplingParams
 
@@ -107,7 +109,7 @@ class Sequence:
         self.limit = min(max_model_len, len(self.prompt_ids) + params.max_new_tokens)
         self.pending = ""  # decoded text held back because it could still begin a stop string
         self.finish_reason: str | None = None
-        self.cancelled = False
+        self.prefilled = 0  # prompt tokens in the KV cache (chunked prefill)
         self.created = time.perf_counter()
 
     @property
@@ -161,56 +163,129 @@ class Sequence:
 class BatchGenerator:
     """Continuous batching over a runner: rows join and leave between decode steps.
 
-    Row i of `rows` owns cache slot i; a finished or cancelled row is removed at once and the last
-    row moves into its slot, so the batch stays compact (see models/kvcache.py).
+    The engine's loop is `add(new_sequences)` when slots are free, then `step()`, each returning
+    (Sequence, TokenEvent) pairs. A prompt longer than the prefill budget is prefilled in chunks
+    over successive calls (at most `max_prefill_tokens` prompt tokens per add+step round), and
+    the row joins the decode batch, with its first token, once its whole prompt is in the cache;
+    rows already decoding get a token at every step meanwhile. `rows` holds both kinds.
+
+    Slots: decoding rows own slots 0..d-1 (so a decode step reads a plain slice of the cache),
+    rows still prefilling the slots after them. A finished or cancelled row is removed at once and
+    the last row of its kind moves into its slot (see models/kvcache.py).
+
+    `kv_cache_bytes` bounds the KV cache: the batch is trimmed to what fits at `max_model_len`
+    (with a warning), and a context that does not fit even once is refused (ConfigError).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
-                 max_model_len: int | None = None, fast: bool | None = None, compile: bool = False):
+                 max_model_len: int | None = None, fast: bool | None = None, compile: bool = False,
+                 max_prefill_tokens: int = 512, kv_cache_bytes: int | None = None):
+        if max_prefill_tokens < 1:
+            raise ConfigError(f"max_prefill_tokens: must be >= 1, got {max_prefill_tokens}",
+                              param="max_prefill_tokens")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size = max_batch_size
         self.max_model_len = context_length(model, max_model_len)
-        self.runner: LlamaRunner | HFRunner = make_runner(model, max_len=self.max_model_len,
-                                                          slots=min(max_batch_size, 8), fast=fast,
-                                                          compile=compile)
+        self.device = next(model.parameters()).device
+        cfg = model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        per_position = kv_bytes_per_position(
+            cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, next(model.parameters()).dtype)
+        self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len, kv_cache_bytes)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.runner: LlamaRunner | HFRunner = make_runner(
+            model, max_len=self.max_model_len, slots=min(self.max_batch_size, 8), fast=fast, compile=compile,
+            max_slots=self.max_batch_size if kv_cache_bytes is not None else None)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = self.runner.vocab_size
-        self.device = next(model.parameters()).device
-        self.rows: list[Sequence] = []
         self.sampler = BatchSampler()
+        self._decoding: list[Sequence] = []
+        self._prefilling: list[Sequence] = []
+        self._budget = max_prefill_tokens  # prompt tokens left to prefill in this add+step round
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether the Llama fast path runs this model (False: the HF forward, one row at a time)."""
+        return self.runner.fast_path
+
+    @property
+    def rows(self) -> list[Sequence]:
+        """Every row holding a slot: decoding rows (slots 0..d-1), then rows still prefilling."""
+        return self._decoding + self._prefilling
+
+    @property
+    def num_prefilling(self) -> int:
+        return len(self._prefilling)
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch_size - len(self.rows)
+        return self.max_batch_size - len(self._decoding) - len(self._prefilling)
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         params.validate(self.max_model_len, len(prompt_ids))
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
-            from genforge.common.errors import GenforgeError
-
             raise GenforgeError(f"prompt: token id {bad[0]!r} is outside the vocabulary (0..{self.vocab_size - 1})",
                                 param="prompt")
         return Sequence(prompt_ids, params, self.tokenizer, eos_ids=self.eos_ids, vocab_size=self.vocab_size,
                         max_model_len=self.max_model_len, device=self.device)
 
     def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
-        """Prefill new rows together and sample their first tokens."""
+        """Take new rows and prefill what the round's budget allows; first tokens of rows whose
+        prompts are complete (the others follow from later `step()` calls)."""
         if not seqs:
             return []
         if len(seqs) > self.free_slots:
             raise ValueError(f"{len(seqs)} new rows but only {self.free_slots} free slots")
-        logits = self.runner.prefill(len(self.rows), [s.prompt_ids for s in seqs])
-        self.rows.extend(seqs)
-        return self._sample(logits, seqs)
+        for s in seqs:
+            s.prefilled = 0
+        self._prefilling.extend(seqs)
+        return self._prefill()
 
     def step(self) -> list[tuple[Sequence, TokenEvent]]:
-        """One batched decode step for every row; each row's next token event."""
-        if not self.rows:
+        """Prefill chunks within what is left of the round's budget, then one batched decode step
+        for every decoding row; each row's events. Ends the round (the budget is renewed)."""
+        events = self._prefill() if self._prefilling else []
+        self._budget = self.max_prefill_tokens
+        if self._decoding:
+            rows = list(self._decoding)
+            free = len(rows) + len(self._prefilling)
+            logits = self.runner.decode([s.tokens[-1] for s in rows], [s.length - 1 for s in rows],
+                                        free_slot=free if free < self.max_batch_size else None)
+            events += self._sample(logits, rows)
+        return events
+
+    def _prefill(self) -> list[tuple[Sequence, TokenEvent]]:
+        work: list[tuple[Sequence, int]] = []
+        for s in sorted(self._prefilling, key=lambda s: s.created):  # first come, first served
+            if self._budget <= 0:
+                break
+            take = min(len(s.prompt_ids) - s.prefilled, self._budget)
+            work.append((s, take))
+            self._budget -= take
+        if not work:
             return []
-        rows = list(self.rows)
-        logits = self.runner.decode([s.tokens[-1] for s in rows], [s.length - 1 for s in rows])
-        return self._sample(logits, rows)
+        first = len(self._decoding)
+        logits = self.runner.extend([first + self._prefilling.index(s) for s, _ in work],
+                                    [s.prompt_ids[s.prefilled:s.prefilled + k] for s, k in work],
+                                    [s.prefilled for s, _ in work])
+        for s, k in work:  # all counts first: a promotion swaps caches of these lengths
+            s.prefilled += k
+        done = [i for i, (s, _) in enumerate(work) if s.prefilled == len(s.prompt_ids)]
+        for i in done:
+            self._promote(work[i][0])
+        if not done:
+            return []
+        return self._sample(logits[torch.tensor(done, device=logits.device)], [work[i][0] for i in done])
+
+    def _promote(self, seq: Sequence) -> None:
+        """A fully prefilled row joins the decode batch: it takes the first prefilling slot."""
+        d, k = len(self._decoding), self._prefilling.index(seq)
+        if k:
+            other = self._prefilling[0]
+            self.runner.swap(d, d + k, max(seq.prefilled, other.prefilled))
+            self._prefilling[0], self._prefilling[k] = seq, other
+        self._decoding.append(self._prefilling.pop(0))
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
         tokens, lps, tops = self.sampler(logits, [s.sampler for s in rows])
@@ -221,21 +296,37 @@ class BatchGenerator:
         return out
 
     def remove(self, seq: Sequence) -> None:
-        """Free a row's slot now: the last row moves into it."""
-        i = self.rows.index(seq)
-        last = len(self.rows) - 1
-        if i != last:
-            mover = self.rows[last]
-            self.runner.move(last, i, mover.length)
-            self.rows[i] = mover
-        self.rows.pop()
+        """Free a row's slot now: the last row of its kind moves into it."""
+        d = len(self._decoding)
+        if seq in self._decoding:
+            i, last = self._decoding.index(seq), d - 1
+            if i != last:
+                mover = self._decoding[last]
+                self.runner.move(last, i, mover.length)
+                self._decoding[i] = mover
+            self._decoding.pop()
+            if self._prefilling:  # the last prefilling row fills the hole at the decode batch's end
+                mover = self._prefilling.pop()
+                self.runner.move(d + len(self._prefilling), last, mover.prefilled)
+                self._prefilling.insert(0, mover)
+                last = d + len(self._prefilling) - 1
+        else:
+            k = self._prefilling.index(seq)
+            last = d + len(self._prefilling) - 1
+            if d + k != last:
+                mover = self._prefilling[-1]
+                self.runner.move(last, d + k, mover.prefilled)
+                self._prefilling[k] = mover
+            self._prefilling.pop()
         self.runner.release(last)
 
     def reset(self) -> None:
         """Drop every row (after a failed step, whose cache state is unknown)."""
-        for slot in range(len(self.rows)):
+        for slot in range(len(self._decoding) + len(self._prefilling)):
             self.runner.release(slot)
-        self.rows.clear()
+        self._decoding.clear()
+        self._prefilling.clear()
+        self._budget = self.max_prefill_tokens
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """One sequence from prompt to finish (the batch must be otherwise empty)."""
