@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,16 +25,21 @@ BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 KINDS = ("byte-bpe", "char")
 
 
-def train_tokenizer(docs: Sequence[str], kind: str = "byte-bpe", vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A tokenizer of `kind` trained on `docs` with at most `vocab_size` tokens (specials included)."""
+def train_tokenizer(docs: Iterable[str], kind: str = "byte-bpe", vocab_size: int = 4096,
+                    length: int | None = None) -> PreTrainedTokenizerFast:
+    """A tokenizer of `kind` trained on `docs` with at most `vocab_size` tokens (specials included).
+
+    `docs` may be any iterable (a stream read from disk): both kinds keep counts, not texts.
+    `length` (the number of documents, when known) only feeds the trainer's progress estimate.
+    """
     if kind == "byte-bpe":
-        return _wrap(_train_byte_bpe(docs, vocab_size), unk=False)
+        return _wrap(_train_byte_bpe(docs, vocab_size, length), unk=False)
     if kind == "char":
         return _wrap(_train_char(docs, vocab_size), unk=True)
     raise DataError(f"unknown tokenizer kind {kind!r} (choose one of: {', '.join(KINDS)})", param="tokenizer")
 
 
-def _train_byte_bpe(docs: Sequence[str], vocab_size: int) -> Tokenizer:
+def _train_byte_bpe(docs: Iterable[str], vocab_size: int, length: int | None = None) -> Tokenizer:
     specials = [BOS, EOS, PAD]
     minimum = 256 + len(specials)
     if vocab_size < minimum:
@@ -45,7 +50,9 @@ def _train_byte_bpe(docs: Sequence[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer, length=len(docs))
+    if length is None and isinstance(docs, Sequence):
+        length = len(docs)
+    tok.train_from_iterator(docs, trainer, length=length)
     # BPE stops early once every word is a single token; a smaller vocabulary than asked would
     # silently change the model's embedding size, so say so instead.
     if tok.get_vocab_size() < vocab_size:
@@ -55,7 +62,7 @@ def _train_byte_bpe(docs: Sequence[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _train_char(docs: Sequence[str], vocab_size: int) -> Tokenizer:
+def _train_char(docs: Iterable[str], vocab_size: int) -> Tokenizer:
     specials = [BOS, EOS, PAD, UNK]
     if vocab_size < len(specials) + 1:
         raise DataError(f"vocab_size {vocab_size} is too small for char: it needs at least {len(specials) + 1} "
@@ -81,8 +88,26 @@ def _wrap(tok: Tokenizer, unk: bool) -> PreTrainedTokenizerFast:
                                    clean_up_tokenization_spaces=False, **extra)
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text (no special tokens added), batched in Rust; warns on unknown characters."""
+class UnknownChars:
+    """Characters encoded as the unknown token, collected over many `encode_texts` calls so a
+    streamed corpus gets one warning, not one per chunk."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.chars: set[str] = set()
+
+    def warn(self, tokenizer: PreTrainedTokenizerFast, stacklevel: int = 2) -> None:
+        if self.count:
+            unseen = sorted(self.chars)
+            shown = ", ".join(repr(c) for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+            warnings.warn(f"{self.count} character(s) are not in the tokenizer's vocabulary and were encoded as "
+                          f"{tokenizer.unk_token} ({shown})", UserWarning, stacklevel=stacklevel + 1)
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str],
+                 unknown: UnknownChars | None = None) -> list[list[int]]:
+    """Token ids of each text (no special tokens added), batched in Rust; warns on unknown characters
+    (or, given `unknown`, adds them to it and leaves the warning to the caller)."""
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     if isinstance(backend.model, models.WordLevel):
@@ -97,10 +122,11 @@ def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> li
         n_unk = sum(seq.count(unk_id) for seq in ids)
         if n_unk:
             vocab = tokenizer.get_vocab()
-            unseen = sorted({c for t in texts for c in t if c not in vocab})
-            shown = ", ".join(repr(c) for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
-            warnings.warn(f"{n_unk} character(s) are not in the tokenizer's vocabulary and were encoded as "
-                          f"{tokenizer.unk_token} ({shown})", UserWarning, stacklevel=2)
+            found = UnknownChars() if unknown is None else unknown
+            found.count += n_unk
+            found.chars.update(c for t in texts for c in set(t) if c not in vocab)
+            if unknown is None:
+                found.warn(tokenizer)
     return ids
 
 

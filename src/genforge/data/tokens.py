@@ -9,16 +9,25 @@ The validation split is the *last* `val_fraction` of the corpus, cut on the text
 tokenizer is trained, so the tokenizer never sees validation text. With several documents the
 cut falls on the document boundary nearest that point; a single document is cut at character
 int(n * (1 - val_fraction)), the same split nanoGPT-style baselines use.
+
+Preparation streams, so a corpus larger than memory prepares in bounded memory: documents are
+read in chunks, cleaned and deduplicated by digest one at a time and spooled to a scratch file
+inside the output's temporary folder; the tokenizer trains from an iterator over that file;
+token ids are appended to train.bin / val.bin chunk by chunk. Memory holds one chunk, a digest
+and a length per document, and the tokenizer's counts. (A single-document corpus is one string,
+and is held whole.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import struct
+from array import array
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -26,13 +35,16 @@ import torch
 from genforge.common.errors import DataError
 from genforge.common.progress import console, progress_bar
 from genforge.common.runs import atomic_dir
-from genforge.data.clean import clean_documents
-from genforge.data.text import load_documents
-from genforge.data.tokenizer import KINDS, encode_texts, load_tokenizer, train_tokenizer
+from genforge.data.clean import CleanCounts, clean_stream
+from genforge.data.text import iter_documents
+from genforge.data.tokenizer import KINDS, UnknownChars, encode_texts, load_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val")
-# Texts per encode_batch call: large enough for Rust to parallelise, small enough to show progress.
-_ENCODE_CHUNK_CHARS = 4_000_000
+# Characters per encode_batch call: large enough for Rust to parallelise, small enough that the
+# encodings of one chunk (ids, offsets, tokens) stay a few tens of MB.
+_ENCODE_CHUNK_CHARS = 1 << 20
+_SPOOL = ".documents.spool"
+_LEN = struct.Struct("<Q")
 
 
 def prepare_text_dataset(input: str, out: str | Path, *, tokenizer: str = "byte-bpe", vocab_size: int = 4096,
@@ -44,41 +56,137 @@ def prepare_text_dataset(input: str, out: str | Path, *, tokenizer: str = "byte-
     """
     out = Path(out)
     _check_args(input, out, tokenizer, vocab_size, val_fraction)
-    with console.status(f"loading {input}"):
-        loaded = load_documents(input, field=field, doc_split=doc_split)
-        cleaned = clean_documents(loaded, min_chars=min_chars, max_chars=max_chars)
-    if not cleaned.docs:
-        raise DataError(f"no text left after cleaning {input}: {len(loaded)} documents loaded, "
-                        f"{cleaned.filtered} outside the length limits (min_chars={min_chars}, "
-                        f"max_chars={max_chars}), {cleaned.duplicates_removed} duplicates", param="input")
-    train_texts, val_texts, cut_inside = split_documents(cleaned.docs, val_fraction)
-    with console.status(f"training {tokenizer} tokenizer (vocab {vocab_size})"):
-        tok = train_tokenizer(train_texts, tokenizer, vocab_size)
-    # A document cut in two ends only once, in the val split.
-    train_ids = _encode_stream(tok, train_texts, "train", eos_last=not cut_inside)
-    val_ids = _encode_stream(tok, val_texts, "val", eos_last=True)
-    for name, ids in (("train", train_ids), ("val", val_ids)):
-        if len(ids) < 2:
-            raise DataError(f"the {name} split has only {len(ids)} token(s); it needs at least 2 "
-                            f"(use more data or a different val_fraction than {val_fraction})", param="val_fraction")
+    docs = iter_documents(input, field=field, doc_split=doc_split)  # checks the input before any writing
+    counts = CleanCounts()
+    with atomic_dir(out) as tmp:
+        spool = tmp / _SPOOL
+        with console.status(f"reading and cleaning {input}"):
+            lengths = _spool(clean_stream(docs, counts, min_chars, max_chars), spool)
+        if not lengths:
+            raise DataError(f"no text left after cleaning {input}: {counts.loaded} documents loaded, "
+                            f"{counts.filtered} outside the length limits (min_chars={min_chars}, "
+                            f"max_chars={max_chars}), {counts.duplicates_removed} duplicates", param="input")
+        k, char_cut = _split_point(lengths, val_fraction)
 
-    dtype = np.uint16 if len(tok) < 2**16 else np.uint32
-    stats: dict[str, Any] = {
-        "kind": "text", "source": input, "documents": len(cleaned.docs), "documents_loaded": len(loaded),
-        "duplicates_removed": cleaned.duplicates_removed, "filtered": cleaned.filtered,
-        "tokens": {"train": int(len(train_ids)), "val": int(len(val_ids))},
-        "bytes": {"train": _utf8_bytes(train_texts), "val": _utf8_bytes(val_texts)},
-        "vocab_size": len(tok), "tokenizer": tokenizer, "dtype": np.dtype(dtype).name,
-        "val_fraction": val_fraction, "doc_split": doc_split or "paragraph", "field": field,
-        "min_chars": min_chars, "max_chars": max_chars, "seed": seed,
-    }
-    with console.status(f"writing {out}"), atomic_dir(out) as tmp:
-        train_ids.astype(dtype).tofile(tmp / "train.bin")
-        val_ids.astype(dtype).tofile(tmp / "val.bin")
+        def split_texts(name: str) -> Iterator[str]:
+            if char_cut is not None:  # one document, cut in two
+                (text,) = _unspool(spool)
+                yield text[:char_cut] if name == "train" else text[char_cut:]
+            else:
+                yield from _unspool(spool, *((0, k) if name == "train" else (k, len(lengths))))
+
+        with console.status(f"training {tokenizer} tokenizer (vocab {vocab_size})"):
+            tok = train_tokenizer(split_texts("train"), tokenizer, vocab_size,
+                                  length=k if char_cut is None else 1)
+        dtype = np.uint16 if len(tok) < 2**16 else np.uint32
+        unknown = UnknownChars()
+        n_tokens, n_bytes = {}, {}
+        for name in SPLITS:
+            total = sum(lengths[:k]) if name == "train" else sum(lengths[k:])
+            if char_cut is not None:
+                total = char_cut if name == "train" else lengths[0] - char_cut
+            # A document cut in two ends only once, in the val split.
+            with (tmp / f"{name}.bin").open("wb") as f:
+                n_tokens[name], n_bytes[name] = _encode_to(f, tok, split_texts(name), dtype, name, total,
+                                                           eos_last=name == "val" or char_cut is None,
+                                                           unknown=unknown)
+        unknown.warn(tok, stacklevel=2)
+        spool.unlink()
+        for name in SPLITS:
+            if n_tokens[name] < 2:
+                raise DataError(f"the {name} split has only {n_tokens[name]} token(s); it needs at least 2 "
+                                f"(use more data or a different val_fraction than {val_fraction})",
+                                param="val_fraction")
+        stats: dict[str, Any] = {
+            "kind": "text", "source": input, "documents": len(lengths), "documents_loaded": counts.loaded,
+            "duplicates_removed": counts.duplicates_removed, "filtered": counts.filtered,
+            "tokens": n_tokens, "bytes": n_bytes,
+            "vocab_size": len(tok), "tokenizer": tokenizer, "dtype": np.dtype(dtype).name,
+            "val_fraction": val_fraction, "doc_split": doc_split or "paragraph", "field": field,
+            "min_chars": min_chars, "max_chars": max_chars, "seed": seed,
+        }
         tok.save_pretrained(str(tmp / "tokenizer"))
         stats["content_hash"] = content_hash(tmp)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     return stats
+
+
+def _spool(docs: Iterable[str], path: Path) -> array:
+    """Write `docs` to `path` (length-prefixed UTF-8); return their lengths in characters."""
+    lengths = array("q")  # 8 bytes a document: what the split point needs, without the texts
+    with path.open("wb") as f:
+        for doc in docs:
+            data = doc.encode("utf-8")
+            f.write(_LEN.pack(len(data)))
+            f.write(data)
+            lengths.append(len(doc))
+    return lengths
+
+
+def _unspool(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Documents start..stop-1 of a spool file, read one at a time."""
+    with path.open("rb") as f:
+        i = 0
+        while stop is None or i < stop:
+            head = f.read(_LEN.size)
+            if not head:
+                return
+            (n,) = _LEN.unpack(head)
+            if i < start:
+                f.seek(n, 1)
+            else:
+                yield f.read(n).decode("utf-8")
+            i += 1
+
+
+def _split_point(lengths: array, val_fraction: float) -> tuple[int, int | None]:
+    """(number of train documents, character cut inside the one document or None): val is the last fraction."""
+    if len(lengths) == 1:
+        return 1, int(lengths[0] * (1 - val_fraction))
+    ends = np.cumsum(np.frombuffer(lengths, dtype=np.int64))
+    target = ends[-1] * (1 - val_fraction)
+    # Boundary k puts docs[:k] in train; both splits keep at least one document.
+    return 1 + int(np.argmin(np.abs(ends[:-1] - target))), None
+
+
+def _chunked(texts: Iterable[str], chars: int) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for t in texts:
+        chunk.append(t)
+        size += len(t)
+        if size >= chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_to(f: BinaryIO, tok: Any, texts: Iterable[str], dtype: type, name: str, total_chars: int, *,
+               eos_last: bool, unknown: UnknownChars) -> tuple[int, int]:
+    """Append the ids of `texts` to `f`, EOS after each (but the last unless `eos_last`); (tokens, UTF-8 bytes)."""
+    eos = np.asarray([tok.eos_token_id], dtype=dtype)
+    n_tokens = n_bytes = 0
+    pending_eos = False  # EOS of the previous document, written once the next one shows it was not last
+    bar = progress_bar(transient=True)
+    # Off a terminal a transient bar would only leave blank lines on stderr.
+    bar.disable = not console.is_terminal
+    with bar:
+        task = bar.add_task(f"encoding {name}", total=total_chars, info="")
+        for chunk in _chunked(texts, _ENCODE_CHUNK_CHARS):
+            for text, ids in zip(chunk, encode_texts(tok, chunk, unknown)):
+                if pending_eos:
+                    f.write(eos.tobytes())
+                    n_tokens += 1
+                arr = np.asarray(ids, dtype=dtype)
+                f.write(arr.tobytes())
+                n_tokens += len(arr)
+                n_bytes += len(text.encode("utf-8"))
+                pending_eos = True
+            bar.advance(task, sum(len(t) for t in chunk))
+    if pending_eos and eos_last:
+        f.write(eos.tobytes())
+        n_tokens += 1
+    return n_tokens, n_bytes
 
 
 def _check_args(input: str, out: Path, tokenizer: str, vocab_size: int, val_fraction: float) -> None:
@@ -100,57 +208,17 @@ def _check_args(input: str, out: Path, tokenizer: str, vocab_size: int, val_frac
                             "(an existing dataset folder is replaced)", param="out")
 
 
-def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str], bool]:
-    """(train texts, val texts, whether one document was cut in two): val is the last fraction."""
-    if len(docs) == 1:
-        text = docs[0]
-        cut = int(len(text) * (1 - val_fraction))
-        return [text[:cut]], [text[cut:]], True
-    ends = np.cumsum([len(d) for d in docs])
-    target = ends[-1] * (1 - val_fraction)
-    # Boundary k puts docs[:k] in train; both splits keep at least one document.
-    k = 1 + int(np.argmin(np.abs(ends[:-1] - target)))
-    return list(docs[:k]), list(docs[k:]), False
-
-
-def _encode_stream(tok: Any, texts: list[str], name: str, eos_last: bool) -> np.ndarray:
-    """Concatenated ids of `texts` with EOS after each (except the last when `eos_last` is False)."""
-    eos = tok.eos_token_id
-    chunks, start, size = [], 0, 0
-    for i, t in enumerate(texts):
-        size += len(t)
-        if size >= _ENCODE_CHUNK_CHARS or i == len(texts) - 1:
-            chunks.append(texts[start:i + 1])
-            start, size = i + 1, 0
-    parts: list[np.ndarray] = []
-    bar = progress_bar(transient=True)
-    # Off a terminal a transient bar would only leave blank lines on stderr.
-    bar.disable = not console.is_terminal
-    with bar:
-        task = bar.add_task(f"encoding {name}", total=sum(len(t) for t in texts), info="")
-        for chunk in chunks:
-            for ids in encode_texts(tok, chunk):
-                ids.append(eos)
-                parts.append(np.asarray(ids, dtype=np.int64))
-            bar.advance(task, sum(len(t) for t in chunk))
-    if not eos_last and parts:
-        parts[-1] = parts[-1][:-1]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def _utf8_bytes(texts: list[str]) -> int:
-    return sum(len(t.encode("utf-8")) for t in texts)
-
-
 def content_hash(folder: str | Path) -> str:
     """sha256 over the token files and tokenizer.json: equal hashes mean equal training data."""
     folder = Path(folder)
     h = hashlib.sha256()
     for rel in ("train.bin", "val.bin", "tokenizer/tokenizer.json"):
-        data = (folder / rel).read_bytes()
+        path = folder / rel
         # Name and length in front of each file, so moving bytes between files changes the hash.
-        h.update(f"{rel}:{len(data)}:".encode())
-        h.update(data)
+        h.update(f"{rel}:{path.stat().st_size}:".encode())
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
     return h.hexdigest()
 
 
