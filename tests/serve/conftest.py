@@ -97,6 +97,7 @@ class Live:
 
     url: str
     api_key: str = "unused"
+    app: object = None  # the in-process Gate (its .state has service and metrics), when there is one
 
     @property
     def v1(self) -> str:
@@ -119,10 +120,13 @@ class Live:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[Live]:
-    """Run `app` under a real uvicorn on a free port in a background thread."""
+def serve_in_thread(app, **config) -> Iterator[Live]:
+    """Run `app` under a real uvicorn, configured as `genforge serve` does (serve/http.py; `config`
+    overrides, e.g. root_path or header_timeout), on a free port in a background thread."""
+    from genforge.serve.http import uvicorn_config
+
     sock = free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -136,6 +140,19 @@ def serve_in_thread(app) -> Iterator[Live]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@contextlib.contextmanager
+def lm_server(lm, config: dict | None = None, **app_kw) -> Iterator[Live]:
+    """A fresh in-process app (its own engine) over the shared lm-nano, with `app_kw` settings."""
+    from genforge.serve.server import create_app
+
+    model, tokenizer = lm
+    app_kw.setdefault("served_model_name", MODEL_NAME)
+    app = create_app(model=model, tokenizer=tokenizer, **app_kw)
+    with serve_in_thread(app, **(config or {})) as live:
+        live.app = app
+        yield live
 
 
 @pytest.fixture(scope="session")
