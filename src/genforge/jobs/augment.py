@@ -27,7 +27,8 @@ from genforge.common.runs import RunDir, atomic_write_text, update_report
 from genforge.data.images import ImageBatches, ImageDataConfig
 from genforge.jobs.image_eval import classifier_recipe, run_dataset
 from genforge.models.classifier import ClassifierSpec, build_classifier, embed
-from genforge.models.diffusion import DiffusionModel, load_image_generator
+from genforge.models.diffusion import DiffusionModel
+from genforge.models.image_generators import load_image_generator
 from genforge.train.classifier import ClassifierObjective
 from genforge.train.loop import pick_device, train
 

@@ -39,7 +39,7 @@ from genforge.eval.image import (
 )
 from genforge.jobs.imagegen import grid_scale
 from genforge.models.classifier import embed, load_classifier
-from genforge.models.diffusion import load_image_generator
+from genforge.models.image_generators import load_image_generator
 
 CLASSIFIER_RECIPE = {  # the same as configs/classifier.yaml
     "model": {"channels": [32, 64], "feature_dim": 64, "norm_groups": 8, "dropout": 0.2},

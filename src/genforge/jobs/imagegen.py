@@ -15,7 +15,8 @@ from genforge.common.errors import GenforgeError
 from genforge.common.progress import progress_bar
 from genforge.common.runs import RunDir, atomic_dir, atomic_write_text
 from genforge.data.images import save_image_grid
-from genforge.models.diffusion import DiffusionModel, load_image_generator
+from genforge.models.diffusion import DiffusionModel
+from genforge.models.image_generators import load_image_generator
 
 MAX_SAMPLES = 4096
 

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genforge.common.errors import GenforgeError
-from genforge.models.diffusion import load_image_generator
+from genforge.models.image_generators import load_image_generator
 
 MAX_N = 64
 MAX_WORK = 6400  # n x steps per request: 64 images of 100 steps, or 6 of 1000 DDPM steps
