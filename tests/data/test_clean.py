@@ -1,7 +1,7 @@
 import pytest
 
 from genforge.common.errors import DataError
-from genforge.data.clean import clean_documents, dedupe, length_filter, normalize
+from genforge.data.clean import Deduper, clean_documents, normalize
 
 
 def test_normalize_is_nfc_and_trimmed():
@@ -17,8 +17,10 @@ def test_clean_counts_duplicates_and_filtered():
 
 
 def test_small_pieces():
-    assert dedupe(["b", "a", "b"]) == (["b", "a"], 1)
-    assert length_filter(["ab", "abcd", "a"], min_chars=2, max_chars=3) == (["ab"], 2)
+    seen = Deduper()
+    assert [seen.first_time(d) for d in ["b", "a", "b"]] == [True, True, False]
+    assert clean_documents(["b", "a", "b"]) == (["b", "a"], 1, 0)
+    assert clean_documents(["ab", "abcd", "a"], min_chars=2, max_chars=3) == (["ab"], 0, 2)
 
 
 def test_bad_limits():

@@ -26,17 +26,6 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
 
-def length_filter(docs: Iterable[str], min_chars: int = 1, max_chars: int | None = None) -> tuple[list[str], int]:
-    """Keep documents with min_chars <= len <= max_chars; also return how many were dropped."""
-    kept, dropped = [], 0
-    for doc in docs:
-        if len(doc) < min_chars or (max_chars is not None and len(doc) > max_chars):
-            dropped += 1
-        else:
-            kept.append(doc)
-    return kept, dropped
-
-
 class Deduper:
     """Remembers a 16-byte digest of every text it has seen, never the text, so memory stays small
     (tens of bytes per document) however large the corpus is."""
@@ -50,18 +39,6 @@ class Deduper:
             return False
         self._seen.add(key)
         return True
-
-
-def dedupe(docs: Iterable[str]) -> tuple[list[str], int]:
-    """First occurrence of each exact text, in order; also return how many copies were removed."""
-    seen = Deduper()
-    kept, removed = [], 0
-    for doc in docs:
-        if seen.first_time(doc):
-            kept.append(doc)
-        else:
-            removed += 1
-    return kept, removed
 
 
 @dataclass
