@@ -113,3 +113,32 @@ def test_random_churn_equals_one_at_a_time(model, tok, seed):
     assert len(done) >= 8
     for i in done:
         assert out[i] == alone[i], i
+
+
+@pytest.mark.slow
+def test_compiled_batch_of_one_leaves_a_prefilling_row_alone(model, tok):
+    """The compiled step runs a batch of one as two rows; the throwaway row must write into a free
+    slot, not into the cache of the row being prefilled in slot 1."""
+    long = [5 + (i * 11) % 250 for i in range(120)]
+    short = tok.encode(CORPUS[0])
+    ref = LlamaRunner(model, max_len=256)
+    ref.prefill(0, [long])
+    single = BatchGenerator(model, tok, max_batch_size=1)
+    alone = [[e.token_id for e in single.generate(p, _greedy(6))] for p in (short, long)]
+    gen = BatchGenerator(model, tok, max_batch_size=3, max_prefill_tokens=16, compile=True)
+    assert gen.runner.compiled
+    a, b = gen.new_sequence(short, _greedy(6)), gen.new_sequence(long, _greedy(6))
+    out: dict[int, list[int]] = {0: [], 1: []}
+    events = gen.add([a])
+    events += gen.add([b])  # b is prefilled 16 tokens a round in slot 1 while a decodes alone
+    while gen.rows:
+        for s, ev in events:
+            out[0 if s is a else 1].append(ev.token_id)
+        if b in gen.rows and 0 < b.prefilled < len(long):  # b's cache so far is exactly its prefill's
+            slot, n = gen.rows.index(b), b.prefilled
+            for mine, want in zip(gen.runner.cache.layers, ref.cache.layers):
+                assert (mine[slot, :, :n] - want[0, :, :n]).abs().max() < 1e-4
+        events = gen.step()
+    for s, ev in events:
+        out[0 if s is a else 1].append(ev.token_id)
+    assert out[0] == alone[0] and out[1] == alone[1]
