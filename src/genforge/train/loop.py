@@ -167,7 +167,8 @@ def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir,
                 bar.console.print(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
                 is_best = last_val.get("val_loss", math.inf) < best
                 best = min(best, last_val.get("val_loss", math.inf))
-            if _due(done, cfg.checkpoint_every, last) or is_best:
+            periodic = _due(done, cfg.checkpoint_every, last)
+            if periodic or is_best:
                 tensors = {"modules": {n: m.state_dict() for n, m in objective.modules.items()},
                            "optimizers": [o.state_dict() for o in stepper.optimizers],
                            "ema": ema.shadow if ema else None,
@@ -175,11 +176,9 @@ def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir,
                 meta = {"step": done, "signature": objective.signature(), "train": checkpoint.training_recipe(cfg),
                         "best_val_loss": best, "elapsed": elapsed_before + time.perf_counter() - t0,
                         "tokens": tokens}
-                if _due(done, cfg.checkpoint_every, last):
-                    checkpoint.save(run, f"step-{done}", tensors, meta)
-                    checkpoint.prune(run, cfg.keep_last)
-                if is_best:
-                    checkpoint.save(run, "best", tensors, meta)
+                for name in [f"step-{done}"] * periodic + ["best"] * is_best:
+                    checkpoint.save(run, name, tensors, meta)
+                checkpoint.prune(run, cfg.keep_last)
             bar.update(task, completed=done)
             if timed_out and done < steps:
                 stopped_early = True
