@@ -37,6 +37,19 @@ def _rows(run: RunDir) -> list[dict]:
     return rows
 
 
+def _last_step(run: RunDir) -> int:
+    try:
+        tail = run.metrics_path.read_bytes()[-400:].decode("utf-8", "replace").split("\n")
+    except FileNotFoundError:
+        return 0
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
 def _train_losses(rows: list[dict]) -> dict[int, float]:
     steps = [r["step"] for r in rows if "loss" in r]
     assert len(steps) == len(set(steps)), "a step was logged twice"
@@ -56,13 +69,15 @@ def test_sigkill_at_a_random_moment_then_resume_loses_nothing(tmp_path, char_dat
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
+        # a random moment after the first checkpoint: past a random step, plus a random fraction of a step
+        rs = random.Random()
+        target, jitter = rs.randint(6, steps - 60), rs.uniform(0.0, 0.02)
         deadline = time.monotonic() + 120
-        while not run.checkpoints() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        while _last_step(run) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
         assert run.checkpoints(), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint"
-        delay = random.Random().uniform(0.0, 1.0)  # a random moment after the first checkpoint
-        time.sleep(delay)
-        assert proc.poll() is None, "the run ended before it could be killed; raise max_steps"
+        time.sleep(jitter)
+        assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -73,7 +88,7 @@ def test_sigkill_at_a_random_moment_then_resume_loses_nothing(tmp_path, char_dat
 
     last = run.latest_checkpoint()
     k = int(last.name.split("-")[1])
-    assert 0 < k < steps, (k, delay)
+    assert 0 < k < steps, (k, target, jitter)
     tensors, meta = checkpoint.load(last, torch.device("cpu"))  # the last checkpoint is complete
     assert meta["step"] == k and set(tensors) >= {"modules", "optimizers", "rng"}
     assert not run.model_dir.exists()  # killed before the end: no exported model
