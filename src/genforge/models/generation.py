@@ -4,8 +4,9 @@
     TokenEvent            one generated token: its id, new text, logprobs, finish reason
     Sequence              one request: detokenizes incrementally, applies stop strings / stop ids /
                           EOS / length, turns each sampled token into a TokenEvent
-    BatchGenerator        rows join (prefill) and leave between decode steps; one batched decode
-                          step for all rows; a finished row frees its cache slot at once
+    BatchGenerator        rows join (prefill, in chunks for long prompts) and leave between decode
+                          steps; one batched decode step for all rows; a finished row frees its
+                          cache slot at once; `fast_path` says which runner it uses
     generate(...)         the single-sequence path (eval, the CLI) on the same pieces
 
 `serve.engine.Engine` is a scheduler thread around a BatchGenerator.
