@@ -22,7 +22,8 @@ def tiny_gan(loss: str, n_critic: int = 1) -> GANObjective:
 
 
 @pytest.mark.parametrize("loss, n_critic, updates_per_step", [("dcgan", 1, 1), ("wgan-gp", 3, 3)])
-def test_grad_scaler_updates_once_per_round_and_backward_runs_outside_autocast(loss, n_critic, updates_per_step):
+def test_grad_scaler_updates_once_per_round_and_backward_runs_outside_autocast(loss, n_critic, updates_per_step,
+                                                                             monkeypatch):
     gan = tiny_gan(loss, n_critic)
     cfg = TrainConfig(max_steps=10, lr=1e-3, precision="fp16")
     stepper = Stepper(gan.optimizers(cfg), cfg, torch.device("cpu"), torch.float16)
@@ -33,6 +34,14 @@ def test_grad_scaler_updates_once_per_round_and_backward_runs_outside_autocast(l
     for m in gan.modules.values():
         for p in m.parameters():
             p.register_hook(lambda grad: in_autocast.append(torch.is_autocast_enabled("cpu")) or grad)
+    real_grad = torch.autograd.grad
+    grad_in_autocast: list[bool] = []
+
+    def spy_grad(*args, **kwargs):  # the gradient penalty's input gradients are a backward pass too
+        grad_in_autocast.append(torch.is_autocast_enabled("cpu"))
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy_grad)
     batch = {"images": torch.rand(4 * n_critic, 1, 8, 8) * 2 - 1, "labels": torch.zeros(4 * n_critic, dtype=torch.long)}
     steps = 3
     for _ in range(steps):
@@ -43,6 +52,7 @@ def test_grad_scaler_updates_once_per_round_and_backward_runs_outside_autocast(l
     # WGAN-GP steps its critic n_critic times, and GradScaler allows one step per optimizer per update
     assert update.call_count == steps * updates_per_step
     assert in_autocast and not any(in_autocast)  # every gradient was computed outside autocast
+    assert len(grad_in_autocast) == (steps * n_critic if loss == "wgan-gp" else 0) and not any(grad_in_autocast)
 
 
 def test_single_optimizer_path_updates_the_scaler_once_per_step():

@@ -100,10 +100,11 @@ class GANObjective(MultiStep):
                 if self.spec.loss == "dcgan":
                     loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
                 else:
-                    gp = self._gradient_penalty(real, fake, y)
                     w = d_real.mean() - d_fake.mean()
-                    loss_d = -w + self.spec.gp_lambda * gp
-                    row["w_dist"], row["gp"] = float(w.detach()), float(gp.detach())
+            if self.spec.loss == "wgan-gp":
+                gp = self._gradient_penalty(real, fake, y, stepper)
+                loss_d = -w + self.spec.gp_lambda * gp
+                row["w_dist"], row["gp"] = float(w.detach()), float(gp.detach())
             stepper.update(1, loss_d)  # backward outside autocast
         row["loss_d"] = float(loss_d.detach())
         # generator step: D's parameters are frozen so no stale gradients reach its next step
@@ -120,11 +121,14 @@ class GANObjective(MultiStep):
             row["d_fake"] = float(torch.sigmoid(d_fake.detach()).mean())
         return row
 
-    def _gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor,
+                          stepper: Stepper) -> torch.Tensor:
         eps = torch.rand(len(real), 1, 1, 1, device=real.device, dtype=real.dtype)
-        mix = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.d(mix, self._labels(y)).sum(), mix, create_graph=True)
-        return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        mix = (eps * real + (1 - eps) * fake.to(real.dtype)).requires_grad_(True)
+        with stepper.autocast():
+            score = self.d(mix, self._labels(y)).sum()
+        (grad,) = stepper.grad(score, mix)  # a backward pass too: outside autocast, loss-scaled under fp16
+        return (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
 
     def eval_step(self, batch: dict) -> dict[str, float]:
         real, y = batch["images"], batch["labels"]

@@ -10,7 +10,8 @@ A family never subclasses the loop. It hands over two small objects:
   `MultiStep.step(batch, stepper)` (several optimizers, e.g. a GAN alternating critic and
   generator: the family computes each loss under `stepper.autocast()` and hands it to
   `stepper.update(i, loss)`, which backpropagates outside autocast and steps optimizer `i` with
-  the loop's clipping and grad scaling).
+  the loop's clipping and grad scaling; a gradient penalty takes its input gradients from
+  `stepper.grad(output, inputs)`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class Stepper(Protocol):
         ...
 
     def update(self, i: int, loss: torch.Tensor) -> float:
+        ...
+
+    def grad(self, output: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """d output / d inputs with a graph (a gradient penalty), computed outside autocast."""
         ...
 
 

@@ -69,6 +69,16 @@ class Stepper:
         self.backward(loss)
         return self.step(i)
 
+    def grad(self, output: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """d output / d inputs, differentiable (for a gradient penalty); computed outside autocast and,
+        under fp16, on the scaled output and then unscaled, so small gradients do not underflow
+        (the gradient-penalty recipe of torch's AMP examples)."""
+        if self.scaler is None:
+            return torch.autograd.grad(output, inputs, create_graph=True)
+        scaled = torch.autograd.grad(self.scaler.scale(output), inputs, create_graph=True)
+        inv = 1.0 / self.scaler.get_scale()
+        return tuple(g * inv for g in scaled)
+
     def end_step(self) -> None:
         """Called once at the end of every loop step."""
         if self.scaler is not None and self._stepped:
