@@ -71,8 +71,9 @@ def test_resume_with_a_different_model_is_refused(tmp_path, char_dataset, tiny_r
         run_recipe(recipe, ["model.hidden_size=48", "train.time_budget=null"], resume=True)
     with pytest.raises(RunError, match="already exists"):
         run_recipe(recipe)
-    ckpts = RunDir(tmp_path / "runs" / "r").checkpoints()
-    assert [p.name for p in ckpts] == ["step-1"]  # the refused runs damaged nothing
+    run = RunDir(tmp_path / "runs" / "r")
+    assert [p.name for p in run.checkpoints()] == ["step-1"]  # the refused runs damaged nothing
+    assert not run.segment_recipes()  # and recorded no segment that never ran
 
 
 def test_time_budget_cuts_the_run_short_but_exports(tmp_path, char_dataset, tiny_recipe):

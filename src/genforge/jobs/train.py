@@ -14,7 +14,7 @@ from genforge.common.errors import DataError, RunError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, environment_info, update_report
 from genforge.train import classifier, diffusion, gan, lm, vae
-from genforge.train.checkpoint import read_meta, resume_point
+from genforge.train.checkpoint import check_same_model, read_meta, resume_point
 from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
 from genforge.train.objective import DataSource, Objective
 
@@ -68,10 +68,10 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
         raise RunError(f"run {run.path} already exists; continue it with --resume, "
                        f"or train under another name (--set name=...)")
     dataset = dataset_identity(recipe.dataset)
-    resumed_from = None
+    saved = None
     if resume:
         # Refused before anything is built or written: no checkpoint, or a changed training recipe.
-        resumed_from = read_meta(resume_point(run, cfg))["step"]
+        saved = read_meta(resume_point(run, cfg))
     if resume and run.recipe_path.is_file():
         recorded = run.read_recipe().get("_provenance", {}).get("dataset", {})
         if recorded.get("content_hash") not in (None, dataset["content_hash"]):
@@ -82,8 +82,11 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     objective, data = build_family(recipe, device)
+    if saved is not None:  # ... or a changed model: refused before this segment's recipe is written
+        check_same_model(saved["signature"], objective.signature(), run)
     run.create()
-    run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)}, resumed_from=resumed_from)
+    run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)},
+                     resumed_from=saved["step"] if saved is not None else None)
     console.print(f"training [bold]{recipe.name}[/] ({recipe.family}) on {device}, "
                   f"precision {str(pick_dtype(cfg.precision, device)).replace('torch.', '')}")
     result = train(objective, data, cfg, run, device=device, resume=resume)
