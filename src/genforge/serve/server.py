@@ -41,7 +41,10 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 # ---------------------------------------------------------------- validation errors -> OpenAI 400s
 
-_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|function-.*|.*\[.*\])$")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|function-.*|constrained-.*|.*\[.*\])$")
+
+
+_TYPE_MISMATCH = re.compile(r"(_type|_parsing|_from_float|^missing)$")
 
 
 def _param_of(loc: tuple) -> str | None:
@@ -59,7 +62,9 @@ def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = list(exc.errors())
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    # In a union (stop: str | list[str]) every alternative reports; the one whose type fitted and
+    # whose value did not ("stop[1]: at most 256 characters") says more than "not a string".
+    first = next((e for e in errors if not _TYPE_MISMATCH.search(str(e.get("type", "")))), errors[0])
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"request body is not valid JSON ({detail} at position {first['loc'][-1]})", None
