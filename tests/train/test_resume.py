@@ -50,6 +50,17 @@ def test_resume_refuses_a_changed_training_config(stopped, override, field, old,
     assert [p.name for p in run.checkpoints()] == ["step-1"]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.dropout=0.1", "model.dropout changed from None to 0.1 since"),
+    ("model.rope_theta=500", "model.rope_theta changed from None to 500 since"),
+])
+def test_resume_refuses_a_changed_model_section_outside_the_signature(stopped, override, message):
+    recipe, run = stopped
+    with pytest.raises(ConfigError, match=message):
+        run_recipe(recipe, [override, "train.time_budget=null"], resume=True)
+    assert not run.segment_recipes()
+
+
 def test_cli_names_the_changed_field_on_one_line(stopped, capsys):
     recipe, _ = stopped
     code = main(["train", str(recipe), "--resume", "--set", "train.lr=0.002"])

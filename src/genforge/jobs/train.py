@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from genforge.common.config import Recipe, load_recipe, to_dict
-from genforge.common.errors import DataError, RunError
+from genforge.common.errors import ConfigError, DataError, RunError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, environment_info, update_report
 from genforge.train import classifier, diffusion, gan, lm, vae
@@ -84,6 +84,7 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     objective, data = build_family(recipe, device)
     if saved is not None:  # ... or a changed model: refused before this segment's recipe is written
         check_same_model(saved["signature"], objective.signature(), run)
+        _check_same_sections(run, recipe)
     run.create()
     run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)},
                      resumed_from=saved["step"] if saved is not None else None)
@@ -93,6 +94,27 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     update_report(run, "header", _header(recipe, dataset))
     update_report(run, "training", _training_section(recipe, objective, result, device, run))
     return TrainOutcome(run=run, recipe=recipe, result=result)
+
+
+def _flat(tree: object, prefix: str) -> dict[str, object]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def _check_same_sections(run: RunDir, recipe: Recipe) -> None:
+    """The model, data and lora sections as the run started (the signature covers only the
+    architecture; a changed dropout, gradient penalty or augmentation would also change training)."""
+    first = run.read_recipe() if run.recipe_path.is_file() else {}
+    now = to_dict(recipe)
+    for section in ("model", "data", "lora"):
+        old, new = _flat(first.get(section) or {}, section), _flat(now.get(section) or {}, section)
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"{k} changed from {old.get(k)!r} to {new.get(k)!r} since {run.path} was started; "
+                              "a resume continues the same training: set it back or train under a new name",
+                              param=k)
 
 
 def _header(recipe: Recipe, dataset: dict) -> str:
