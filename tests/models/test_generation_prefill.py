@@ -81,8 +81,8 @@ def test_running_rows_get_a_token_every_step_while_a_long_prompt_prefills(model,
     assert out == alone
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_churn_equals_one_at_a_time(model, tok, seed):
+@pytest.mark.parametrize("seed, fast", [(0, True), (1, True), (2, True), (3, False)])
+def test_random_churn_equals_one_at_a_time(model, tok, seed, fast):
     """Rows join, prefill in chunks, decode, are cancelled mid-prefill or mid-decode, in any order:
     every finished row's tokens equal its generation alone (this found a stale-length swap)."""
     rng = random.Random(seed)
@@ -90,7 +90,7 @@ def test_random_churn_equals_one_at_a_time(model, tok, seed):
     lengths = [rng.randrange(2, 9) for _ in prompts]
     single = BatchGenerator(model, tok, max_batch_size=1)
     alone = [[e.token_id for e in single.generate(p, _greedy(n))] for p, n in zip(prompts, lengths)]
-    gen = BatchGenerator(model, tok, max_batch_size=4, max_prefill_tokens=24)
+    gen = BatchGenerator(model, tok, max_batch_size=4, max_prefill_tokens=24, fast=fast)
     queue = [gen.new_sequence(p, _greedy(n)) for p, n in zip(prompts, lengths)]
     index = {id(s): i for i, s in enumerate(queue)}
     out: dict[int, list[int]] = {}

@@ -382,10 +382,18 @@ class HFRunner:
 
     def move(self, src: int, dst: int, length: int) -> None:
         if src != dst:
-            self.caches[dst] = self.caches.pop(src)
+            self._put(dst, self.caches.pop(src, None))  # none yet: a row not prefilled at all
 
     def swap(self, a: int, b: int, length: int) -> None:
-        self.caches[a], self.caches[b] = self.caches.get(b), self.caches.get(a)
+        ca, cb = self.caches.pop(a, None), self.caches.pop(b, None)
+        self._put(a, cb)
+        self._put(b, ca)
+
+    def _put(self, slot: int, cache: DynamicCache | None) -> None:
+        if cache is None:
+            self.caches.pop(slot, None)
+        else:
+            self.caches[slot] = cache
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
