@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
+from genforge.models.hfrunner import HFRunner
 from genforge.models.kvcache import KVCache
+
+__all__ = ["LlamaRunner", "HFRunner", "make_runner", "fast_path_unsupported"]
 
 _FAST_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies do not change with length
@@ -343,60 +345,6 @@ class LlamaRunner:
 
     def release(self, slot: int) -> None:
         """Nothing to free: the slot's cache is overwritten by the next row that takes it."""
-
-
-class HFRunner:
-    """Fallback for any causal LM: its own forward, one DynamicCache per row, one row at a time."""
-
-    fast_path = False
-
-    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4, max_slots: int | None = None):
-        self.model = model
-        self.max_len = max_len
-        self.vocab_size = model.config.get_text_config().vocab_size
-        self.device = next(model.parameters()).device
-        self.caches: dict[int, DynamicCache] = {}
-
-    @torch.inference_mode()
-    def _forward(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
-        inp = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, start + len(ids), device=self.device)[None]
-        out = self.model(input_ids=inp, position_ids=pos, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[0, -1].float()
-
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
-        return self.extend(list(range(first_slot, first_slot + len(prompts))), prompts, [0] * len(prompts))
-
-    def extend(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        rows = []
-        for slot, c, s in zip(slots, chunks, starts):
-            if s == 0:
-                self.caches[slot] = DynamicCache(config=self.model.config)
-            rows.append(self._forward(c, self.caches[slot], s))
-        return torch.stack(rows)
-
-    def decode(self, tokens: list[int], positions: list[int], *, free_slot: int | None = None) -> torch.Tensor:
-        return torch.stack([self._forward([t], self.caches[i], p)
-                            for i, (t, p) in enumerate(zip(tokens, positions))])
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        if src != dst:
-            self._put(dst, self.caches.pop(src, None))  # none yet: a row not prefilled at all
-
-    def swap(self, a: int, b: int, length: int) -> None:
-        ca, cb = self.caches.pop(a, None), self.caches.pop(b, None)
-        self._put(a, cb)
-        self._put(b, ca)
-
-    def _put(self, slot: int, cache: DynamicCache | None) -> None:
-        if cache is None:
-            self.caches.pop(slot, None)
-        else:
-            self.caches[slot] = cache
-
-    def release(self, slot: int) -> None:
-        self.caches.pop(slot, None)
 
 
 def make_runner(model: torch.nn.Module, *, max_len: int, slots: int = 4, fast: bool | None = None,
