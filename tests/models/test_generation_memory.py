@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qw
 from genforge.common.errors import ConfigError
 from genforge.models.fastdecode import LlamaRunner
 from genforge.models.generation import BatchGenerator
-from genforge.models.kvcache import fit_kv_budget, kv_bytes_per_position
+from genforge.models.kvcache import device_kv_budget, fit_kv_budget, kv_bytes_per_position
 from genforge.models.sampling import SamplingParams
 
 from .test_generation import hf_reference, llama_config, tiny_tokenizer
@@ -93,3 +93,12 @@ def test_fast_path_property(tok):
                                            num_local_experts=4, num_experts_per_tok=2,
                                            max_position_embeddings=128)).eval()
     assert not BatchGenerator(moe, tok, max_batch_size=2).fast_path
+
+
+def test_cuda_default_budget_is_the_free_memory(monkeypatch):
+    assert device_kv_budget("cpu") is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
+    assert device_kv_budget("cuda") == 900
+    with pytest.raises(ConfigError) as e:
+        fit_kv_budget(10, 4, 128, 900, source="the GPU's free memory")
+    assert "the GPU's free memory" in e.value.message and "--max-model-len" in e.value.message

@@ -24,7 +24,7 @@ from tokenizers.decoders import DecodeStream
 
 from genforge.common.errors import ConfigError, GenforgeError
 from genforge.models.fastdecode import HFRunner, LlamaRunner, make_runner
-from genforge.models.kvcache import fit_kv_budget, kv_bytes_per_position
+from genforge.models.kvcache import device_kv_budget, fit_kv_budget, kv_bytes_per_position
 from genforge.models.lm import context_length
 from genforge.models.sampling import BatchSampler, RowSampler, SamplingParams
 
@@ -175,7 +175,8 @@ class BatchGenerator:
     the last row of its kind moves into its slot (see models/kvcache.py).
 
     `kv_cache_bytes` bounds the KV cache: the batch is trimmed to what fits at `max_model_len`
-    (with a warning), and a context that does not fit even once is refused (ConfigError).
+    (with a warning), and a context that does not fit even once is refused (ConfigError). On CUDA
+    it defaults to 90% of the free device memory after the model is loaded; on the CPU to none.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
@@ -192,7 +193,11 @@ class BatchGenerator:
         per_position = kv_bytes_per_position(
             cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads,
             getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, next(model.parameters()).dtype)
-        self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len, kv_cache_bytes)
+        source = None
+        if kv_cache_bytes is None and (kv_cache_bytes := device_kv_budget(self.device)) is not None:
+            source = f"the KV cache budget (90% of the {self.device} device's free memory, {kv_cache_bytes} bytes)"
+        self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len, kv_cache_bytes,
+                                            source=source)
         self.max_prefill_tokens = max_prefill_tokens
         self.runner: LlamaRunner | HFRunner = make_runner(
             model, max_len=self.max_model_len, slots=min(self.max_batch_size, 8), fast=fast, compile=compile,

@@ -27,25 +27,39 @@ def kv_bytes_per_position(num_layers: int, kv_heads: int, head_dim: int, dtype: 
     return num_layers * 2 * kv_heads * head_dim * dtype.itemsize
 
 
-def fit_kv_budget(per_position: int, max_batch_size: int, max_model_len: int, kv_cache_bytes: int | None) -> int:
+def device_kv_budget(device: torch.device | str, share: float = 0.9) -> int | None:
+    """The default budget on an accelerator: `share` of its free memory once the model is loaded
+    (None on the CPU, whose cache grows on demand within max_batch_size x max_model_len)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * share)
+
+
+def fit_kv_budget(per_position: int, max_batch_size: int, max_model_len: int, kv_cache_bytes: int | None, *,
+                  source: str | None = None) -> int:
     """The batch size whose full-length KV cache fits `kv_cache_bytes` (None: no budget).
 
     The context is kept (it is what a request may ask for) and the batch trimmed, with a warning;
-    when not even one full-length row fits, a ConfigError names the flags to change.
+    when not even one full-length row fits, a ConfigError names the flags to change. `source`
+    says where the budget came from when it was not --kv-cache-bytes (e.g. the GPU's free memory).
     """
     if kv_cache_bytes is None:
         return max_batch_size
+    budget = source or f"--kv-cache-bytes {kv_cache_bytes}"
     per_row = per_position * max_model_len
     fit = kv_cache_bytes // per_row
     if fit < 1:
         raise ConfigError(
-            f"--kv-cache-bytes {kv_cache_bytes}: one request of --max-model-len {max_model_len} needs "
-            f"{per_row} bytes of KV cache ({per_position} per position); raise --kv-cache-bytes to at least "
-            f"{per_row} or lower --max-model-len to at most {kv_cache_bytes // per_position}",
+            f"{budget}: one request of --max-model-len {max_model_len} needs {per_row} bytes of KV cache "
+            f"({per_position} per position) but {kv_cache_bytes} are available; "
+            f"{'free device memory' if source else 'raise --kv-cache-bytes to at least ' + str(per_row)} "
+            f"or lower --max-model-len to at most {kv_cache_bytes // per_position}",
             param="kv_cache_bytes")
     if fit < max_batch_size:
         warnings.warn(f"--max-batch-size {max_batch_size} trimmed to {fit}: the KV cache of {fit} rows of "
-                      f"{max_model_len} positions fills --kv-cache-bytes {kv_cache_bytes}", stacklevel=2)
+                      f"{max_model_len} positions fills {budget}", stacklevel=2)
         return int(fit)
     return max_batch_size
 
