@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from PIL import Image
 from genforge.data.images import prepare_image_dataset
 from genforge.jobs.train import run_recipe
 from genforge.models.diffusion import DiffusionModel, DiffusionSpec, build_scheduler, build_unet
+from genforge.models.image_generators import load_image_generator
 from genforge.serve.images import images_router
 
 TINY = {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1], "norm_groups": 8,
@@ -163,3 +165,77 @@ def test_mounted_by_the_main_server(image_run):
         assert _decode(resp.data[0].b64_json).size == (16, 16)
         with pytest.raises(openai.BadRequestError):
             c.images.generate(model="digits", prompt="7", n=1, size="64x64")
+
+
+class _SlowSteps:
+    """The run's generator, each denoising step 50 ms slower, counting the steps it ran."""
+
+    def __init__(self, inner):
+        self._inner, self.steps = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def sample(self, *args, on_step=None, **kwargs):
+        def step(i, total):
+            self.steps += 1
+            time.sleep(0.05)
+            if on_step is not None:
+                on_step(i, total)
+
+        return self._inner.sample(*args, on_step=step, **kwargs)
+
+
+@pytest.fixture()
+def slow_server(image_run, monkeypatch):
+    import genforge.serve.images as images_mod
+
+    holder = {}
+
+    def load(run_dir, device="cpu"):
+        holder["model"] = _SlowSteps(load_image_generator(run_dir, device=device))
+        return holder["model"]
+
+    monkeypatch.setattr(images_mod, "load_image_generator", load)
+    app = FastAPI()
+    app.include_router(images_router(image_run, max_queue=1, max_work=400))
+    with serve(app) as base:
+        yield base, holder["model"]
+
+
+BODY = {"prompt": "3", "n": 1, "response_format": "b64_json", "steps": 40}
+
+
+def test_image_queue_is_bounded_and_work_capped(slow_server):
+    base, model = slow_server
+    url = base + "/v1/images/generations"
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(httpx.post, url, json=BODY, timeout=60) for _ in range(2)]  # 1 runs, 1 waits
+        deadline = time.monotonic() + 10
+        while model.steps == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        r = httpx.post(url, json=BODY, timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        assert r.json()["error"]["type"] == "server_overloaded"
+        assert [f.result().status_code for f in running] == [200, 200]
+    r = httpx.post(url, json={**BODY, "n": 11, "steps": 40}, timeout=60)  # 440 passes > 400
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "400" in r.json()["error"]["message"]
+
+
+def test_image_generation_stops_when_the_client_leaves(slow_server):
+    base, model = slow_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/images/generations", json={**BODY, "steps": 60}, timeout=0.5)
+    time.sleep(0.5)
+    ran = model.steps
+    time.sleep(0.5)
+    assert model.steps == ran and ran < 60  # stopped at the next step, not run to the end
+    ok = httpx.post(base + "/v1/images/generations", json={**BODY, "steps": 2}, timeout=60)
+    assert ok.status_code == 200  # the generator (and its lock) is free again
+
+
+def test_deep_json_on_the_bare_router(url):
+    r = httpx.post(url + "/v1/images/generations", content=b"[" * 100_000 + b"]" * 100_000,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]

@@ -145,6 +145,8 @@ def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MA
     async def generations(request: Request) -> JSONResponse:
         try:
             body = await request.json()
+        except RecursionError:  # on a bare FastAPI; under create_app the gate refuses it earlier
+            return _error("request body nests arrays/objects too deeply")
         except ValueError:
             return _error("request body is not valid JSON")
         if not isinstance(body, dict):
