@@ -188,6 +188,11 @@ def _patch_pre_tokenizer(converter_base: Path, chkhsh: str) -> None:
     converter_base.write_text(text.replace(anchor, patch + anchor, 1))
 
 
+def _mapped_hashes(converter_base: Path) -> list[str]:
+    text = converter_base.read_text() if converter_base.is_file() else ""
+    return re.findall(r'if chkhsh == "([0-9a-f]{64})":\n\s+# genforge-bench', text)
+
+
 def convert_gguf(folder: Path, outtype: str) -> dict:
     """FOLDER (HF layout) -> CACHE/gguf/<hash>-<outtype>.gguf with the vendored converter; cached."""
     src = CACHE / "llama.cpp" / "src"
@@ -197,7 +202,8 @@ def convert_gguf(folder: Path, outtype: str) -> dict:
     out = CACHE / "gguf" / f"{folder_hash(folder)}-{outtype}.gguf"
     cmd = [sys.executable, str(script), str(folder), "--outtype", outtype, "--outfile", str(out)]
     if out.is_file():
-        return {"status": "ok", "path": str(out), "command": " ".join(cmd), "cached": True}
+        return {"status": "ok", "path": str(out), "command": " ".join(cmd), "cached": True,
+                "pre_tokenizer_hashes_mapped_to_gpt2": _mapped_hashes(src / "conversion" / "base.py")}
     out.parent.mkdir(parents=True, exist_ok=True)
     deps = _converter_deps()
     env = dict(os.environ)
@@ -207,7 +213,8 @@ def convert_gguf(folder: Path, outtype: str) -> dict:
         log_start = (LOGS / "llama-convert.log").stat().st_size if (LOGS / "llama-convert.log").is_file() else 0
         r = _run(cmd, "llama-convert.log", env=env, nice=False, timeout=1800)
         if r.returncode == 0 and out.is_file():
-            return {"status": "ok", "path": str(out), "command": " ".join(cmd), "pre_tokenizer_patched": patched}
+            return {"status": "ok", "path": str(out), "command": " ".join(cmd),
+                    "pre_tokenizer_hashes_mapped_to_gpt2": _mapped_hashes(src / "conversion" / "base.py")}
         log = (LOGS / "llama-convert.log").read_text(errors="replace")[log_start:]
         m = re.search(r"chkhsh:\s+([0-9a-f]{64})", log)
         if not m or patched:
