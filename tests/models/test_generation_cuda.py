@@ -37,22 +37,37 @@ def _run(model, tok, params: list[SamplingParams], fast: bool = True) -> list[li
     return [out[i] for i in range(len(seqs))]
 
 
+def _on_cuda(cpu_model, dtype=torch.float32):
+    model = LlamaForCausalLM(cpu_model.config).eval()
+    model.load_state_dict(cpu_model.state_dict())
+    return model.to("cuda", dtype)
+
+
 @pytest.mark.parametrize("fast", [True, False])
-def test_cuda_fp32_greedy_equals_cpu(tok, cpu_model, fast):
+def test_cuda_fp32_greedy_equals_cpu(tok, cpu_model, fast, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # tf32 is not fp32 to 1e-4
     greedy = [SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)] * 4
     ref = _run(cpu_model, tok, greedy, fast)
-    cuda = LlamaForCausalLM(cpu_model.config).eval()
-    cuda.load_state_dict(cpu_model.state_dict())
-    cuda = cuda.to("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False  # tf32 matmuls would not be fp32 to 1e-4
-    assert _run(cuda, tok, greedy, fast) == ref
+    assert _run(_on_cuda(cpu_model), tok, greedy, fast) == ref
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cuda_factories_name_the_model_device(tok, cpu_model, fast):
+    from .test_generation_device import FactoryRecorder, _all_kinds_of_rows
+
+    model = _on_cuda(cpu_model)
+    recorder = FactoryRecorder(next(model.parameters()).device)
+    with recorder:
+        gen = BatchGenerator(model, tok, max_batch_size=4, fast=fast, max_prefill_tokens=8)
+        gen.add([gen.new_sequence(p, sp) for p, sp in _all_kinds_of_rows(tok)])
+        for _ in range(10):
+            gen.step()
+    assert recorder.strays == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_sampled_and_greedy_run_and_seeds_hold(tok, cpu_model, dtype):
-    model = LlamaForCausalLM(cpu_model.config).eval()
-    model.load_state_dict(cpu_model.state_dict())
-    model = model.to("cuda", dtype)
+    model = _on_cuda(cpu_model, dtype)
     mixed = [SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True),
              SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True, logprobs=2),
              SamplingParams(max_new_tokens=8, temperature=1.1, top_k=7, seed=6, ignore_eos=True,
