@@ -20,7 +20,7 @@ REFUSED = [
     ("five-stops", COMP, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("long-stop", CHAT, {"messages": MSGS, "stop": "s" * 257}, 400, "stop"),
     ("long-stop-in-list", COMP, {"prompt": "x", "stop": ["ok", "s" * 257]}, 400, "stop[1]"),
-    ("seed-too-big", COMP, {"prompt": "x", "seed": 2**63}, 400, "seed"),
+    ("seed-too-big", COMP, {"prompt": "x", "seed": 2**64}, 400, "seed"),
     ("seed-too-small", CHAT, {"messages": MSGS, "seed": -(2**63) - 1}, 400, "seed"),
     ("stop-token-ids-negative", COMP, {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids[0]"),
     ("stop-token-ids-too-many", COMP, {"prompt": "x", "stop_token_ids": list(range(65))}, 400, "stop_token_ids"),
@@ -49,7 +49,7 @@ ACCEPTED = [
     ("defaults-of-unsupported-chat", CHAT, {"messages": MSGS, "logit_bias": None, "tools": [], "tool_choice": "none",
                                             "response_format": {"type": "text"}, "functions": None}),
     ("four-stops", COMP, {"prompt": "x", "stop": ["a", "b", "c", "s" * 256]}),
-    ("seed-extremes", COMP, {"prompt": "x", "seed": 2**63 - 1, "n": 3}),
+    ("seed-extremes", COMP, {"prompt": "x", "seed": 2**64 - 1, "n": 3}),
     ("seed-min", CHAT, {"messages": MSGS, "seed": -(2**63), "n": 2}),
     ("n-max", COMP, {"prompt": "x", "n": 16}),
 ]

@@ -1,9 +1,9 @@
 """The batching engine: a scheduler thread over the models' continuous-batching generator.
 
 At every iteration the scheduler drops cancelled rows, admits waiting requests while slots are
-free (prefilling the new prompts together, up to a token budget so a burst of long prompts does
-not stall the running rows for long), runs ONE batched decode step for all running rows, and hands
-each request its TokenEvent. Consumers read a `RequestStream` by blocking iteration (CLI, tests)
+free (the generator prefills them in chunks of a token budget per step, so a burst of long
+prompts does not stall the running rows for long), runs ONE batched decode step for all running
+rows, and hands each request its TokenEvent. Consumers read a `RequestStream` by blocking iteration (CLI, tests)
 or `async for` (the HTTP server); events cross threads through a deque plus a wake-up - a
 Condition for threads, one `loop.call_soon_threadsafe` per event loop per step for asyncio.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import itertools
 import logging
 import threading
@@ -34,7 +33,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import torch
 
-from genforge.common.errors import ConfigError, GenforgeError, OverloadedError
+from genforge.common.errors import GenforgeError, OverloadedError
 from genforge.models.generation import BatchGenerator, Sequence, TokenEvent
 from genforge.models.sampling import SamplingParams
 
@@ -183,7 +182,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  max_model_len: int | None = None, observer: EngineObserver | None = None,
-                 max_prefill_tokens: int = 4096, fast: bool | None = None, compile: bool = False,
+                 max_prefill_tokens: int | None = None, fast: bool | None = None, compile: bool = False,
                  kv_cache_bytes: int | None = None, probe_interval: float = 5.0):
         """`compile`: torch.compile the fast decode step (1.7x per step on this CPU, 30-60 s at start;
         see models/fastdecode.py). `kv_cache_bytes`: the KV cache's memory budget, passed to the
@@ -193,18 +192,14 @@ class Engine:
             raise GenforgeError("max_batch_size must be >= 1 and max_queue >= 0", param="max_batch_size")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = max_queue
-        self.max_prefill_tokens = max_prefill_tokens
-        extra = {}
-        if kv_cache_bytes is not None:
-            if "kv_cache_bytes" not in inspect.signature(BatchGenerator).parameters:
-                raise ConfigError("--kv-cache-memory: this build's generator cannot bound its KV cache yet; "
-                                  "leave the option out", param="kv_cache_memory")
-            extra["kv_cache_bytes"] = kv_cache_bytes
+        extra = {} if max_prefill_tokens is None else {"max_prefill_tokens": max_prefill_tokens}
+        # the generator prefills long prompts in chunks (max_prefill_tokens per step) and may trim
+        # the batch to what `kv_cache_bytes` holds at max_model_len (or refuse: ConfigError)
         self.gen = BatchGenerator(model, tokenizer, max_batch_size=max_batch_size,
                                   max_model_len=max_model_len, fast=fast,
-                                  compile=compile, **extra)
+                                  compile=compile, kv_cache_bytes=kv_cache_bytes, **extra)
         self.max_model_len = self.gen.max_model_len
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = self.gen.max_batch_size  # after the KV budget's trim
         self.observer = observer or EngineObserver()
         self._waiting: collections.deque[RequestStream] = collections.deque()
         self._running: dict[Sequence, RequestStream] = {}
@@ -221,10 +216,7 @@ class Engine:
 
     @property
     def fast_path(self) -> bool:
-        own = getattr(self.gen, "fast_path", None)  # BatchGenerator says so itself where it can
-        if own is not None:
-            return bool(own)
-        return type(self.gen.runner).__name__ == "LlamaRunner"
+        return self.gen.fast_path
 
     @property
     def healthy(self) -> bool:
@@ -364,8 +356,11 @@ class Engine:
         try:
             seq = self.gen.new_sequence([0], SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True))
             self.gen.add([seq])
+            if not seq.finished:  # the round's prefill budget was spent: the step prefills it
+                self.gen.step()
             if not seq.finished:
                 self.gen.remove(seq)
+                raise RuntimeError("the probe sequence did not finish in one step")
         except Exception:
             log.exception("engine probe after fault %s failed", self.fault)
             self.gen.reset()
@@ -393,18 +388,15 @@ class Engine:
                 self._running.pop(seq)
                 self._finish(stream, seq.abort(), touched)
         admit: list[RequestStream] = []
-        budget = self.max_prefill_tokens
         with self._cv:
+            # every free slot takes a request: the generator prefills in chunks within its token
+            # budget per step, so a burst of long prompts does not stall the running rows
             while self._waiting and len(admit) < self.gen.free_slots:
-                nxt = self._waiting[0]
+                nxt = self._waiting.popleft()
                 if nxt.cancelled:
-                    self._waiting.popleft()
                     self._finish(nxt, nxt._seq.abort(), touched)
                     continue
-                if admit and nxt.prompt_tokens > budget:
-                    break
-                budget -= nxt.prompt_tokens
-                admit.append(self._waiting.popleft())
+                admit.append(nxt)
         if admit:
             now = time.perf_counter()
             for stream in admit:

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 from pydantic_core import PydanticCustomError
 
-# OpenAI caps top_logprobs at 20; vLLM uses the same bound for completions' `logprobs`.
-MAX_LOGPROBS = 20
+from genforge.models.sampling import SAMPLING_RANGES
+
 # More choices than this per request would let one request take over the whole batch.
 MAX_N = 16
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch (each also counts against the queue)
@@ -30,7 +30,12 @@ MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
 MAX_STOP_CHARS = 256  # each; matched at every step, so the length is work per token
 MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 1024
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer, as OpenAI documents
+MAX_TEMPERATURE = 2.0  # OpenAI's API cap (the sampler itself takes any temperature >= 0)
+
+
+def _range(name: str, **extra: float) -> Any:
+    """pydantic bounds from models.sampling's ranges: the HTTP layer and the sampler agree."""
+    return Field(**{**SAMPLING_RANGES[name].field_kwargs(), **extra})
 
 
 def _unsupported(*defaults: Any) -> AfterValidator:
@@ -60,21 +65,21 @@ class _SamplingFields(_Request):
     """Fields the two generation endpoints share."""
 
     model: str | None = None  # optional as in vLLM: absent means the one served model
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    max_tokens: Annotated[int, _range("max_tokens")] | None = None
+    temperature: Annotated[float, _range("temperature", le=MAX_TEMPERATURE)] | None = None
+    top_p: Annotated[float, _range("top_p")] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    seed: Annotated[int, _range("seed")] | None = None  # any 64-bit integer
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    presence_penalty: Annotated[float, _range("presence_penalty")] = 0.0
+    frequency_penalty: Annotated[float, _range("frequency_penalty")] = 0.0
     # genforge / vLLM extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: no top-k cut
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    top_k: Annotated[int, _range("top_k")] | None = None  # -1 or 0: no top-k cut
+    repetition_penalty: Annotated[float, _range("repetition_penalty")] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, _range("min_tokens")] = 0
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # OpenAI fields genforge does not implement: refused unless at their defaults
     logit_bias: Annotated[Any, _unsupported({})] = None
@@ -96,7 +101,7 @@ class CompletionRequest(_SamplingFields):
     # A string, a batch of strings, one token-id list, or a batch of token-id lists.
     prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int] | Annotated[
         list[list[int]], Field(max_length=MAX_PROMPTS)]
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Annotated[int, _range("logprobs")] | None = None
     echo: bool = False
     best_of: Annotated[Any, _unsupported(1)] = None
     suffix: Annotated[Any, _unsupported("")] = None
@@ -122,7 +127,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, _range("logprobs")] | None = None
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension, passed to the template
 

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.models.generation import context_length
-from genforge.models.sampling import SamplingParams
+from genforge.models.sampling import SamplingParams, check_prompt_length
 from genforge.serve.chat import render_chat, resolve_chat_template
 from genforge.serve.engine import Engine
 from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
@@ -148,20 +148,8 @@ class LMService:
 
     def _room(self, prompt_len: int, max_tokens: int | None, tokens_field: str, prompt_field: str) -> int:
         """Tokens to generate: the request's max, or the rest of the context."""
-        limit = self.max_model_len
-        if prompt_len < 1:
-            raise GenforgeError(f"{prompt_field}: the prompt is empty; give at least one token", param=prompt_field)
-        if prompt_len >= limit:
-            raise GenforgeError(f"{prompt_field}: the prompt has {prompt_len} tokens but the model's context is "
-                                f"{limit}; shorten it to at most {limit - 1} tokens", param=prompt_field,
-                                code="context_length_exceeded")
-        if max_tokens is None:
-            return limit - prompt_len
-        if prompt_len + max_tokens > limit:
-            raise GenforgeError(f"{tokens_field}: {max_tokens} new tokens do not fit: the context is {limit} tokens "
-                                f"and the prompt uses {prompt_len}; ask for at most {limit - prompt_len}",
-                                param=tokens_field, code="context_length_exceeded")
-        return max_tokens
+        return check_prompt_length(prompt_len, max_tokens, self.max_model_len, prompt_field=prompt_field,
+                                   tokens_field=tokens_field)
 
     def _params(self, req: _SamplingFields, max_new: int, logprobs: int | None, i: int) -> SamplingParams:
         def pick(name: str, fallback: Any) -> Any:
@@ -169,8 +157,9 @@ class LMService:
             return value if value is not None else self.defaults.get(name, fallback)
 
         top_k = pick("top_k", None)
-        # seed + i stays a signed 64-bit integer (seed may be 2**63 - 1)
-        seed = None if req.seed is None else (req.seed + i + 2**63) % 2**64 - 2**63
+        # seed + i wrapped to 64 bits (seed may be 2**64 - 1); a negative seed maps to its unsigned
+        # twin, as torch.Generator.manual_seed does
+        seed = None if req.seed is None else (req.seed + i) % 2**64
         return SamplingParams(
             max_new_tokens=max_new, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
             top_k=top_k if top_k is not None and top_k > 0 else None,
