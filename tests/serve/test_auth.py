@@ -166,6 +166,7 @@ def test_cli_key_file_and_exposure_warning(lm_run, tmp_path) -> None:
     (["--api-key", ""], {}, "an API key is empty"),
     ([], {"GENFORGE_API_KEYS": " "}, "GENFORGE_API_KEYS: an API key is empty"),
     (["--kv-cache-memory", "lots"], {}, "--kv-cache-memory"),
+    (["--kv-cache-memory", "1KiB"], {}, "error: "),  # parsed, but not even one row of the context fits
     (["--max-batch-size", "0"], {}, "--max-batch-size"),
     (["--request-timeout", "-1"], {}, "--request-timeout"),
 ])

@@ -139,3 +139,14 @@ def test_shutdown_drain_is_bounded(model, tok):
     assert time.monotonic() - t0 < 5
     assert all(s.done for s in streams)
     assert streams[-1].finish_reason == "abort" and streams[-1].error_status == 503
+
+
+def test_kv_cache_budget_trims_the_batch_or_refuses(model, tok):
+    from genforge.common.errors import ConfigError
+
+    one_row = Engine(model, tok, max_batch_size=1).max_model_len  # positions per full-length row
+    with pytest.warns(UserWarning, match="trimmed"):
+        trimmed = Engine(model, tok, max_batch_size=32, kv_cache_bytes=one_row * 2 * 2 * 2 * 16 * 4 * 3)
+    assert 1 <= trimmed.max_batch_size < 32
+    with pytest.raises(ConfigError):
+        Engine(model, tok, max_batch_size=4, kv_cache_bytes=1000)
