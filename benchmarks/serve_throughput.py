@@ -607,6 +607,22 @@ def compute_ratios(records: dict) -> dict:
             if g and s:
                 out.setdefault("sampled_over_greedy", {}).setdefault(name, {})[mode] = s / g
                 L.append(f"{name}: {mode} / greedy = {s:.0f} / {g:.0f} = {s / g:.2f}")
+    # the targets ("Proof, in the repo"), each read from rows measured in this run
+    targets: dict = {}
+    sp = out.get("sampled_vs_best_cpu_peer_sampled")
+    if sp:
+        g, p = records[sp["numerator"]], records[sp["denominator"]]
+        targets["genforge sampled >= best CPU peer sampled"] = sp["ratio"] >= 1.0
+        if g.get("peak_rss_mb_median") and p.get("peak_rss_mb_median"):
+            targets["genforge memory <= 2x that peer's"] = g["peak_rss_mb_median"] <= 2 * p["peak_rss_mb_median"]
+        if g.get("startup_s_median") is not None:
+            targets["genforge start-up < 10 s"] = g["startup_s_median"] < 10
+    gs = records.get("genforge serve", {}).get("medians", {})
+    if "greedy" in gs:
+        for mode in ("sampled", "sampled+seed"):
+            if mode in gs:
+                targets[f"genforge serve {mode} within 10% of greedy"] = gs[mode]["tok_s"] >= 0.9 * gs["greedy"]["tok_s"]
+    out["targets"] = targets
     e = records.get("genforge engine (no HTTP)", {}).get("medians", {})
     s = records.get("genforge serve", {}).get("medians", {})
     for mode in ("greedy", "sampled"):
@@ -615,6 +631,8 @@ def compute_ratios(records: dict) -> dict:
             out.setdefault("http_overhead", {})[mode] = cost
             L.append(f"HTTP overhead ({mode}): genforge serve {s[mode]['tok_s']:.0f} vs engine "
                      f"{e[mode]['tok_s']:.0f} tok/s: {100 * cost:.0f}% of the engine's throughput")
+            targets[f"HTTP overhead ({mode}) <= 10%"] = cost <= 0.10
+    L += [f"  {'PASS' if ok else 'FAIL'}  {k}" for k, ok in targets.items()]
     return out
 
 
