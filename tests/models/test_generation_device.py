@@ -1,5 +1,5 @@
 """The device path: every tensor the sampler, the KV cache and the decode step create is created on
-the model's device, and `--dtype` names resolve (auto = bf16 on CUDA, fp32 on CPU).
+the model's device, and `--dtype` names resolve (auto = bf16 on CUDA and on CPUs with native bf16, else fp32).
 
 A stray `torch.tensor(...)` without `device=` is invisible on a CPU-only machine (everything is on
 the CPU) and a crash on a CUDA model; so on the CPU the test records, through a torch function
@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from genforge.common.errors import ConfigError
 from genforge.models.generation import BatchGenerator
-from genforge.models.lm import context_length, load_lm, resolve_dtype, save_lm
+from genforge.models.lm import context_length, cpu_has_fast_bf16, load_lm, resolve_dtype, save_lm
 from genforge.models.sampling import SamplingParams
 
 from .test_generation import CORPUS, llama_config, tiny_tokenizer
@@ -95,7 +95,7 @@ def test_recorder_catches_a_stray_factory():
 
 
 def test_resolve_dtype():
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert resolve_dtype(None, "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
@@ -113,7 +113,20 @@ def test_load_lm_takes_dtype_names(tmp_path, tok):
     model, _ = load_lm(tmp_path / "m", "cpu", "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     model, _ = load_lm(tmp_path / "m", "cpu", "auto")
-    assert next(model.parameters()).dtype == torch.float32
+    assert next(model.parameters()).dtype == resolve_dtype("auto", "cpu")
+    model, _ = load_lm(tmp_path / "m", "cpu")
+    assert next(model.parameters()).dtype == torch.float32  # None: eval's full precision
+
+
+@pytest.mark.parametrize("bf16, amx, want", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                             (False, False, torch.float32)])
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, bf16, amx, want):
+    import torch.cpu as tcpu
+
+    monkeypatch.setattr(tcpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(tcpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype("auto", "cpu") == want
+    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype("float32", "cpu") == torch.float32
 
 
 def test_max_model_len_beyond_the_model_is_refused(tok):
