@@ -158,7 +158,7 @@ def setup_llama_server(build: bool = True) -> dict:
         except (OSError, subprocess.SubprocessError, StopIteration, tarfile.TarError) as e:
             return {"status": f"not set up: {type(e).__name__}: {e}"}
     ver = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-    m = re.search(r"version: (\S+ \([0-9a-f]+\))", ver.stdout + ver.stderr)
+    m = re.search(r"version: (.+)", ver.stdout + ver.stderr)
     return {"status": "ok", "binary": str(binary), "llama_cpp_python_sdist": (root / "VERSION").read_text().strip()
             if (root / "VERSION").is_file() else None, "llama_cpp_build": m.group(1) if m else None,
             "build_flags": "Release, GGML_NATIVE=ON (built on this machine)"}

@@ -5,7 +5,9 @@
     .venv/bin/python benchmarks/serve_throughput.py --only genforge,llama   # a subset of rows
 
 The load, the same for every row: 16 concurrent clients send 64 completion requests (~32-token
-prompts from the pydoc corpus, 64 new tokens each, EOS ignored so every request makes exactly 64),
+prompts from the pydoc corpus, 64 new tokens each, EOS ignored so every request makes exactly 64;
+the prompts differ between the warm-up and timed passes and between modes, so the prefix caches
+vLLM and llama-server keep by default never see a prompt twice in a round),
 streamed, in each mode: greedy, sampled (temperature 0.7, top_p 1) and, for genforge, sampled with a
 per-request seed. Each row is its own server process, started fresh in every round (start-up time =
 process start -> first successful completion), warmed up with one pass of the load before timing,
@@ -291,7 +293,8 @@ def compile_evidence(c: Contender, log_text: str) -> tuple[bool | None, list[str
         took = any(re.search(r"torch\.compile takes|Compiling a graph|AOT compiled", ln) for ln in hits)
         return took if hits else None, hits
     if c.kind == "llama":
-        return None, [ln.strip()[:300] for ln in lines if "system_info" in ln][:1]
+        return None, ["n/a: ahead-of-time compiled C++ built here with GGML_NATIVE=ON"] + \
+            [ln.strip()[:300] for ln in lines if "system_info" in ln][:1]
     return None, []
 
 
@@ -397,12 +400,12 @@ def run_engine(engine, tok, prompts: list[str], clients: int, new_tokens: int, m
 
 
 # -- one round of one contender ---------------------------------------------------------------------------
-def measure(c: Contender, a, prompts: list[str], rec: dict, rnd: int) -> None:
+def measure(c: Contender, a, blocks: dict[str, list[str]], rec: dict, rnd: int) -> None:
     """Start, warm up, time every mode once, stop; append to rec (the row's record)."""
     mode_groups = [[m] for m in c.modes] if c.restart_per_mode else [list(c.modes)]
     for group in mode_groups:
         log = LOGS / f"serve_{re.sub(r'[^a-z0-9]+', '_', c.name.lower()).strip('_')}_{group[0]}.log"
-        probe = body_for(c, group[0], prompts[0], 0, a.new_tokens, stream=False)
+        probe = body_for(c, group[0], blocks["greedy"][0], 0, a.new_tokens, stream=False)
         try:
             srv = Server(c, probe, log)
         except RuntimeError as e:
@@ -416,9 +419,9 @@ def measure(c: Contender, a, prompts: list[str], rec: dict, rnd: int) -> None:
                 rec["greedy_text"] = srv.first_text
             rec["idle_cpu_percent"].append(srv.rss.idle_cpu_percent(1.0))
             for mode in group:
-                bodies = [body_for(c, mode, p, i, a.new_tokens) for i, p in enumerate(prompts)]
+                bodies = [body_for(c, mode, p, i, a.new_tokens) for i, p in enumerate(blocks[mode])]
                 run_http(srv.url, bodies[: a.warmup], a.clients, a.new_tokens)  # warm up
-                res = run_http(srv.url, bodies, a.clients, a.new_tokens)
+                res = run_http(srv.url, bodies[a.warmup:], a.clients, a.new_tokens)
                 rec["modes"].setdefault(mode, []).append(res)
         except Exception as e:  # noqa: BLE001 - a row that fails is reported, the others still run
             rec.setdefault("errors", []).append(f"round {rnd + 1}: {type(e).__name__}: {e}")
@@ -469,7 +472,11 @@ def main() -> None:
                                                     "serve_throughput.json")
     cpu = cpu_info()
     folder = ensure_model(a.model, a.train_steps)
-    prompts, n_prompt = make_prompts(folder, a.requests, a.prompt_tokens)
+    # distinct prompts for every (mode, warm-up / timed) pass, so no server gains from a prefix cache
+    # (vLLM and llama-server keep one by default) by seeing a prompt twice within a round
+    per_mode = a.warmup + a.requests
+    prompts, n_prompt = make_prompts(folder, per_mode * len(MODES), a.prompt_tokens)
+    blocks = {m: prompts[i * per_mode:(i + 1) * per_mode] for i, m in enumerate(MODES)}
     contenders, setup = build_contenders(a, folder, cpu)
 
     records: dict[str, dict] = {}
@@ -489,7 +496,7 @@ def main() -> None:
         order = runnable[rnd % len(runnable):] + runnable[: rnd % len(runnable)] if runnable else []
         for c in order:
             t0 = time.perf_counter()
-            measure(c, a, prompts, records[c.name], rnd)
+            measure(c, a, blocks, records[c.name], rnd)
             got = records[c.name]["modes"]
             print(f"round {rnd + 1}/{a.rounds} {c.name}: " + ", ".join(
                 f"{m} {v[-1]['tok_s']:.0f} tok/s" for m, v in got.items() if v) +
@@ -509,9 +516,9 @@ def main() -> None:
                                   compile_effective=bool(getattr(engine.gen.runner, "compiled", False)),
                                   compile_evidence=["Engine.gen.runner.compiled"])
             for mode in MODES:
-                run_engine(engine, tok, prompts[: a.warmup], a.clients, a.new_tokens, mode)
+                run_engine(engine, tok, blocks[mode][: a.warmup], a.clients, a.new_tokens, mode)
                 engine_rec["modes"].setdefault(mode, []).append(
-                    run_engine(engine, tok, prompts, a.clients, a.new_tokens, mode))
+                    run_engine(engine, tok, blocks[mode][a.warmup:], a.clients, a.new_tokens, mode))
             print(f"round {rnd + 1}/{a.rounds} genforge engine (no HTTP): " + ", ".join(
                 f"{m} {v[-1]['tok_s']:.0f}" for m, v in engine_rec["modes"].items()), flush=True)
     if engine is not None:
