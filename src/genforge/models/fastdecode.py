@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from genforge.models.hfrunner import HFRunner
 from genforge.models.kvcache import KVCache
 
-__all__ = ["LlamaRunner", "HFRunner", "make_runner", "fast_path_unsupported"]
+__all__ = ["LlamaRunner", "HFRunner", "make_runner", "fast_path_unsupported", "compile_cache_dir"]
 
 _FAST_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies do not change with length
@@ -148,6 +148,27 @@ class _Core(torch.nn.Module):
 _NAMES = ("w_in", "wqkv", "bqkv", "wo", "bo", "w_post", "wgu", "bgu", "wd", "bd")
 
 
+def compile_cache_dir() -> str:
+    """Where inductor keeps compiled kernels between runs: $XDG_CACHE_HOME/genforge/inductor
+    (~/.cache/genforge/inductor), not the default /tmp/torchinductor_$USER that a reboot clears."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "genforge", "inductor")
+
+
+def _use_compile_cache() -> None:
+    """Point inductor at `compile_cache_dir()` unless a folder is already chosen. torch 2.13 has no
+    config field for it: inductor reads TORCHINDUCTOR_CACHE_DIR (and its compile workers inherit
+    it), so it is set here, in this process, before the first compile resolves the folder."""
+    import os
+
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        folder = compile_cache_dir()
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+
+
 def _rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on every head at once (v heads have cos 1, sin 0); the sign of rotate_half is in sin."""
     flipped = qkv.unflatten(-1, (2, qkv.shape[-1] // 2)).flip(-2).flatten(-2)
@@ -175,8 +196,8 @@ class LlamaRunner:
 
     fast_path = True
 
-    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4, compile: bool = False,
-                 max_slots: int | None = None):
+    def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4,
+                 compile: bool | str = False, max_slots: int | None = None):
         why = fast_path_unsupported(model, max_len)
         if why:
             raise ValueError(f"fast decode path does not cover this model: {why}")
@@ -226,35 +247,70 @@ class LlamaRunner:
         self.core = _Core(self)
         self.step_fn = self.core
         self.compiled = False
+        if compile not in (False, True, "background"):
+            raise ValueError(f"compile: expected False, True or 'background', got {compile!r}")
         if compile:
-            self._compile()
+            self._compile(background=compile == "background")
 
-    def _compile(self) -> None:
+    def _compile(self, background: bool = False) -> None:
         """torch.compile the decode step with frozen weights; compiled once, dynamic in batch and span.
 
         Measured here (2-core AVX-512 EPYC VM, torch 2.13 CPU, lm-tiny 11M params, batch 16, one
         thread, CPU time per step): eager 9.4-9.9 ms, compiled 9.3 ms without freezing, 5.8 ms with
         freezing (weights constant-folded and prepacked for oneDNN, elementwise ops fused) - 1.7x.
-        The compile takes 30-60 s on this machine, so it is opt-in (Engine(compile=True)); it falls
-        back to eager if the compiler is unavailable. Prefill stays eager (shapes vary too much).
+        It falls back to eager if the compiler is unavailable. Prefill stays eager (shapes vary too
+        much).
+
+        The compile takes 13 s of CPU here (20-50 s of wall time on a shared 2-core machine):
+        inductor's FX-graph and AOT caches refuse a frozen graph ("mkldnn tensors unpickleable",
+        "Cannot cache a graph with freezing enabled"), so only its C++ kernels are reused between
+        runs, from a per-user folder (`compile_cache_dir`). `background=True` compiles in a thread
+        while the eager step serves: start-up costs eager's time and `decode` switches to the
+        compiled step once it is ready (`wait_compiled`). The warm-up calls of the compile write into
+        a scratch cache of their own, never into rows being served.
         """
+        cache = KVCache(len(self.layers), self.Hkv, self.D, max_length=self.max_len, dtype=self.dtype,
+                        device=self.device, slots=8, length=min(128, self.max_len))
+        if background:
+            import threading
+
+            self._compile_thread = threading.Thread(target=self._compile_now, args=(cache,), daemon=True,
+                                                    name="genforge-compile")
+            self._compile_thread.start()
+        else:
+            self._compile_now(cache)
+
+    def _compile_now(self, scratch: KVCache) -> None:
         try:
+            import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
 
+            _use_compile_cache()
             fn = torch.compile(self.core, dynamic=True)
             # freezing is read when the graph is compiled (at the first calls, below); as a
-            # torch.compile option it did not take effect here
-            with torch.inference_mode(), inductor_config.patch(freezing=True):
+            # torch.compile option it did not take effect here. specialize_float: the model's
+            # float constants (eps) are not made symbolic, which cost a second trace (~4 s here).
+            with torch.inference_mode(), inductor_config.patch(freezing=True), \
+                    dynamo_config.patch(specialize_float=True):
                 # compile now, not on the first request; batch and span sizes differ so that no
                 # equality between them is baked into the graph
-                self._decode_with(fn, [0, 0], [1, 2])
-                self._decode_with(fn, [0, 0, 0], [3, 4, 6])
+                self._decode_with(fn, [0, 0], [1, 2], cache=scratch)
+                self._decode_with(fn, [0, 0, 0], [3, 4, 6], cache=scratch)
         except Exception as e:  # no C++ compiler, unsupported backend: eager still works
             import warnings
 
             warnings.warn(f"torch.compile of the decode step failed, running eager: {e}", stacklevel=2)
             return
-        self.step_fn, self.compiled = fn, True
+        finally:
+            del scratch
+        self.step_fn, self.compiled = fn, True  # one attribute read in decode() picks it up
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for a background compile (see `_compile`); whether the compiled step is in use."""
+        thread = getattr(self, "_compile_thread", None)
+        if thread is not None:
+            thread.join(timeout)
+        return self.compiled
 
     def _rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin over all q, k and v heads ([..., H + 2Hkv, D]); v heads get cos 1, sin 0."""
@@ -315,19 +371,22 @@ class LlamaRunner:
         `free_slot`: a slot whose cache no row needs (None: none is), used by the compiled step for
         a batch of one.
         """
-        if self.compiled and len(tokens) == 1:
+        fn = self.step_fn  # read once: a background compile may swap it in between two steps
+        if fn is not self.core and len(tokens) == 1:
             if free_slot is None or (self.cache.max_slots is not None and free_slot >= self.cache.max_slots):
                 return self._decode_with(self.core, tokens, positions)
             # a batch of one would make the dynamic-shape compile specialise (and recompile) for
             # size 1; run a throwaway second row that writes into the free slot instead
-            return self._decode_with(self.step_fn, tokens * 2, positions * 2, scratch=free_slot)[:1]
-        return self._decode_with(self.step_fn, tokens, positions)
+            return self._decode_with(fn, tokens * 2, positions * 2, scratch=free_slot)[:1]
+        return self._decode_with(fn, tokens, positions)
 
-    def _decode_with(self, fn, tokens: list[int], positions: list[int], scratch: int | None = None) -> torch.Tensor:
+    def _decode_with(self, fn, tokens: list[int], positions: list[int], scratch: int | None = None,
+                     cache: KVCache | None = None) -> torch.Tensor:
         n = len(tokens)
         span = max(positions) + 1
         dev = self.device
-        self.cache.ensure(max(n, (scratch or 0) + 1), span)
+        cache = self.cache if cache is None else cache
+        cache.ensure(max(n, (scratch or 0) + 1), span)
         tok = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         rows = torch.arange(n, device=dev) if scratch is None else torch.tensor([0, scratch], device=dev)
@@ -335,7 +394,7 @@ class LlamaRunner:
         # Each row sees its own prefix only: key t is visible to row i when t <= positions[i].
         mask = (self.positions[:span][None, :] <= pos[:, None]).view(n, 1, 1, span)
         return fn(F.embedding(tok, self.embed)[:, None], cos, sin, mask, rows, pos, None, None,
-                  self.cache.layers).float()
+                  cache.layers).float()
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
@@ -348,7 +407,7 @@ class LlamaRunner:
 
 
 def make_runner(model: torch.nn.Module, *, max_len: int, slots: int = 4, fast: bool | None = None,
-                compile: bool = False, max_slots: int | None = None) -> LlamaRunner | HFRunner:
+                compile: bool | str = False, max_slots: int | None = None) -> LlamaRunner | HFRunner:
     """The fast path where it covers the model (or `fast=True` insists), else the HF fallback."""
     if fast is None:
         fast = fast_path_unsupported(model, max_len) is None

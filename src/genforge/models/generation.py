@@ -177,10 +177,13 @@ class BatchGenerator:
     `kv_cache_bytes` bounds the KV cache: the batch is trimmed to what fits at `max_model_len`
     (with a warning), and a context that does not fit even once is refused (ConfigError). On CUDA
     it defaults to 90% of the free device memory after the model is loaded; on the CPU to none.
+
+    `compile`: False, True (torch.compile the fast path's decode step now: ~10-15 s of CPU here) or
+    "background" (compile in a thread while the eager step serves; see LlamaRunner._compile).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
-                 max_model_len: int | None = None, fast: bool | None = None, compile: bool = False,
+                 max_model_len: int | None = None, fast: bool | None = None, compile: bool | str = False,
                  max_prefill_tokens: int = 512, kv_cache_bytes: int | None = None):
         if max_prefill_tokens < 1:
             raise ConfigError(f"max_prefill_tokens: must be >= 1, got {max_prefill_tokens}",
