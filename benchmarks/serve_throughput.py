@@ -348,7 +348,7 @@ def build_contenders(a, folder: Path, cpu: dict) -> tuple[list[Contender], dict]
             if info["status"] != "ok":
                 out.append(Contender(name, "vllm", status=info["status"]))
                 continue
-            out.append(Contender(name, "vllm", lambda p, d=dtype: peers.vllm_command(info["python"], folder, p, d),
+            out.append(Contender(name, "vllm", lambda p, d=dtype, py=info["python"]: peers.vllm_command(py, folder, p, d),
                                  env=peers.vllm_env(info), compile_requested=None, threads="vLLM default",
                                  notes="vLLM's default compilation and CPU thread binding (its log lines are in "
                                        "compile_evidence / thread_evidence)"))
@@ -365,7 +365,7 @@ def build_contenders(a, folder: Path, cpu: dict) -> tuple[list[Contender], dict]
             if conv["status"] != "ok":
                 out.append(Contender(name, "llama", status=conv["status"]))
                 continue
-            out.append(Contender(name, "llama", lambda p, g=conv["path"]: peers.llama_command(info["binary"], g, p),
+            out.append(Contender(name, "llama", lambda p, g=conv["path"], b=info["binary"]: peers.llama_command(b, g, p),
                                  threads="-t 2"))
     if want is not None:
         out = [c for c in out if any(w in c.kind or w in c.name for w in want)]
@@ -408,7 +408,7 @@ def measure(c: Contender, a, blocks: dict[str, list[str]], rec: dict, rnd: int) 
         probe = body_for(c, group[0], blocks["greedy"][0], 0, a.new_tokens, stream=False)
         try:
             srv = Server(c, probe, log)
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - a row that cannot start is reported, the others still run
             rec.setdefault("errors", []).append(f"round {rnd + 1} {group[0]}: {e}")
             print(f"  {c.name}: {e}", flush=True)
             return
