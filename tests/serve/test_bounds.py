@@ -127,3 +127,12 @@ def test_template_special_tokens_still_work(lm) -> None:
     template = "{% for m in messages %}{{ m['content'] }}" + tok.eos_token + "{% endfor %}"
     ids = render_chat(tok, template, [ChatMessage(role="user", content="a " + tok.eos_token + " b")])
     assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+
+
+def test_oversized_body_gets_its_413_not_a_connection_reset(api: Live) -> None:
+    """Refusing before reading would close a socket with unread data: the client then sees a reset
+    instead of the error. The server drains (bounded) what it refuses."""
+    big = b'{"prompt": "' + b"x" * (3 << 20) + b'"}'
+    for _ in range(10):
+        r = httpx.post(api.v1 + COMP, content=big, headers={"content-type": "application/json"}, timeout=30)
+        assert_openai_error(r, 413, None)

@@ -27,6 +27,10 @@ ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", 
                        "/health", "/metrics", "/openapi.json"})
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # OpenAI-sized requests are far smaller; this bounds parser memory
 DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that trickles its body holds a connection, not a server
+# A refused body is still read (and dropped) up to this much before the 413: closing a socket with
+# unread data makes the kernel send a reset, and the client would see "connection reset" instead
+# of the error. Beyond it (or past the body timeout) the connection is closed unread.
+DRAIN_LIMIT_BYTES = 16 << 20
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest about 6 deep; Python's json recurses, so bound it first
 RETRY_AFTER_S = 1  # what a 503 asks clients to wait; the queue drains in about a decode step per token
 
@@ -160,6 +164,8 @@ class Gate:
                 await send_json(send, 400, error_body("Content-Length header is not an integer"))
                 return None
             if declared_n > limit:
+                if declared_n <= DRAIN_LIMIT_BYTES:
+                    await self._drain(receive, time.monotonic() + self.body_timeout)
                 await send_json(send, 413, too_big, [(b"connection", b"close")])
                 return None
         chunks, size = [], 0
@@ -177,6 +183,8 @@ class Gate:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:  # chunked bodies declare no length: count as they arrive
+                if message.get("more_body", False):
+                    await self._drain(receive, deadline, size)
                 await send_json(send, 413, too_big, [(b"connection", b"close")])
                 return None
             chunks.append(chunk)
@@ -199,3 +207,17 @@ class Gate:
             return await receive()  # afterwards: the real channel, so disconnects still arrive
 
         return replay
+
+    @staticmethod
+    async def _drain(receive: Any, deadline: float, size: int = 0) -> None:
+        """Read and drop the rest of a refused body (bounded in bytes and time)."""
+        while size <= DRAIN_LIMIT_BYTES:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
