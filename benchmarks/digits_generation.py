@@ -344,7 +344,8 @@ def main() -> int:
             grid = generate_grid(run, num_samples=100, class_label=None, guidance=GUIDANCE if family == "diffusion"
                                  else None, steps=50 if family == "diffusion" else None, sampler="ddim",
                                  seed=args.seed, out=work / "grids" / f"digits_{family}.png")
-            grid = Path(shutil.copy(grid, RESULTS / grid.name))  # the grid only; the singles stay in work/
+            # the grid only (the singles stay in work/); a quick run never overwrites a full run's grid
+            grid = Path(shutil.copy(grid, RESULTS / (grid.stem + ("_quick" if args.quick else "") + grid.suffix)))
             info.update(summary=summary, grid=str(grid.relative_to(ROOT)))
             report["families"][family] = info
             rows = metrics["rows"]
