@@ -21,15 +21,8 @@ import weakref
 from typing import Any
 
 from genforge.common.errors import GenforgeError
+from genforge.models.lm import DEFAULT_CHAT_TEMPLATE
 from genforge.serve.protocol import ChatMessage
-
-# Used only when neither the model nor models.lm provides a template (models.lm may not be
-# importable in a stripped-down install); ChatML, the format most small chat models use.
-_FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% endif %}"
-)
 
 
 def resolve_chat_template(tokenizer: Any) -> str:
@@ -39,11 +32,7 @@ def resolve_chat_template(tokenizer: Any) -> str:
         return own
     if isinstance(own, dict) and own.get("default"):  # named templates: the default one
         return own["default"]
-    try:
-        from genforge.models.lm import DEFAULT_CHAT_TEMPLATE
-    except ImportError:
-        return _FALLBACK_TEMPLATE
-    return DEFAULT_CHAT_TEMPLATE
+    return DEFAULT_CHAT_TEMPLATE  # one definition, in models.lm (what save_lm writes too)
 
 
 _plain: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
