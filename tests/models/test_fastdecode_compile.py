@@ -54,3 +54,51 @@ def test_compile_cache_folder_is_per_user_and_respects_a_chosen_one(monkeypatch,
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     fastdecode._use_compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def _weight_copies(model: torch.nn.Module, runner: LlamaRunner | None = None) -> int:
+    """Bytes of live tensors of a weight matrix's size or more that are not the model's storage
+    (nor views of it, nor the runner's RoPE tables): copies of the weights, e.g. prepacked by a
+    frozen compile."""
+    import gc
+
+    gc.collect()
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    if runner is not None:
+        own |= {runner.cos.untyped_storage().data_ptr(), runner.sin.untyped_storage().data_ptr()}
+    smallest = min(p.numel() for p in model.parameters() if p.dim() == 2)
+    total, seen = 0, set()
+    for obj in gc.get_objects():
+        # real tensors only (the compiler's fake and functional tensors hold no memory)
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter) or id(obj) in seen or obj.numel() < smallest:
+            continue
+        seen.add(id(obj))
+        if obj.is_mkldnn:  # opaque prepacked weights
+            total += obj.numel() * obj.element_size()
+            continue
+        if obj.untyped_storage().data_ptr() not in own and obj.dim() == 2:
+            total += obj.untyped_storage().nbytes()
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compiled_step_keeps_one_copy_of_the_weights(freeze):
+    """The compiled decode step reads the runner's (= the model's) weights; only freeze=True,
+    whose oneDNN prepacking copies every matrix, holds them twice."""
+    torch._dynamo.reset()  # an earlier unfrozen graph of the same shapes would serve freeze=True too
+    torch.manual_seed(5)
+    m = LlamaForCausalLM(llama_config(tie_word_embeddings=False)).eval()
+    prompts = [list(range(5, 17)), list(range(30, 40))]
+    ref, ref_tokens = hf_reference(m, prompts, steps=1)
+    before = _weight_copies(m)
+    runner = LlamaRunner(m, max_len=128, slots=2, compile=True, freeze=freeze)
+    assert runner.compiled
+    runner.prefill(0, prompts)
+    assert (runner.decode([t[0] for t in ref_tokens], [len(p) for p in prompts]) - ref[1]).abs().max() < 1e-4
+    matrices = sum(p.numel() * p.element_size() for p in m.parameters() if p.dim() == 2)
+    extra = _weight_copies(m, runner) - before
+    if freeze:
+        assert extra >= matrices // 2  # the test sees the copy when there is one
+    else:
+        assert extra == 0

@@ -23,7 +23,7 @@ and tiny kernels (mask construction, cache bookkeeping, rotary per layer); this 
 `HFRunner` is the fallback for everything else (MoE, state-space, custom attention): the model's
 own forward with one transformers `DynamicCache` per row. Correct for any causal LM; slow.
 
-`torch.compile` of the decode step (with frozen weights) pays here: see LlamaRunner._compile.
+`torch.compile` of the decode step (weights not frozen, so held once) pays here: see LlamaRunner._compile.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 class _Weights(torch.nn.Module):
-    """One layer's fused weights as buffers (buffers, so a frozen compile can prepack them)."""
+    """One layer's fused weights as buffers (buffers, so a frozen compile (freeze=True) can prepack them)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor | None]):
         super().__init__()
@@ -197,7 +197,7 @@ class LlamaRunner:
     fast_path = True
 
     def __init__(self, model: torch.nn.Module, *, max_len: int, slots: int = 4,
-                 compile: bool | str = False, max_slots: int | None = None):
+                 compile: bool | str = False, max_slots: int | None = None, freeze: bool = False):
         why = fast_path_unsupported(model, max_len)
         if why:
             raise ValueError(f"fast decode path does not cover this model: {why}")
@@ -247,27 +247,39 @@ class LlamaRunner:
         self.core = _Core(self)
         self.step_fn = self.core
         self.compiled = False
+        self.freeze = freeze  # see _compile: faster fp32 step, a second copy of the weights
         if compile not in (False, True, "background"):
             raise ValueError(f"compile: expected False, True or 'background', got {compile!r}")
         if compile:
             self._compile(background=compile == "background")
 
     def _compile(self, background: bool = False) -> None:
-        """torch.compile the decode step with frozen weights; compiled once, dynamic in batch and span.
+        """torch.compile the decode step; compiled once, dynamic in batch and span.
 
-        Measured here (2-core AVX-512 EPYC VM, torch 2.13 CPU, lm-tiny 11M params, batch 16, one
-        thread, CPU time per step): eager 9.4-9.9 ms, compiled 9.3 ms without freezing, 5.8 ms with
-        freezing (weights constant-folded and prepacked for oneDNN, elementwise ops fused) - 1.7x.
+        Not frozen by default (`freeze=False`), so the compiled step reads the runner's own weights
+        and memory holds them once. Measured here (2-core AVX-512 EPYC VM shared with other jobs,
+        torch 2.13 CPU, lm-tiny, batch 16, one thread, median CPU time of a step, ±10% between runs;
+        benchmarks/decode_step.py):
+
+            step (ms)               fp32   bf16
+            eager                   10.3    6.2
+            compiled                 9.5    5.4   weights once; inductor's FX-graph and AOT caches hit:
+                                                  a warm compile is 2.5 s of CPU (9 s cold)
+            compiled, freeze=True    6.0    4.5   inductor freezing prepacks the weights for oneDNN:
+                                                  a second copy of every matrix (+37 MiB RSS fp32 here),
+                                                  and neither cache takes a frozen graph ("mkldnn
+                                                  tensors unpickleable"): 9-13 s of CPU at every start
+
+        On a CPU with native bf16 (where `--dtype auto` is bf16) the unfrozen compile is ~1.2x
+        eager for no extra memory; freezing is the fp32 choice where memory is cheaper than time.
         It falls back to eager if the compiler is unavailable. Prefill stays eager (shapes vary too
         much).
 
-        The compile takes 13 s of CPU here (20-50 s of wall time on a shared 2-core machine):
-        inductor's FX-graph and AOT caches refuse a frozen graph ("mkldnn tensors unpickleable",
-        "Cannot cache a graph with freezing enabled"), so only its C++ kernels are reused between
-        runs, from a per-user folder (`compile_cache_dir`). `background=True` compiles in a thread
-        while the eager step serves: start-up costs eager's time and `decode` switches to the
-        compiled step once it is ready (`wait_compiled`). The warm-up calls of the compile write into
-        a scratch cache of their own, never into rows being served.
+        The compiled kernels are kept in a per-user folder (`compile_cache_dir`). `background=True`
+        compiles in a thread while the eager step serves: start-up costs eager's time and `decode`
+        switches to the compiled step once it is ready (`wait_compiled`); meanwhile the compiling
+        thread holds the GIL much of the time and eager steps were ~3x slower here. The warm-up
+        calls of the compile write into a scratch cache of their own, never into rows being served.
         """
         cache = KVCache(len(self.layers), self.Hkv, self.D, max_length=self.max_len, dtype=self.dtype,
                         device=self.device, slots=8, length=min(128, self.max_len))
@@ -290,7 +302,7 @@ class LlamaRunner:
             # freezing is read when the graph is compiled (at the first calls, below); as a
             # torch.compile option it did not take effect here. specialize_float: the model's
             # float constants (eps) are not made symbolic, which cost a second trace (~4 s here).
-            with torch.inference_mode(), inductor_config.patch(freezing=True), \
+            with torch.inference_mode(), inductor_config.patch(freezing=self.freeze), \
                     dynamo_config.patch(specialize_float=True):
                 # compile now, not on the first request; batch and span sizes differ so that no
                 # equality between them is baked into the graph
@@ -407,10 +419,12 @@ class LlamaRunner:
 
 
 def make_runner(model: torch.nn.Module, *, max_len: int, slots: int = 4, fast: bool | None = None,
-                compile: bool | str = False, max_slots: int | None = None) -> LlamaRunner | HFRunner:
+                compile: bool | str = False, max_slots: int | None = None,
+                freeze: bool = False) -> LlamaRunner | HFRunner:
     """The fast path where it covers the model (or `fast=True` insists), else the HF fallback."""
     if fast is None:
         fast = fast_path_unsupported(model, max_len) is None
     if fast:
-        return LlamaRunner(model, max_len=max_len, slots=slots, compile=compile, max_slots=max_slots)
+        return LlamaRunner(model, max_len=max_len, slots=slots, compile=compile, max_slots=max_slots,
+                           freeze=freeze)
     return HFRunner(model, max_len=max_len, slots=slots, max_slots=max_slots)
