@@ -263,3 +263,19 @@ def test_metrics_ttft_at_the_socket_queue_time_kv_and_errors(lm) -> None:
         assert live.metric("genforge:request_errors_total", kind="invalid_request") == 1
         assert live.metric("genforge:request_errors_total", kind="not_found") == 1
         assert f'model_name="{MODEL_NAME}"' in text
+
+
+def test_a_bug_gives_a_generic_500_with_an_error_id(lm) -> None:
+    with lm_server(lm) as live:
+        service = live.app.state.service
+
+        async def broken(body, request):
+            raise KeyError("secret key name /etc/passwd")
+
+        service.completions = broken
+        r = httpx.post(live.v1 + COMP, json={"prompt": "x"}, timeout=30)
+        err = assert_openai_error(r, 500, None)
+        assert "secret" not in r.text and "KeyError" not in r.text and "error id err-" in err["message"]
+        assert live.metric("genforge:request_errors_total", kind="internal") == 1
+        assert httpx.post(live.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "max_tokens": 2}, timeout=30).status_code == 200
