@@ -106,7 +106,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   request_timeout=a.request_timeout or None, shutdown_timeout=a.shutdown_timeout,
                   limit_concurrency=a.limit_concurrency, header_timeout=a.header_timeout,
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
-                  root_path=a.root_path)
+                  root_path=a.root_path, stream_interval=a.stream_interval)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, how long requests in flight may finish before they are cancelled")
     se.add_argument("--limit-concurrency", type=_positive_int, default=None, metavar="N",
                     help="HTTP requests in flight at once (503 above; /health and /metrics exempt)")
+    se.add_argument("--stream-interval", type=_positive_int, default=1, metavar="N",
+                    help="tokens per streamed chunk (1: every token; more: fewer socket writes per token)")
     se.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                     help="time for a request's headers to arrive")
     se.add_argument("--body-timeout", type=_positive_float, default=30.0, metavar="SECONDS",

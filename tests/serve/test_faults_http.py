@@ -279,3 +279,15 @@ def test_a_bug_gives_a_generic_500_with_an_error_id(lm) -> None:
         assert live.metric("genforge:request_errors_total", kind="internal") == 1
         assert httpx.post(live.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                "max_tokens": 2}, timeout=30).status_code == 200
+
+
+def test_stream_interval_sends_fewer_chunks_with_the_same_text(lm) -> None:
+    body = {**LONG, "max_tokens": 13, "stream": True}
+    with lm_server(lm, stream_interval=4) as live:
+        with httpx.stream("POST", live.v1 + COMP, json=body, timeout=30) as s:
+            parts = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        whole = httpx.post(live.v1 + COMP, json={**body, "stream": False}, timeout=30).json()
+    texts = [p["choices"][0]["text"] for p in parts]
+    assert "".join(texts) == whole["choices"][0]["text"]
+    assert len(parts) <= 5  # the first token at once, then one chunk per 4 tokens (13 = 1 + 4 + 4 + 4)
+    assert parts[-1]["choices"][0]["finish_reason"] == "length"

@@ -146,7 +146,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool = False,
                request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
-               image_max_queue: int = 8) -> Gate:
+               image_max_queue: int = 8, stream_interval: int = 1) -> Gate:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
@@ -181,7 +181,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
                             max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
                             compile=compile, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
-                            aliases=aliases)
+                            aliases=aliases, stream_interval=stream_interval)
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
@@ -259,7 +259,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, limit_concurrency: int | None = None,
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                   keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
-                  root_path: str = "") -> None:
+                  root_path: str = "", stream_interval: int = 1) -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
     finish for at most `shutdown_timeout` seconds, cancel the rest and exit."""
     import uvicorn
@@ -279,7 +279,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
     app = create_app(model, served_model_name=served_model_name, max_model_len=max_model_len, dtype=dtype,
                      max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys,
                      compile=compile, request_timeout=request_timeout, body_timeout=body_timeout,
-                     limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes)
+                     limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes,
+                     stream_interval=stream_interval)
     sock = _listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,

@@ -81,8 +81,9 @@ class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
                  max_batch_size: int, max_queue: int, metrics: ServeMetrics, compile: bool = False,
                  request_timeout: float | None = None, kv_cache_bytes: int | None = None,
-                 aliases: tuple[str, ...] = ()):
-        """`aliases`: other names a request's `model` may use (e.g. the path it was started with)."""
+                 aliases: tuple[str, ...] = (), stream_interval: int = 1):
+        """`aliases`: other names a request's `model` may use (e.g. the path it was started with).
+        `stream_interval`: tokens per streamed chunk (1: every token; vLLM's option of that name)."""
         limit = context_length(model)
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] "
@@ -92,6 +93,9 @@ class LMService:
         self.tokenizer, self.served_name, self.metrics = tokenizer, served_name, metrics
         self.names = {served_name, *aliases}
         self.request_timeout = request_timeout
+        if stream_interval < 1:
+            raise ConfigError(f"--stream-interval {stream_interval}: must be at least 1", param="stream_interval")
+        self.stream_interval = stream_interval
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                              max_model_len=max_model_len, observer=metrics.observer(), compile=compile,
                              kv_cache_bytes=kv_cache_bytes)
@@ -310,9 +314,10 @@ class LMService:
                         lp = completion_logprobs(new, c.offset)
                         out.append(chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=lp,
                                                            finish_reason=ev.finish_reason)]))
-                    else:
-                        out.append(enc.token(c.index, ev.text, ev.finish_reason))
-                    c.offset += len(ev.text)
+                        c.offset += len(ev.text)
+                    elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
+                        out.append(enc.token(c.index, text, ev.finish_reason))
+                        c.offset += len(text)
                 if out:
                     if request.scope.get(FIRST_TOKEN) is None:
                         request.scope[FIRST_TOKEN] = "pending"
@@ -382,8 +387,8 @@ class LMService:
                         delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()
                         out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
                                                           logprobs=chat_logprobs(new))]))
-                    else:
-                        out.append(enc.token(c.index, ev.text, ev.finish_reason))
+                    elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
+                        out.append(enc.token(c.index, text, ev.finish_reason))
                 if out:
                     if request.scope.get(FIRST_TOKEN) is None:
                         request.scope[FIRST_TOKEN] = "pending"

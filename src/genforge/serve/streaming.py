@@ -34,6 +34,20 @@ class Choice:
         self.offset = 0  # characters sent so far (completions' text_offset)
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.sent_first = False
+        self.held, self.held_n = "", 0  # text of tokens not yet sent (stream interval)
+
+    def release(self, text: str, final: bool, interval: int) -> str | None:
+        """The text to send now, or None to hold it: with `interval` N > 1 a stream sends one chunk
+        per N tokens (the first token and the last chunk at once), so N times fewer socket writes."""
+        if interval <= 1:
+            return text
+        self.held += text
+        self.held_n += 1
+        if self.sent_first and not final and self.held_n < interval:
+            return None
+        out, self.held, self.held_n, self.sent_first = self.held, "", 0, True
+        return out
 
     def add(self, ev: TokenEvent, token_text: Callable[[int], str], want_logprobs: bool) -> list[LogprobEntry]:
         """Record an event; the logprob entries it adds (empty unless logprobs were asked for)."""
