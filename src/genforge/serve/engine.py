@@ -46,11 +46,11 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  max_model_len: int | None = None, observer: EngineObserver | None = None,
-                 max_prefill_tokens: int | None = None, fast: bool | None = None, compile: bool = False,
+                 max_prefill_tokens: int | None = None, fast: bool | None = None, compile: bool | str = False,
                  kv_cache_bytes: int | None = None, probe_interval: float = 5.0):
-        """`compile`: torch.compile the fast decode step (1.7x per step on this CPU, 30-60 s at start;
-        see models/fastdecode.py). `kv_cache_bytes`: the KV cache's memory budget, passed to the
-        BatchGenerator. `probe_interval`: after a failed step, how long the engine waits idle before
+        """`compile`: torch.compile the fast decode step (True: before serving; "background": serve
+        eagerly while a thread compiles; see models/fastdecode.py). `kv_cache_bytes`: the KV cache's
+        memory budget, passed to the BatchGenerator. `probe_interval`: after a failed step, how long the engine waits idle before
         it tries a one-token generation to find out whether it has recovered."""
         if max_batch_size < 1 or max_queue < 0:
             raise GenforgeError("max_batch_size must be >= 1 and max_queue >= 0", param="max_batch_size")

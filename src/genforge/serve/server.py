@@ -143,7 +143,7 @@ def default_served_name(path: str | Path) -> str:
 def create_app(model_path: str | Path | None = None, *, model: Any = None, tokenizer: Any = None,
                served_model_name: str | None = None, max_model_len: int | None = None, dtype: str = "auto",
                max_batch_size: int = 32, max_queue: int = 256, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool = False,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool | str = False,
                request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
                image_max_queue: int = 8, stream_interval: int = 1) -> Gate:
@@ -254,7 +254,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
                   max_model_len: int | None = None, dtype: str = "auto", max_batch_size: int = 32,
-                  max_queue: int = 256, api_keys: list[str] | None = None, compile: bool = True,
+                  max_queue: int = 256, api_keys: list[str] | None = None, compile: bool | str = "background",
                   request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, limit_concurrency: int | None = None,
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,

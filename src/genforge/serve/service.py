@@ -79,7 +79,7 @@ async def _wait_disconnect(request: Request) -> None:
 
 class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
-                 max_batch_size: int, max_queue: int, metrics: ServeMetrics, compile: bool = False,
+                 max_batch_size: int, max_queue: int, metrics: ServeMetrics, compile: bool | str = False,
                  request_timeout: float | None = None, kv_cache_bytes: int | None = None,
                  aliases: tuple[str, ...] = (), stream_interval: int = 1):
         """`aliases`: other names a request's `model` may use (e.g. the path it was started with).
