@@ -288,7 +288,7 @@ def test_prompt_too_long_or_bad_ids(model, tok):
 
 @pytest.mark.slow
 def test_compiled_decode_matches_hf():
-    """torch.compile'd step (frozen weights): same logits, batch of one, rows leaving, cache growth."""
+    """torch.compile'd step: same logits, batch of one, rows leaving, cache growth."""
     torch.manual_seed(2)
     m = LlamaForCausalLM(llama_config()).eval()
     prompts = [list(range(5, 17)), list(range(30, 33)), list(range(100, 125))]

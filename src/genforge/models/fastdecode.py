@@ -258,20 +258,20 @@ class LlamaRunner:
 
         Not frozen by default (`freeze=False`), so the compiled step reads the runner's own weights
         and memory holds them once. Measured here (2-core AVX-512 EPYC VM shared with other jobs,
-        torch 2.13 CPU, lm-tiny, batch 16, one thread, median CPU time of a step, ±10% between runs;
-        benchmarks/decode_step.py):
+        torch 2.13 CPU, lm-tiny, batch 16, one thread, median CPU time of a step; one run of
+        benchmarks/decode_step.py, whose JSON has the rest):
 
             step (ms)               fp32   bf16
-            eager                   10.3    6.2
-            compiled                 9.5    5.4   weights once; inductor's FX-graph and AOT caches hit:
-                                                  a warm compile is 2.5 s of CPU (9 s cold)
-            compiled, freeze=True    6.0    4.5   inductor freezing prepacks the weights for oneDNN:
-                                                  a second copy of every matrix (+37 MiB RSS fp32 here),
-                                                  and neither cache takes a frozen graph ("mkldnn
-                                                  tensors unpickleable"): 9-13 s of CPU at every start
+            eager                    9.0    4.5
+            compiled                 9.8    4.5   weights once; inductor's FX-graph and AOT caches hit:
+                                                  start-up 3 s warm, 17 s cold (CPU, with workers)
+            compiled, freeze=True    4.7    4.25  inductor freezing prepacks the weights for oneDNN:
+                                                  a second copy of every matrix (+52 MiB RSS fp32
+                                                  here), and neither cache takes a frozen graph
+                                                  ("mkldnn tensors unpickleable"): 8.5 s warm, 15 s cold
 
-        On a CPU with native bf16 (where `--dtype auto` is bf16) the unfrozen compile is ~1.2x
-        eager for no extra memory; freezing is the fp32 choice where memory is cheaper than time.
+        So on a CPU with native bf16 (where `--dtype auto` is bf16) eager is as fast as any compile;
+        in fp32 only the frozen compile pays (1.9x), at the price of the second copy.
         It falls back to eager if the compiler is unavailable. Prefill stays eager (shapes vary too
         much).
 
