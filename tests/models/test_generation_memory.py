@@ -62,7 +62,7 @@ def test_kv_budget_trims_the_batch_and_refuses_what_cannot_fit(tok):
     with pytest.raises(ConfigError) as e:
         fit_kv_budget(per, 8, 128, per * 100)
     msg = e.value.message
-    assert e.value.param == "kv_cache_bytes" and "--kv-cache-bytes" in msg and "--max-model-len" in msg
+    assert e.value.param == "kv_cache_bytes" and "--kv-cache-memory" in msg and "--max-model-len" in msg
     assert "at most 100" in msg
 
 
@@ -80,7 +80,7 @@ def test_kv_cache_never_grows_past_its_budget(tok):
     while gen.rows:
         gen.step()
         assert gen.runner.cache.nbytes() <= budget
-    with pytest.raises(ConfigError, match="--kv-cache-bytes"):
+    with pytest.raises(ConfigError, match="--kv-cache-memory"):
         BatchGenerator(model, tok, max_batch_size=8, kv_cache_bytes=per * 127)
 
 

@@ -43,13 +43,9 @@ def _operations(spec) -> list:
 # strategies do: one bounded property per operation and generation mode.
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_no_5xx_and_openai_shaped_4xx(served_schema, fuzz_server: Live, mode: str) -> None:
-    import torch
     from hypothesis import given
     from hypothesis.errors import Unsatisfiable
 
-    # the training loop (run by the lm_run fixture in this thread) flushes denormals, and
-    # hypothesis refuses to draw floats under that CPU state; the flag is per thread
-    torch.set_flush_denormal(False)
     seen: dict[str, int] = {}
     for op in _operations(served_schema):
         if op.path == "/metrics":

@@ -111,3 +111,14 @@ def test_cli_train_errors_are_one_line_exit_2(tmp_path, char_dataset, tiny_recip
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _denormals_survive() -> bool:
+    tiny = torch.tensor([1e-39])  # a float32 denormal
+    return bool((tiny * 1.0).item() != 0.0)
+
+
+def test_denormal_flushing_does_not_outlive_the_run(tmp_path, char_dataset, tiny_recipe):
+    assert _denormals_survive()
+    run_recipe(tiny_recipe(tmp_path, char_dataset, max_steps=2, eval_every=2, checkpoint_every=2))
+    assert _denormals_survive(), "train() left the thread flushing denormals to zero"

@@ -43,18 +43,18 @@ def fit_kv_budget(per_position: int, max_batch_size: int, max_model_len: int, kv
 
     The context is kept (it is what a request may ask for) and the batch trimmed, with a warning;
     when not even one full-length row fits, a ConfigError names the flags to change. `source`
-    says where the budget came from when it was not --kv-cache-bytes (e.g. the GPU's free memory).
+    says where the budget came from when it was not --kv-cache-memory (e.g. the GPU's free memory).
     """
     if kv_cache_bytes is None:
         return max_batch_size
-    budget = source or f"--kv-cache-bytes {kv_cache_bytes}"
+    budget = source or f"--kv-cache-memory {kv_cache_bytes}"
     per_row = per_position * max_model_len
     fit = kv_cache_bytes // per_row
     if fit < 1:
         raise ConfigError(
             f"{budget}: one request of --max-model-len {max_model_len} needs {per_row} bytes of KV cache "
             f"({per_position} per position) but {kv_cache_bytes} are available; "
-            f"{'free device memory' if source else 'raise --kv-cache-bytes to at least ' + str(per_row)} "
+            f"{'free device memory' if source else 'raise --kv-cache-memory to at least ' + str(per_row)} "
             f"or lower --max-model-len to at most {kv_cache_bytes // per_position}",
             param="kv_cache_bytes")
     if fit < max_batch_size:

@@ -8,6 +8,7 @@ are checkpoint.py's, optimizer stepping and EMA optim.py's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -84,11 +85,27 @@ class TrainResult:
 def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir, *,
           device: torch.device, resume: bool = False) -> TrainResult:
     """Train `objective` on `data` into `run`; with `resume`, continue from its latest checkpoint."""
-    steps = total_steps(cfg, data)
-    if device.type == "cpu":
-        # Adam's second moments and late-training gradients drift into denormal floats, which
-        # x86 CPUs process tens of times slower; flushing them to zero costs no accuracy.
+    with _denormals_flushed(device.type == "cpu"):
+        return _train(objective, data, cfg, run, device=device, resume=resume)
+
+
+@contextlib.contextmanager
+def _denormals_flushed(on: bool):
+    """Adam's second moments and late-training gradients drift into denormal floats, which x86 CPUs
+    process tens of times slower; flushing them to zero costs no accuracy. The flag is per thread
+    and process-wide state, so it is switched off again when training ends (torch's default)."""
+    if on:
         torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
+def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir, *,
+           device: torch.device, resume: bool) -> TrainResult:
+    steps = total_steps(cfg, data)
     stepper = Stepper(objective.optimizers(cfg), cfg, device, pick_dtype(cfg.precision, device))
     ema = EMA(objective.modules, cfg.ema_decay) if cfg.ema_decay else None
     metrics = MetricsLog(run.metrics_path)
