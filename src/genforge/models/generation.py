@@ -180,11 +180,14 @@ class BatchGenerator:
 
     `compile`: False, True (torch.compile the fast path's decode step now: ~10-15 s of CPU here) or
     "background" (compile in a thread while the eager step serves; see LlamaRunner._compile).
+    `prepack`: on a CPU, the fast path keeps the weights only in oneDNN's prepacked layout (1.3x
+    bf16, 1.5x fp32 tokens/s here, no compile, one copy); the model's projection weights are
+    released, so the model must not run its own forward afterwards (see LlamaRunner).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
                  max_model_len: int | None = None, fast: bool | None = None, compile: bool | str = False,
-                 max_prefill_tokens: int = 512, kv_cache_bytes: int | None = None):
+                 max_prefill_tokens: int = 512, kv_cache_bytes: int | None = None, prepack: bool = False):
         if max_prefill_tokens < 1:
             raise ConfigError(f"max_prefill_tokens: must be >= 1, got {max_prefill_tokens}",
                               param="max_prefill_tokens")
@@ -204,7 +207,7 @@ class BatchGenerator:
         self.max_prefill_tokens = max_prefill_tokens
         self.runner: LlamaRunner | HFRunner = make_runner(
             model, max_len=self.max_model_len, slots=min(self.max_batch_size, 8), fast=fast, compile=compile,
-            max_slots=self.max_batch_size if kv_cache_bytes is not None else None)
+            max_slots=self.max_batch_size if kv_cache_bytes is not None else None, prepack=prepack)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = self.runner.vocab_size
         self.sampler = BatchSampler()
