@@ -134,3 +134,12 @@ def test_check_prompt_length():
     assert e.value.param == "messages"
     with pytest.raises(GenforgeError, match="empty"):
         check_prompt_length(0, None, 64)
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-300, 1e300])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_extreme_repetition_penalties_still_pick_a_token_in_the_vocabulary(penalty, temperature):
+    # prompt tokens 1, 2, 3 are penalised: tiny penalties push their logits to +inf
+    rows = [_row(repetition_penalty=penalty, temperature=temperature, seed=i) for i in range(3)]
+    tokens, _, _ = BatchSampler()(_logits(3), rows)
+    assert all(0 <= t < VOCAB for t in tokens), tokens

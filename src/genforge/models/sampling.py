@@ -223,6 +223,9 @@ class RowSampler:
                 logits[self.seen] = torch.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
             if p.frequency_penalty or p.presence_penalty:  # OpenAI style, over the output only
                 logits -= self.counts * p.frequency_penalty + (self.counts > 0).float() * p.presence_penalty
+            # an extreme penalty (repetition_penalty 5e-324 is valid) overflows to +inf, and one
+            # +inf logit turns the softmax into NaNs; 1e30 stays finite through any temperature
+            torch.nan_to_num_(logits, nan=float("-inf"), posinf=1e30)
         if self.generated < p.min_tokens and self.min_tokens_ban.numel():
             logits[self.min_tokens_ban] = float("-inf")
         return logits
