@@ -2,7 +2,10 @@
 
 What it measures, each configuration in a fresh process (compile state and caches do not leak):
 - the step: `LlamaRunner.decode` of 16 rows, fp32 / bf16 x eager / compiled / compiled with
-  freeze=True (inductor freezing: oneDNN-prepacked weights, a second copy of them);
+  freeze=True (inductor freezing: oneDNN-prepacked weights, a second copy of them) / prepacked
+  (prepack=True: the weights only in oneDNN's layout, eager, one copy);
+- an engine loop: BatchGenerator add/step over 64 requests (prompts of 20-35 tokens, 64 new
+  tokens, T 0.7), at most 16 rows at once: tokens per CPU second, prefill included;
 - start-up: `LlamaRunner(compile=...)` construction, cold (empty inductor cache folder) and warm
   (the same folder again), wall and CPU time (this process + its compile workers);
 - memory: resident set growth from the loaded model to the runner with 16 decoding rows;
@@ -63,10 +66,15 @@ def worker(cfg: dict) -> dict:
     import_s = time.perf_counter() - t_import
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
     model, tok = load_lm(cfg["model"], dtype=dtype)
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     rss0 = _rss_mib()
     w0, c0 = time.perf_counter(), _cpu_all()
-    compile_arg = {"eager": False, "compiled": True, "frozen": True, "background": "background"}[cfg["mode"]]
-    runner = LlamaRunner(model, max_len=256, slots=BATCH, compile=compile_arg, freeze=cfg["mode"] == "frozen")
+    compile_arg = {"eager": False, "compiled": True, "frozen": True, "background": "background",
+                   "prepacked": False}[cfg["mode"]]
+    if cfg.get("engine"):
+        return {"engine_tok_per_cpu_s": engine_loop(model, tok, cfg["mode"])}
+    runner = LlamaRunner(model, max_len=256, slots=BATCH, compile=compile_arg, freeze=cfg["mode"] == "frozen",
+                         prepack=cfg["mode"] == "prepacked")
     out = {"construct_wall_s": time.perf_counter() - w0, "construct_cpu_s": _cpu_all() - c0,
            "import_s": import_s, "compiled": runner.compiled}
     if cfg.get("startup_only"):
@@ -81,10 +89,39 @@ def worker(cfg: dict) -> dict:
     ts = ts[10:]
     out.update(step_ms=statistics.median(ts) * 1e3, step_p25_ms=statistics.quantiles(ts, n=4)[0] * 1e3,
                rss_growth_mib=_rss_mib() - rss0, rss_mib=_rss_mib(), kv_mib=runner.cache.nbytes() / 2**20,
-               weights_mib=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+               weights_mib=weights_mib)
     if cfg.get("breakdown"):
+        del runner  # prepack=True took the model's weights: a fresh copy of the model for the generator
+        model, tok = load_lm(cfg["model"], dtype=dtype)
         out["breakdown"] = breakdown(model, tok, cfg["steps"], cfg["mode"])
     return out
+
+
+def engine_loop(model, tok, mode: str) -> float:
+    """Tokens per CPU second of BatchGenerator add/step over 64 requests (after one warm-up pass)."""
+    from genforge.models.fastdecode import LlamaRunner
+    from genforge.models.generation import BatchGenerator
+    from genforge.models.sampling import SamplingParams
+
+    gen = BatchGenerator(model, tok, max_batch_size=BATCH, compile=mode == "compiled", prepack=mode == "prepacked")
+    if mode == "frozen":
+        gen.runner = LlamaRunner(model, max_len=gen.max_model_len, slots=8, compile=True, freeze=True)
+
+    def once() -> int:
+        queue = [[5 + (13 * i + j) % 4000 for j in range(20 + i % 16)] for i in range(64)]
+        params = SamplingParams(max_new_tokens=64, temperature=0.7, ignore_eos=True)
+        n = 0
+        while queue or gen.rows:
+            if queue and gen.free_slots:
+                n += len(gen.add([gen.new_sequence(queue.pop(0), params)
+                                  for _ in range(min(gen.free_slots, len(queue)))]))
+            n += len(gen.step())
+        return n
+
+    once()
+    c = time.process_time()
+    n = once()
+    return n / (time.process_time() - c)
 
 
 def breakdown(model, tok, steps: int, mode: str) -> dict:
@@ -93,7 +130,8 @@ def breakdown(model, tok, steps: int, mode: str) -> dict:
     from genforge.models.generation import BatchGenerator
     from genforge.models.sampling import SamplingParams
 
-    gen = BatchGenerator(model, tok, max_batch_size=BATCH, max_model_len=256, compile=mode != "eager")
+    gen = BatchGenerator(model, tok, max_batch_size=BATCH, max_model_len=256, compile=mode == "compiled",
+                         prepack=mode == "prepacked")
     acc: dict[str, float] = {}
 
     def timed(name, fn):
@@ -167,10 +205,12 @@ def main() -> None:
     steps = []
     cache_dir = tempfile.mkdtemp(prefix="gf-inductor-")
     for dtype in ("fp32", "bf16"):
-        for mode in ("eager", "compiled", "frozen"):
+        for mode in ("eager", "compiled", "frozen", "prepacked"):
             r = run({"model": model, "dtype": dtype, "mode": mode, "steps": a.steps, "breakdown": mode != "frozen"},
                     {"TORCHINDUCTOR_CACHE_DIR": cache_dir})
-            r.update(dtype=dtype, mode=mode)
+            e = run({"model": model, "dtype": dtype, "mode": mode, "engine": True},
+                    {"TORCHINDUCTOR_CACHE_DIR": cache_dir})
+            r.update(dtype=dtype, mode=mode, engine_tok_per_cpu_s=e.get("engine_tok_per_cpu_s"))
             steps.append(r)
             print(f"{dtype} {mode}: {r.get('step_ms', float('nan')):.2f} ms/step {r.get('error', '')}", flush=True)
     startup = []
@@ -186,10 +226,11 @@ def main() -> None:
                       f"{r.get('construct_cpu_s', float('nan')):.1f} s CPU {r.get('error', '')}", flush=True)
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     print("\n## Decode step, batch 16 (median CPU ms per step; one thread)\n")
-    print(md_table(["dtype", "mode", "step ms", "p25 ms", "tok/s (16/step)", "RSS growth MiB", "weights MiB",
-                    "KV MiB"],
+    print(md_table(["dtype", "mode", "step ms", "p25 ms", "tok/s (16/step)", "engine loop tok/CPU-s",
+                    "RSS growth MiB", "weights MiB", "KV MiB"],
                    [[r["dtype"], r["mode"], f(r.get("step_ms")), f(r.get("step_p25_ms")),
-                     f(BATCH / r["step_ms"] * 1e3, 0) if r.get("step_ms") else "-", f(r.get("rss_growth_mib"), 0),
+                     f(BATCH / r["step_ms"] * 1e3, 0) if r.get("step_ms") else "-",
+                     f(r.get("engine_tok_per_cpu_s"), 0), f(r.get("rss_growth_mib"), 0),
                      f(r.get("weights_mib"), 0), f(r.get("kv_mib"), 0)] for r in steps]))
     print("\n## Start-up: LlamaRunner construction (fresh process each; cold = empty inductor cache)\n")
     print(md_table(["dtype", "mode", "cache", "wall s", "CPU s (with compile workers)", "import s", "compiled"],
