@@ -26,8 +26,9 @@ own forward with one transformers `DynamicCache` per row. Correct for any causal
 `torch.compile` of the decode step (weights not frozen, so held once): see LlamaRunner._compile.
 `prepack=True` (CPU) keeps the weights only in oneDNN's prepacked layout for prefill and decode:
 what made inductor's frozen compile fast, without a compile or a second copy (the HF model's
-projection weights are released). Engine-level here (16 rows, 64 requests, T 0.7, one thread):
-bf16 2750 -> 3600 tok/s, fp32 1500 -> 2200 tok/s.
+projection weights are released). Engine loop here (16 rows, 64 requests, T 0.7, one thread,
+tokens per CPU second; benchmarks/decode_step.py): bf16 2750 -> 3300-3600, fp32 1470 -> 2200-2280;
+the frozen compile reached 4100 / 2200 (it also fuses the elementwise ops) with a second copy.
 """
 
 from __future__ import annotations
@@ -316,9 +317,10 @@ class LlamaRunner:
                                                   here), and neither cache takes a frozen graph
                                                   ("mkldnn tensors unpickleable"): 8.5 s warm, 15 s cold
 
-        So on a CPU with native bf16 (where `--dtype auto` is bf16) eager is as fast as any compile;
-        in fp32 only the frozen compile pays (1.9x), at the price of the second copy. Its gain is
-        the prepacked weights, which `prepack=True` gives eagerly with one copy and no compile.
+        A second run (benchmarks/results/decode_step.json) gave bf16 eager 5.5, compiled 5.4,
+        frozen 3.8 ms: the unfrozen compile does not beat eager in either dtype; the frozen one pays
+        (1.4-1.9x), at the price of the second copy. Most of its gain is the prepacked weights,
+        which `prepack=True` gives eagerly with one copy and no compile.
         It falls back to eager if the compiler is unavailable. Prefill stays eager (shapes vary too
         much).
 

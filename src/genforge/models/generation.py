@@ -180,8 +180,8 @@ class BatchGenerator:
 
     `compile`: False, True (torch.compile the fast path's decode step now: ~10-15 s of CPU here) or
     "background" (compile in a thread while the eager step serves; see LlamaRunner._compile).
-    `prepack`: on a CPU, the fast path keeps the weights only in oneDNN's prepacked layout (1.3x
-    bf16, 1.5x fp32 tokens/s here, no compile, one copy); the model's projection weights are
+    `prepack`: on a CPU, the fast path keeps the weights only in oneDNN's prepacked layout
+    (1.2-1.3x bf16, 1.5x fp32 tokens/s here, no compile, one copy); the model's projection weights are
     released, so the model must not run its own forward afterwards (see LlamaRunner).
     """
 
