@@ -16,8 +16,9 @@ rotate order from round to round); medians over `--rounds` rounds. Peak RSS is s
 the server process and its children for its whole life.
 
 Rows (each skipped with a "not set up: <reason>" row when it cannot run):
-- genforge serve (torch.compile of the decode step, its default) and genforge serve --enforce-eager
-  (the like-for-like eager row); genforge serve --dtype bfloat16 where the CPU has AVX512_BF16.
+- genforge serve as it starts by default (--decode prepacked, --dtype auto: bf16 on a CPU with
+  AVX512_BF16), --decode compiled (torch.compile, frozen weights), --dtype float32 (the fp32 peers'
+  precision) and --enforce-eager --dtype float32 (plain eager PyTorch: the like-for-like row).
 - `transformers serve --continuous-batching`, with and without `--compile`, at torch's default threads
   and at one thread (OMP_NUM_THREADS=1). Its continuous batching fixes the sampling settings at its
   first request (CBGenerateManager.init_cb), so each mode gets a fresh server. Whether compile took
@@ -26,7 +27,7 @@ Rows (each skipped with a "not set up: <reason>" row when it cannot run):
 - llama.cpp's `llama-server` on f32 and f16 GGUF conversions of the same folder,
   `-np 16 -c 2048 -t 2` (16 parallel slots, its users' usual fast options).
 Peers are set up by benchmarks/peers.py in ~/.cache/genforge-bench (outside the repo).
-- genforge engine (no HTTP), compiled, in this process: the same load without the HTTP layer, so
+- genforge engine (no HTTP), as the default serve row, in this process: the same load without the HTTP layer, so
   the HTTP overhead can be read off against the genforge serve row.
 
 The model: `--model` (a run directory or an HF folder), else lm-tiny (the demo's preset) trained for
@@ -279,11 +280,11 @@ def compile_evidence(c: Contender, log_text: str) -> tuple[bool | None, list[str
     """Whether compile took effect, read from what the server printed; and the lines that say so."""
     lines = log_text.splitlines()
     if c.kind == "genforge":
-        failed = [ln for ln in lines if "torch.compile of the decode step failed" in ln]
-        if not c.compile_requested:
-            return False, ["--enforce-eager"]
-        return (not failed), failed or ["no 'torch.compile of the decode step failed' warning in the log "
-                                        "(genforge exposes no endpoint saying whether compile is in effect)"]
+        # `genforge serve` prints what is in effect: "engine: decode=... compiled=... dtype=..."
+        said = [ln.strip() for ln in lines if ln.startswith("engine: ")][:1]
+        if not said:
+            return None, ["no 'engine:' line in the log"]
+        return "compiled=True" in said[0], said
     if c.kind == "transformers":
         hits = [ln.strip()[:200] for ln in lines if "will be compiled with" in ln]
         return bool(hits), hits or ["no '... path will be compiled with ...' line at --log-level info"]
@@ -311,13 +312,16 @@ def build_contenders(a, folder: Path, cpu: dict) -> tuple[list[Contender], dict]
     tf_bin = str(Path(py).parent / "transformers")
     bf16 = has_flag(cpu, "avx512_bf16")
     out: list[Contender] = [
-        Contender("genforge serve", "genforge", lambda p: [*gf, p], modes=MODES, compile_requested=True),
-        Contender("genforge serve --enforce-eager", "genforge", lambda p: [*gf, p, "--enforce-eager"], modes=MODES,
-                  compile_requested=False),
+        # the default: --decode prepacked, --dtype auto (bf16 where the CPU has native bf16)
+        Contender("genforge serve", "genforge", lambda p: [*gf, p], modes=MODES, compile_requested=False),
+        Contender("genforge serve --decode compiled", "genforge", lambda p: [*gf, p, "--decode", "compiled"],
+                  modes=MODES, compile_requested=True),
+        # the like-for-like rows: fp32 as the fp32 peers, and plain eager PyTorch
+        Contender("genforge serve --dtype float32", "genforge", lambda p: [*gf, p, "--dtype", "float32"],
+                  modes=MODES, compile_requested=False),
+        Contender("genforge serve --enforce-eager --dtype float32", "genforge", lambda p: [*gf, p, "--enforce-eager", "--dtype", "float32"],
+                  modes=MODES, compile_requested=False),
     ]
-    if bf16:
-        out.append(Contender("genforge serve --dtype bfloat16", "genforge",
-                             lambda p: [*gf, p, "--dtype", "bfloat16"], modes=MODES, compile_requested=True))
     for comp in (False, True):
         for threads in (None, "1"):
             name = "transformers serve --continuous-batching" + (" --compile" if comp else "") + \
@@ -489,7 +493,8 @@ def main() -> None:
     runnable = [c for c in contenders if c.status == "ok"]
     engine_rec = None
     if a.only is None or "engine" in a.only:
-        engine_rec = {"kind": "engine", "status": "ok", "modes": {}, "compile_requested": True,
+        engine_rec = {"kind": "engine", "status": "ok", "modes": {}, "compile_requested": False,
+                      "decode": "prepacked, dtype auto (as the default genforge serve row)",
                       "threads_setting": "torch default (this process)"}
     engine = tok = None
     for rnd in range(a.rounds):
@@ -508,9 +513,11 @@ def main() -> None:
             from genforge.serve.engine import Engine
 
             if engine is None:
-                model, tok = load_lm(folder)
+                from genforge.serve.engine import decode_options
+
+                model, tok = load_lm(folder, dtype="auto")
                 t0 = time.perf_counter()
-                engine = Engine(model, tok, max_batch_size=32, compile=True)
+                engine = Engine(model, tok, max_batch_size=32, **decode_options("prepacked"))
                 engine.start()
                 engine_rec.update(startup_s=[time.perf_counter() - t0], torch_threads=torch.get_num_threads(),
                                   compile_effective=bool(getattr(engine.gen.runner, "compiled", False)),
@@ -596,9 +603,9 @@ def compute_ratios(records: dict) -> dict:
             L.append(f"{label}: not available (a row did not run)")
 
     for mode in ("greedy", "sampled"):
-        eager = records.get("genforge serve --enforce-eager", {})
+        eager = records.get("genforge serve --enforce-eager --dtype float32", {})
         ratio(f"like_for_like_{mode}",
-              ("genforge serve --enforce-eager", eager.get("medians", {}).get(mode, {}).get("tok_s")),
+              ("genforge serve --enforce-eager --dtype float32", eager.get("medians", {}).get(mode, {}).get("tok_s")),
               _best(records, mode, eager_peer), f"like-for-like ({mode}, eager vs best eager transformers row)")
         ratio(f"best_vs_best_{mode}", _best(records, mode, gf), _best(records, mode, peer),
               f"best vs best ({mode})")

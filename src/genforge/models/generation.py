@@ -187,7 +187,8 @@ class BatchGenerator:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32,
                  max_model_len: int | None = None, fast: bool | None = None, compile: bool | str = False,
-                 max_prefill_tokens: int = 512, kv_cache_bytes: int | None = None, prepack: bool = False):
+                 max_prefill_tokens: int = 512, kv_cache_bytes: int | None = None, prepack: bool = False,
+                 freeze: bool = False):
         if max_prefill_tokens < 1:
             raise ConfigError(f"max_prefill_tokens: must be >= 1, got {max_prefill_tokens}",
                               param="max_prefill_tokens")
@@ -207,7 +208,8 @@ class BatchGenerator:
         self.max_prefill_tokens = max_prefill_tokens
         self.runner: LlamaRunner | HFRunner = make_runner(
             model, max_len=self.max_model_len, slots=min(self.max_batch_size, 8), fast=fast, compile=compile,
-            max_slots=self.max_batch_size if kv_cache_bytes is not None else None, prepack=prepack)
+            max_slots=self.max_batch_size if kv_cache_bytes is not None else None, prepack=prepack,
+            freeze=freeze)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = self.runner.vocab_size
         self.sampler = BatchSampler()

@@ -31,7 +31,7 @@ import uuid
 
 import torch
 
-from genforge.common.errors import GenforgeError, OverloadedError
+from genforge.common.errors import ConfigError, GenforgeError, OverloadedError
 from genforge.models.generation import BatchGenerator, Sequence, TokenEvent
 from genforge.models.sampling import SamplingParams
 from genforge.serve.request_stream import EngineObserver, RequestStream, _set_all
@@ -41,15 +41,36 @@ __all__ = ["Engine", "EngineObserver", "RequestStream", "TokenEvent", "SamplingP
 log = logging.getLogger(__name__)
 
 
+# How the decode step runs, by the name `genforge serve --decode` takes. Measured on lm-tiny, batch 16,
+# one thread, tokens per CPU-second (benchmarks/decode_step.py): eager fp32 1470 / bf16 2750,
+# prepacked 2200 / 3300-3600, compiled (frozen) 2200 / 4100. The compile costs ~9 s of a warm start
+# (~16 s cold) and a second copy of the weights; prepacking costs nothing, so it is the default.
+DECODE_MODES: dict[str, dict] = {
+    "prepacked": {"prepack": True},
+    "eager": {},
+    "compiled": {"compile": True, "freeze": True},
+}
+
+
+def decode_options(decode: str) -> dict:
+    """The Engine keyword arguments of a --decode mode; ConfigError naming the flag otherwise."""
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"--decode {decode!r}: expected one of {', '.join(DECODE_MODES)}", param="decode")
+    return dict(DECODE_MODES[decode])
+
+
 class Engine:
     """Continuous batching over one model; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch_size: int = 32, max_queue: int = 256,
                  max_model_len: int | None = None, observer: EngineObserver | None = None,
                  max_prefill_tokens: int | None = None, fast: bool | None = None, compile: bool | str = False,
-                 kv_cache_bytes: int | None = None, probe_interval: float = 5.0):
+                 kv_cache_bytes: int | None = None, probe_interval: float = 5.0, prepack: bool = False,
+                 freeze: bool = False):
         """`compile`: torch.compile the fast decode step (True: before serving; "background": serve
-        eagerly while a thread compiles; see models/fastdecode.py). `kv_cache_bytes`: the KV cache's
+        eagerly while a thread compiles; see models/fastdecode.py); `freeze` makes that compile
+        constant-fold the weights (faster, a second copy); `prepack` keeps the weights only in oneDNN's
+        prepacked layout (CPU, not with compile). See DECODE_MODES. `kv_cache_bytes`: the KV cache's
         memory budget, passed to the BatchGenerator. `probe_interval`: after a failed step, how long the engine waits idle before
         it tries a one-token generation to find out whether it has recovered."""
         if max_batch_size < 1 or max_queue < 0:
@@ -61,7 +82,8 @@ class Engine:
         # the batch to what `kv_cache_bytes` holds at max_model_len (or refuse: ConfigError)
         self.gen = BatchGenerator(model, tokenizer, max_batch_size=max_batch_size,
                                   max_model_len=max_model_len, fast=fast,
-                                  compile=compile, kv_cache_bytes=kv_cache_bytes, **extra)
+                                  compile=compile, kv_cache_bytes=kv_cache_bytes, prepack=prepack,
+                                  freeze=freeze, **extra)
         self.max_model_len = self.gen.max_model_len
         self.max_batch_size = self.gen.max_batch_size  # after the KV budget's trim
         self.observer = observer or EngineObserver()

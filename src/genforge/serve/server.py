@@ -125,7 +125,8 @@ def _run_family(path: Path) -> str:
 def _torch_dtype(dtype: str | None) -> Any:
     import torch
 
-    choices = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    # "auto": models.lm.resolve_dtype decides (bf16 on CUDA and on CPUs with native bf16)
+    choices = {None: "auto", "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in choices:
         raise ConfigError(f"--dtype: {dtype!r} is not one of auto, float32, bfloat16", param="dtype")
     return choices[dtype]
@@ -143,7 +144,7 @@ def default_served_name(path: str | Path) -> str:
 def create_app(model_path: str | Path | None = None, *, model: Any = None, tokenizer: Any = None,
                served_model_name: str | None = None, max_model_len: int | None = None, dtype: str = "auto",
                max_batch_size: int = 32, max_queue: int = 256, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, compile: bool | str = False,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, decode: str = "eager",
                request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
                image_max_queue: int = 8, stream_interval: int = 1) -> Gate:
@@ -180,7 +181,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
         service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
                             max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
-                            compile=compile, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
+                            decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
                             aliases=aliases, stream_interval=stream_interval)
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
@@ -254,7 +255,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
                   max_model_len: int | None = None, dtype: str = "auto", max_batch_size: int = 32,
-                  max_queue: int = 256, api_keys: list[str] | None = None, compile: bool | str = "background",
+                  max_queue: int = 256, api_keys: list[str] | None = None, decode: str = "prepacked",
                   request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, limit_concurrency: int | None = None,
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
@@ -278,7 +279,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
         print(warning, file=sys.stderr, flush=True)
     app = create_app(model, served_model_name=served_model_name, max_model_len=max_model_len, dtype=dtype,
                      max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys,
-                     compile=compile, request_timeout=request_timeout, body_timeout=body_timeout,
+                     decode=decode, request_timeout=request_timeout, body_timeout=body_timeout,
                      limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes,
                      stream_interval=stream_interval)
     sock = _listen(host, port)
@@ -286,5 +287,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
                             root_path=root_path)
     shown = served_model_name or default_served_name(model)
+    service = app.app.state.service
+    if service is not None:
+        print("engine: " + " ".join(f"{k}={v}" for k, v in service.in_effect().items()), flush=True)
     print(f"serving {shown} on http://{host}:{port}{root_path}/v1", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

@@ -27,7 +27,7 @@ from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.models.generation import context_length
 from genforge.models.sampling import SamplingParams, check_prompt_length
 from genforge.serve.chat import render_chat, resolve_chat_template
-from genforge.serve.engine import Engine
+from genforge.serve.engine import Engine, decode_options
 from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import (
@@ -79,7 +79,7 @@ async def _wait_disconnect(request: Request) -> None:
 
 class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
-                 max_batch_size: int, max_queue: int, metrics: ServeMetrics, compile: bool | str = False,
+                 max_batch_size: int, max_queue: int, metrics: ServeMetrics, decode: str = "eager",
                  request_timeout: float | None = None, kv_cache_bytes: int | None = None,
                  aliases: tuple[str, ...] = (), stream_interval: int = 1):
         """`aliases`: other names a request's `model` may use (e.g. the path it was started with).
@@ -97,8 +97,9 @@ class LMService:
             raise ConfigError(f"--stream-interval {stream_interval}: must be at least 1", param="stream_interval")
         self.stream_interval = stream_interval
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                             max_model_len=max_model_len, observer=metrics.observer(), compile=compile,
-                             kv_cache_bytes=kv_cache_bytes)
+                             max_model_len=max_model_len, observer=metrics.observer(),
+                             kv_cache_bytes=kv_cache_bytes, **decode_options(decode))
+        self.decode = decode
         self.max_model_len = self.engine.max_model_len
         self.template = resolve_chat_template(tokenizer)
         gen_cfg = getattr(model, "generation_config", None)
@@ -114,6 +115,19 @@ class LMService:
     async def shutdown(self, timeout: float | None = None) -> None:
         # join() blocks: off the event loop, which must keep delivering the last tokens
         await asyncio.to_thread(self.engine.shutdown, drain=True, timeout=timeout)
+
+    def in_effect(self) -> dict:
+        """What actually runs (not what was asked): for the start-up line and benchmarks' records."""
+        import torch
+
+        runner = self.engine.gen.runner
+        param = next(self.engine.model.parameters(), None)
+        return {"decode": self.decode, "fast_path": self.engine.gen.fast_path,
+                "prepacked": bool(getattr(runner, "prepacked", False)),
+                "compiled": bool(getattr(runner, "compiled", False)),
+                "dtype": str(getattr(runner, "dtype", None) or (param.dtype if param is not None else None)),
+                "device": str(self.engine.gen.device), "torch_threads": torch.get_num_threads(),
+                "max_batch_size": self.engine.max_batch_size, "max_model_len": self.max_model_len}
 
     def healthy(self) -> bool:
         return self.engine.healthy
