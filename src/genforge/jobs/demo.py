@@ -53,23 +53,25 @@ def _recipe_tree(out_dir: str, dataset: str) -> dict:
             "model": dict(DEMO_MODEL), "train": dict(DEMO_TRAIN)}
 
 
-def _seconds_per_step(tree: dict, device: torch.device, probes: int = 8) -> float:
-    """Time a few real training steps so the cosine schedule ends inside the time budget.
+def _seconds_per_step(tree: dict, device: torch.device, warmup: int = 6, probes: int = 5) -> float:
+    """Time real training steps so the cosine schedule ends inside the time budget.
 
-    The first steps are slow (allocator and kernel warm-up): with 3 probes the median read 0.63-0.69 s
-    where the run then took 0.44 s a step, and the demo used 58% of its budget; 8 read 0.41 s."""
+    A fresh process's first steps are slow (allocator and oneDNN kernel warm-up): timing the 2nd-4th
+    steps read 0.63-0.70 s where the run then took 0.44 s a step, and the demo used 58% of its
+    budget. So `warmup` steps go untimed, and the median of the next `probes` is the estimate."""
     recipe = recipe_from_tree({**tree, "train": {**tree["train"], "max_steps": 1}})
     objective, data = build_family(recipe, device)
     opt = objective.optimizers(recipe.train)[0].optimizer
     times = []
-    for i in range(probes + 1):
+    for i in range(warmup + probes):
         t0 = time.perf_counter()
         loss, _ = objective.loss(to_device(data.train_batch(i), device))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    timed = sorted(times[warmup:])
+    return timed[len(timed) // 2]
 
 
 def run_demo(out_dir: str = "runs", minutes: float = 4.0) -> dict:
@@ -88,7 +90,8 @@ def run_demo(out_dir: str = "runs", minutes: float = 4.0) -> dict:
     tree = _recipe_tree(out_dir, dataset)
     device = pick_device(tree["train"].get("device", "auto"))
     per_step = _seconds_per_step(tree, device)
-    steps = max(20, int(minutes * 60 / (per_step * 1.1)))
+    # 20% margin: the loop adds evals, logging and checkpoints to the probed step time
+    steps = max(20, int(minutes * 60 / (per_step * 1.2)))
     tree["train"].update(max_steps=steps, time_budget=minutes * 60)
     console.print(f"{per_step:.2f} s/step measured -> {steps} steps in ~{minutes:g} min")
     outcome = run_loaded_recipe(recipe_from_tree(tree))
