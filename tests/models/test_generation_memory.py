@@ -102,3 +102,13 @@ def test_cuda_default_budget_is_the_free_memory(monkeypatch):
     with pytest.raises(ConfigError) as e:
         fit_kv_budget(10, 4, 128, 900, source="the GPU's free memory")
     assert "the GPU's free memory" in e.value.message and "--max-model-len" in e.value.message
+
+
+def test_a_budget_below_one_position_does_not_suggest_a_context_of_zero():
+    from genforge.models.kvcache import fit_kv_budget
+
+    with pytest.raises(ConfigError) as e:
+        fit_kv_budget(3072, 8, 256, 1024)
+    assert "at least 786432" in str(e.value) and "--max-model-len to at most" not in str(e.value)
+    with pytest.raises(ConfigError, match="--max-model-len to at most 10"):
+        fit_kv_budget(3072, 8, 256, 3072 * 10)

@@ -51,11 +51,13 @@ def fit_kv_budget(per_position: int, max_batch_size: int, max_model_len: int, kv
     per_row = per_position * max_model_len
     fit = kv_cache_bytes // per_row
     if fit < 1:
+        fix = "free device memory" if source else f"raise --kv-cache-memory to at least {per_row}"
+        shorter = kv_cache_bytes // per_position
+        if shorter >= 2:  # a context of one position cannot hold a prompt and a token
+            fix += f" or lower --max-model-len to at most {shorter}"
         raise ConfigError(
             f"{budget}: one request of --max-model-len {max_model_len} needs {per_row} bytes of KV cache "
-            f"({per_position} per position) but {kv_cache_bytes} are available; "
-            f"{'free device memory' if source else 'raise --kv-cache-memory to at least ' + str(per_row)} "
-            f"or lower --max-model-len to at most {kv_cache_bytes // per_position}",
+            f"({per_position} per position) but {kv_cache_bytes} are available; {fix}",
             param="kv_cache_bytes")
     if fit < max_batch_size:
         warnings.warn(f"--max-batch-size {max_batch_size} trimmed to {fit}: the KV cache of {fit} rows of "
