@@ -39,3 +39,28 @@ def make_tiny_recipe(tmp_path: Path, dataset: Path, name: str = "r", **train) ->
                  f"model:\n  preset: lm-nano\n  hidden_size: 32\n  num_layers: 2\n  num_heads: 2\n"
                  f"  num_kv_heads: 1\n  intermediate_size: 64\n  context_length: 32\ntrain:\n{lines}\n")
     return p
+
+
+# --- PostgreSQL + pgvector (tests/pg.py): one server per session, a fresh database per test ---
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    from tests.pg import start_pg
+
+    server = start_pg(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server) -> str:
+    """URI of the session's PostgreSQL (database `postgres`, pgvector installed)."""
+    return pg_server.get_uri("postgres")
+
+
+@pytest.fixture
+def pg_store_url(pg_server) -> str:
+    """URI of a database of its own for this test, so tests never see each other's rows."""
+    from tests.pg import fresh_database
+
+    return fresh_database(pg_server)
