@@ -44,6 +44,7 @@ class Embedder:
         self.name = DEFAULT_EMBEDDER if path is None else folder.name
         self.batch_size = batch_size
         self._model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        self.tokenizer = self._model.tokenizer
         self.dim = int(self._model.get_embedding_dimension())
         self.max_tokens = int(self._model.max_seq_length)
         self._lock = threading.Lock()
@@ -64,5 +65,5 @@ class Embedder:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text has for the embedding model (the `usage` of /v1/embeddings)."""
-        enc = self._model.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
         return [min(len(ids), self.max_tokens) for ids in enc]

@@ -132,6 +132,19 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension, passed to the template
 
 
+MAX_EMBED_INPUTS = 2048  # as OpenAI
+
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    # A string, a batch of strings, one token-id list, or a batch of token-id lists (the embedder's ids).
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)] | Annotated[
+        list[int], Field(min_length=1)] | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -295,3 +308,21 @@ def completion_logprobs(entries: list[tuple[str, float | None, list[tuple[str, f
         out.token_logprobs.append(lp)
         out.top_logprobs.append(dict(top) if top is not None else None)
     return out
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 when encoding_format is base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genforge.common.errors import ConfigError, GenforgeError
+from genforge.serve.app_config import AppConfig
+from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -147,13 +149,14 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, decode: str = "eager",
                request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
-               image_max_queue: int = 8, stream_interval: int = 1) -> Gate:
+               image_max_queue: int = 8, stream_interval: int = 1, app_config: AppConfig | None = None) -> Gate:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
     `api_keys`: every route but /health and /metrics needs one of them (none given: no auth; an
     empty key is an error). `request_timeout`: seconds from arrival to the last token (None: none).
     `limit_concurrency`: requests in flight at once (503 above). `kv_cache_bytes`: the KV cache budget.
+    `app_config`: the application-layer steps (cache, RAG, guard; serve/app_config.py) and the embedder.
     """
     if model is None and model_path is None:
         raise ConfigError("create_app: give a model path or a loaded model and tokenizer")
@@ -171,6 +174,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     metrics = ServeMetrics(name)
     family = _run_family(Path(model_path)) if model is None else "lm"
     service: LMService | None = None
+    app_config = app_config or AppConfig()
+    shared_embedder = SharedEmbedder(app_config.embedder)
     if family == "lm":
         if model is None:
             import torch
@@ -229,6 +234,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> Response:
             return await service.chat(body, request)
+
+        app.include_router(embeddings_router(shared_embedder))
     else:
         # Image runs: the image engineer's router owns generation; this module only mounts it.
         from genforge.serve.images import images_router

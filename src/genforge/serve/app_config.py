@@ -1,0 +1,116 @@
+"""The serve config file: which application-layer steps run in front of the engine, and how.
+
+    genforge serve RUN --config serve.yaml          # or the flags: --cache, --rag NAME, --guard POLICY
+
+    store: runs/demo/serve-state      # a folder (embedded SQLite) or postgresql://user@host/db (shared)
+    embedder: null                    # a local sentence-transformers folder; default all-MiniLM-L6-v2
+    cache:
+      enabled: true
+      threshold: 0.85                 # cosine a near match needs before verification
+      verify: true                    # the verifier must agree the two questions ask the same thing
+      ttl_s: 86400
+      max_entries: 10000
+      allow_sampled: false            # cache requests with temperature > 0 and no seed too
+    rag:
+      index: pydoc
+      k: 4
+      mode: null                      # dense | bm25 | hybrid; null: the mode `rag eval` measured best
+    guard:
+      policy: block                   # off | block | redact | log
+      injection_threshold: null       # null: the trained detector's own threshold
+      allowlist: []                   # regexes of text that is never an injection
+      banned: []                      # regexes never let out in a response
+
+Steps that change answers (cache, RAG, guard) are off unless turned on here or by a flag. The
+file is checked strictly, like a recipe: an unknown key or a value out of range is one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field
+
+from genforge.common.config import Spec, from_dict, load_yaml, rng
+from genforge.common.errors import ConfigError
+
+GUARD_POLICIES = ["off", "block", "redact", "log"]
+RAG_MODES = ["dense", "bm25", "hybrid"]
+
+
+class CacheSpec(Spec):
+    enabled: bool = False
+    threshold: float = rng(0.85, min=0, max=1, help="cosine similarity a near match needs")
+    verify: bool = True
+    ttl_s: float | None = rng(86400.0, min=0, min_exclusive=True)
+    max_entries: int = rng(10000, min=1)
+    allow_sampled: bool = False
+
+
+class RagSpec(Spec):
+    index: str | None = None
+    k: int = rng(4, min=1, max=20)
+    mode: str | None = rng(None, choices=[None, *RAG_MODES])
+
+
+class GuardSpec(Spec):
+    policy: str = rng("off", choices=GUARD_POLICIES)
+    injection_threshold: float | None = rng(None, min=0, max=1)
+    allowlist: list[str] = rng([])
+    banned: list[str] = rng([])
+
+    def check(self) -> None:
+        for key in ("allowlist", "banned"):
+            for i, pattern in enumerate(getattr(self, key)):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(f"guard.{key}[{i}]: {pattern!r} is not a valid regular expression ({e})") from None
+
+
+class AppConfig(Spec):
+    store: str | None = None
+    embedder: str | None = None
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    rag: RagSpec = Field(default_factory=RagSpec)
+    guard: GuardSpec = Field(default_factory=GuardSpec)
+
+    @property
+    def needs_store(self) -> bool:
+        return self.cache.enabled or self.rag.index is not None
+
+    @property
+    def any_step(self) -> bool:
+        return self.needs_store or self.guard.policy != "off"
+
+
+def load_app_config(path: str | Path | None = None, *, cache: bool | None = None, rag: str | None = None,
+                    guard: str | None = None, store: str | None = None, embedder: str | None = None) -> AppConfig:
+    """The config file (if any) with the command-line flags on top of it (a flag wins)."""
+    tree = load_yaml(path) if path is not None else {}
+    for key in ("cache", "rag", "guard"):
+        tree.setdefault(key, {})
+        if not isinstance(tree[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping, got {tree[key]!r}")
+    if cache is not None:
+        tree["cache"]["enabled"] = cache
+    if rag is not None:
+        tree["rag"]["index"] = rag
+    if guard is not None:
+        tree["guard"]["policy"] = guard
+    if store is not None:
+        tree["store"] = store
+    if embedder is not None:
+        tree["embedder"] = embedder
+    return from_dict(AppConfig, tree, where=str(path) if path else "serve config")
+
+
+def default_state_dir(model_path: str | Path | None) -> Path:
+    """`runs/<name>/serve-state` for a run directory, else ~/.cache/genforge/serve-state."""
+    if model_path is not None:
+        p = Path(model_path).resolve()
+        run = p.parent if p.name == "model" and (p.parent / "recipe.yaml").is_file() else p
+        if (run / "recipe.yaml").is_file():
+            return run / "serve-state"
+    return Path.home() / ".cache" / "genforge" / "serve-state"
