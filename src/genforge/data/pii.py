@@ -63,9 +63,13 @@ def _card_prefix_ok(d: str) -> bool:
             or "2221" <= d[:4] <= "2720" or "300" <= d[:3] <= "305" or d[:4] == "6011" or "644" <= d[:3] <= "649")
 
 
+# Card numbers are 13-16 or 19 digits; an 18-digit run is far more often an ID or an order number.
+_CARD_LENGTHS = {13, 14, 15, 16, 19}
+
+
 def _credit_card(s: str) -> tuple[int, int] | None:
     d = "".join(c for c in s if c.isdigit())
-    return (0, len(s)) if 13 <= len(d) <= 19 and _card_prefix_ok(d) and luhn_ok(d) else None
+    return (0, len(s)) if len(d) in _CARD_LENGTHS and _card_prefix_ok(d) and luhn_ok(d) else None
 
 
 # Registered IBAN lengths (ISO 13616 registry); other two-letter prefixes must still be 15-34 long.
@@ -158,7 +162,7 @@ def _p(t: str, pattern: str, validate: Callable[[str], tuple[int, int] | None]) 
 
 PATTERNS: tuple[Pattern, ...] = (
     _p("CN_ID", r"(?<![A-Za-z0-9])\d{17}[\dXx](?![A-Za-z0-9])", _cn_id),
-    _p("CREDIT_CARD", r"(?<![\d-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{1,3})?"
+    _p("CREDIT_CARD", r"(?<![\d-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"
                       r"|\d{4}([ -])\d{6}\2\d{4,5})(?![\d-])", _credit_card),
     _p("IBAN", r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4}){3,8}(?![A-Za-z0-9])", _iban),
     _p("US_SSN", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])", _always),
