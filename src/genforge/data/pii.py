@@ -162,7 +162,7 @@ def _p(t: str, pattern: str, validate: Callable[[str], tuple[int, int] | None]) 
 
 PATTERNS: tuple[Pattern, ...] = (
     _p("CN_ID", r"(?<![A-Za-z0-9])\d{17}[\dXx](?![A-Za-z0-9])", _cn_id),
-    _p("CREDIT_CARD", r"(?<![\d-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"
+    _p("CREDIT_CARD", r"(?<![A-Za-z0-9-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"
                       r"|\d{4}([ -])\d{6}\2\d{4,5})(?![\d-])", _credit_card),
     _p("IBAN", r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4}){3,8}(?![A-Za-z0-9])", _iban),
     _p("US_SSN", r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])", _always),
@@ -172,8 +172,8 @@ PATTERNS: tuple[Pattern, ...] = (
                r"(?![A-Za-z0-9:]|\.\d)",
        _ipv6),
     _p("IPV4", r"(?<![A-Za-z0-9_.])(?:\d{1,3}\.){3}\d{1,3}(?![\d])(?!\.\d)", _ip),
-    # Chinese mobile, with or without +86 / 0086, never part of a longer digit run
-    _p("PHONE", r"(?<![\d+])(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)", _always),
+    # Chinese mobile, with or without +86 / 0086, never part of a longer (grouped) digit run or a code
+    _p("PHONE", r"(?<![A-Za-z0-9+])(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d|[ -]\d)", _always),
     # international: + country code and 8-15 digits in groups
     _p("PHONE", r"(?<![A-Za-z0-9+])\+[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){1,6}(?!\d)", _intl_phone),
     # North American national format needs its separators, so bare digit runs stay order numbers

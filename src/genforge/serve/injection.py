@@ -1,0 +1,204 @@
+"""Prompt-injection detection: hand-written rules plus a learned detector over sentence embeddings.
+
+Both look at several views of the input, because attackers hide the words the rules look for:
+NFKC-normalised with zero-width characters removed, leetspeak mapped back to letters, letters
+spaced apart joined again, and base64 / hex payloads decoded. The detector is a logistic
+regression over the embedder's vectors, scored sentence by sentence (and on windows of two
+sentences), taking the maximum, so one attack sentence inside a long benign document still stands
+out. `jobs/guard.py` trains it and writes the weights to `assets/injection_detector.json`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from genforge.common.errors import ConfigError
+
+DETECTOR_PATH = Path(__file__).parent / "assets" / "injection_detector.json"
+
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064"
+                                     "\ufeff\u00ad\u180e\u034f"))
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s",
+                       "!": "i", "|": "l", "+": "t"})
+_SPACED = re.compile(r"\b(?:[A-Za-z][ ._*\-]){3,}[A-Za-z]\b")
+_B64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+_HEX = re.compile(r"(?:\\x[0-9a-fA-F]{2}){6,}|(?:[0-9a-fA-F]{2}[ :]?){8,}")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
+
+# Each rule needs an imperative aimed at the model's instructions, not only a trigger word:
+# "ignore the noise in this photo" or "what is a system prompt?" must stay clean.
+_GAP = r"[^.!?\n。！？]{0,40}?"
+_RULES_EN = {
+    "ignore_instructions":
+        r"\b(?:ignore|disregard|forget|skip|bypass|override|neglect|abandon|discard|drop)\b" + _GAP +
+        r"\b(?:previous|prior|preceding|above|earlier|former|original|initial|all|any|every|your|these|those"
+        r"|system|developer)\b" + _GAP + r"\b(?:instructions?|prompts?|rules|directives?|guidelines|guardrails"
+        r"|constraints|programming|polic(?:y|ies)|restrictions)\b",
+    "reveal_prompt":
+        r"\b(?:reveal|show|print|repeat|output|display|leak|dump|expose|disclose|recite|spell out|write out"
+        r"|tell me|give me|share|copy|paste)\b" + _GAP + r"\b(?:your|the|its)\s+(?:(?:full|entire|exact"
+        r"|complete|original|initial|hidden|secret|internal|confidential|verbatim)\s+)*(?:system|initial|hidden"
+        r"|original|secret|internal|developer|pre-?)\s*(?:prompt|instructions?|message|rules|configuration)"
+        r"|\b(?:repeat|print|output|copy)\b[^.!?\n]{0,20}\b(?:everything|all|the (?:text|words|content))\s+"
+        r"(?:above|before this|so far)\b"
+        r"|\bwhat (?:were|are) your (?:initial|original|system|hidden|secret) (?:instructions|prompt|rules)",
+    "persona_jailbreak":
+        r"\b(?:you are now|you're now|from now on,? you|act as|pretend (?:to be|you are)|role-?play as"
+        r"|you will (?:now )?(?:be|act as)|simulate|become)\b[^.!?\n。！？]{0,60}?"
+        r"\b(?:dan|do anything now|jailbr(?:oken|eak)|developer mode|dev mode|god mode|evil|unfiltered"
+        r"|uncensored|unrestricted|amoral|no (?:rules|restrictions|limits|filters|guidelines|morals|ethics)"
+        r"|without (?:any )?(?:rules|restrictions|limits|filters|guidelines|morals|ethics|censorship)"
+        r"|not bound by|free (?:from|of) (?:all |any )?(?:rules|restrictions|guidelines|policies))",
+    "jailbreak_mode":
+        r"\bdo anything now\b|\b(?:developer|dev|god|jailbreak|unrestricted|dan) mode\b[^.!?\n]{0,30}?"
+        r"\b(?:enabled|activated|engaged|unlocked)\b|\b(?:enable|activate|enter|switch to|unlock)\b"
+        r"[^.!?\n]{0,10}\b(?:dan|jailbreak|god|unrestricted) mode\b",
+    "fake_authority":
+        r"\b(?:system|admin|administrator|developer|root)\s+(?:override|update|instructions?|command|notice)"
+        r"\s*:|\b(?:new|updated|real|actual|true|hidden) (?:instructions?|system prompt|rules|task)\s*:"
+        r"|<\|?(?:im_start|system)\|?>|\[/?(?:inst|system)\]",
+    "no_refusal":
+        r"\b(?:do not|don't|never|must not|mustn't|cannot|can't)\s+(?:refuse|decline|reject)\b",
+    "exfiltrate":
+        r"\b(?:send|forward|post|upload|exfiltrate|transmit|email)\b" + _GAP + r"\b(?:conversation|chat"
+        r" history|credentials|passwords?|api keys?|secrets?|user data|personal data|system prompt)\b"
+        + _GAP + r"(?:https?://|\bto (?:this|the following|my) (?:url|address|server|endpoint|email))",
+}
+_ZGAP = r"[^。！？\n]{0,14}?"
+_RULES_ZH = {
+    "zh_ignore_instructions":
+        r"(?:忽略|忽视|无视|忘记|忘掉|不要理会|别管|跳过|抛开|放弃|绕过|不要遵守|不再遵守)" + _ZGAP +
+        r"(?:之前|以前|先前|上面|上述|前面|此前|原来|原先|原有|所有|一切|全部|你的|系统|开发者)" + _ZGAP +
+        r"(?:指令|指示|提示|规则|要求|设定|命令|约束|限制|规定|准则|政策)",
+    "zh_reveal_prompt":
+        r"(?:泄露|泄漏|显示|输出|打印|告诉我|透露|重复|展示|给我看|说出|公开|发给我|复述)" + _ZGAP +
+        r"(?:系统提示|系统指令|初始指令|系统消息|隐藏指令|提示词|系统设定|初始设定|原始指令|内部指令|预设指令)",
+    "zh_persona_jailbreak":
+        r"(?:你现在是|现在你是|你现在扮演|扮演|假装你?是|从现在开始|进入|切换到|开启|启用|激活)" + _ZGAP +
+        r"(?:没有任何限制|不受任何限制|不受限制|不受约束|无限制|没有限制|没有道德|不受道德|不讲道德|dan|开发者模式"
+        r"|越狱|上帝模式|邪恶|无审查|不受审查)",
+    "zh_no_refusal": r"(?:不要|不许|不能|不得|禁止|不准)(?:拒绝|说不)",
+}
+RULES: dict[str, re.Pattern] = {k: re.compile(v, re.IGNORECASE) for k, v in {**_RULES_EN, **_RULES_ZH}.items()}
+
+
+def normalise(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
+
+
+def _decode_payloads(text: str) -> list[str]:
+    """Base64 and hex runs that decode to readable text: an attack can arrive encoded."""
+    out = []
+    for m in _B64.finditer(text):
+        s = m.group()
+        try:
+            raw = base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        out.append(raw)
+    for m in _HEX.finditer(text):
+        try:
+            out.append(bytes.fromhex(re.sub(r"\\x|[ :]", "", m.group())))
+        except ValueError:
+            continue
+    texts = []
+    for raw in out:
+        try:
+            s = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if s and sum(c.isprintable() or c.isspace() for c in s) / len(s) > 0.95 and any(c.isalpha() for c in s):
+            texts.append(normalise(s))
+    return texts
+
+
+def views(text: str) -> list[str]:
+    """The normalised text plus every de-obfuscated reading of it that differs."""
+    base = normalise(text)
+    out = [base]
+    for v in (base.translate(_LEET), _SPACED.sub(lambda m: re.sub(r"[ ._*\-]", "", m.group()), base),
+              *_decode_payloads(base)):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def rule_hits(text: str) -> list[str]:
+    """Names of the rules that match any view of `text`, in rule order."""
+    vs = views(text)
+    return [name for name, rx in RULES.items() if any(rx.search(v) for v in vs)]
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and len(s.strip()) >= 3]
+
+
+def segments(text: str) -> list[str]:
+    """Sentences and windows of two neighbouring sentences, over every view, without repeats."""
+    out: dict[str, None] = {}
+    for v in views(text):
+        ss = sentences(v)
+        for s in ss:
+            out[s] = None
+        for a, b in zip(ss, ss[1:]):
+            out[f"{a} {b}"] = None
+    return list(out) or [normalise(text)]
+
+
+@dataclass
+class InjectionDetector:
+    """Logistic regression over sentence embeddings; `score_segments` gives P(injection) per segment."""
+
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+    embedder_name: str
+    embedder_version: str
+    training_hash: str
+
+    def score_vectors(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))
+
+    def to_dict(self) -> dict:
+        return {"coef": [round(float(c), 7) for c in self.coef], "intercept": float(self.intercept),
+                "threshold": float(self.threshold), "embedder_name": self.embedder_name,
+                "embedder_version": self.embedder_version, "training_hash": self.training_hash}
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> InjectionDetector:
+        path = Path(path) if path is not None else DETECTOR_PATH
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return cls(np.asarray(d["coef"], dtype=np.float32), float(d["intercept"]), float(d["threshold"]),
+                       str(d["embedder_name"]), str(d["embedder_version"]), str(d["training_hash"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"injection detector {path} is missing or unreadable ({e}); retrain it with "
+                              "genforge.jobs.guard.train_injection_detector", param="guard") from e
+
+
+def rows_hash(rows: list[dict]) -> str:
+    """Content hash of a labelled set, recorded with the weights trained on it."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["text"], r["label"]], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
