@@ -194,8 +194,9 @@ def _is_typo(x: str, y: str) -> bool:
 
 
 def _content(toks: list[str]) -> list[str]:
+    # Negations are compared by count, not as words: "stop" / "prevent" is no change of subject.
     return [t for t in toks if t not in STOPWORDS and t not in NUMBER_WORDS and not t[0].isdigit()
-            and not (has_cjk(t) and t in ZH_FUNCTION)]
+            and t not in NEGATIONS and t not in NEGATING_VERBS and not (has_cjk(t) and t in ZH_FUNCTION)]
 
 
 def _same_word(x: str, y: str) -> bool:
