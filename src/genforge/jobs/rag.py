@@ -1,0 +1,340 @@
+"""`genforge rag ingest|query|eval`: build a document index, search it, and measure its retrieval.
+
+`ingest` reads every source, skips the ones whose bytes (and chunking settings) are unchanged since
+the last ingest, chunks and embeds the rest, and writes them in one `store.write` transaction: the
+index changes all at once or, when anything raises or the process dies, not at all. A file that
+cannot be read (empty, too big, a broken PDF) is reported and skipped; the rest goes on.
+
+`Retriever` is what the server and `query`/`evaluate` search with: dense through the store's
+`nearest`, BM25 over the index's chunks kept in memory and rebuilt only when the index version
+changes, hybrid by reciprocal rank fusion, and an optional cross-encoder rerank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from genforge.common.errors import ConfigError, DataError, NotFoundError
+from genforge.common.progress import console, progress_bar
+from genforge.common.store import Chunk, IndexWriter, Store, open_store
+from genforge.data.documents import (
+    MAX_FILE_BYTES,
+    Source,
+    TokenCounter,
+    chunk_document,
+    embedding_text,
+    hf_token_counter,
+    list_sources,
+    parse,
+)
+from genforge.data.retrieval import MODES, BM25Index, PairScorer, check_mode, combine, rerank
+from genforge.models.embeddings import Embedder
+
+# Bumped when chunking changes, so the next ingest re-chunks sources whose bytes did not change.
+CHUNKER_VERSION = 1
+_EMBED_BATCH = 128
+
+
+def _embedder_id(embedder: Embedder) -> str:
+    return f"{embedder.name}@{embedder.version}"
+
+
+def load_cross_encoder(path: str | Path) -> PairScorer:
+    """A sentence-transformers CrossEncoder from a local folder, as the `rerank` scorer."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"reranker folder {folder} does not exist or is not a cross-encoder model "
+                          "(no config.json)", param="reranker")
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(folder), device="cpu", local_files_only=True)
+    return lambda pairs: model.predict(pairs, show_progress_bar=False).tolist()
+
+
+def ingest(paths: list[str], index: str, store_spec: str, embedder_path: str | None = None,
+           chunk_tokens: int = 200, overlap: int = 40, *, max_file_bytes: int = MAX_FILE_BYTES,
+           field: str = "text", embedder: Embedder | None = None) -> dict:
+    """Index `paths` (files, folders, builtin:pydoc[/topic]) into `index`; returns the counts."""
+    t0 = time.perf_counter()
+    sources = list_sources(paths)        # a missing path fails here, before anything is written
+    if not sources:
+        raise DataError(f"no documents found in {', '.join(paths)} (supported: txt, md, html, pdf, jsonl)")
+    embedder = embedder or Embedder(embedder_path)
+    count = hf_token_counter(embedder._model.tokenizer)
+    settings = f"{CHUNKER_VERSION}|{chunk_tokens}|{overlap}|{field}|{_embedder_id(embedder)}"
+    store = open_store(store_spec)
+    try:
+        created = store.index_info(index) is None
+        store.create_index(index, dim=embedder.dim, embedder=_embedder_id(embedder))
+        stats = {"index": index, "sources": len(sources), "ingested": 0, "chunks": 0, "skipped": 0,
+                 "duplicates": 0, "dropped": 0, "removed": 0, "failed": []}
+        try:
+            _ingest_into(store, index, sources, paths, settings, embedder, count, stats,
+                         chunk_tokens=chunk_tokens, overlap=overlap, max_file_bytes=max_file_bytes, field=field)
+        except BaseException:
+            if created:
+                store.drop_index(index)     # a first ingest that fails leaves no empty index behind
+            raise
+        # Queries load the same model without being told where it is.
+        store.set_index_meta(index, {"embedder_path": str(embedder.path) if embedder_path else None})
+        stats["index_chunks"] = store.index_info(index)["chunks"]
+    finally:
+        store.close()
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    return stats
+
+
+def _ingest_into(store: Store, index: str, sources: list[Source], paths: list[str], settings: str,
+                 embedder: Embedder, count: TokenCounter, stats: dict, **opts) -> None:
+    known = store.source_digests(index)
+    pending: list[tuple[str, str, list[Chunk]]] = []
+
+    def flush(writer: IndexWriter) -> None:
+        chunks = [c for _, _, cs in pending for c in cs]
+        vectors = embedder.embed([embedding_text(c) for c in chunks])
+        at = 0
+        for name, digest, cs in pending:
+            writer.replace_source(name, digest, cs, vectors[at:at + len(cs)])
+            at += len(cs)
+        pending.clear()
+
+    with store.write(index) as writer, progress_bar(transient=True) as bar:
+        task = bar.add_task("ingest", total=len(sources), info="")
+        for src in sources:
+            bar.update(task, advance=1, info=Path(src.name).name)
+            try:
+                data = src.read_bytes(opts["max_file_bytes"])
+                digest = hashlib.sha256(data + settings.encode()).hexdigest()
+                if known.get(src.name) == digest:
+                    stats["skipped"] += 1
+                    continue
+                chunked = chunk_document(parse(src, data, field=opts["field"]), count,
+                                         chunk_tokens=opts["chunk_tokens"], overlap=opts["overlap"])
+            except (DataError, OSError) as e:
+                reason = str(e) if isinstance(e, DataError) else f"{src.name}: cannot read ({e})"
+                console.print(f"[yellow]warning[/]: skipped {reason}", highlight=False)
+                stats["failed"].append({"source": src.name, "reason": reason})
+                continue
+            if not chunked.chunks:
+                stats["failed"].append({"source": src.name, "reason": f"{src.name}: no text to index"})
+                continue
+            stats["ingested"] += 1
+            stats["chunks"] += len(chunked.chunks)
+            stats["duplicates"] += chunked.duplicates
+            stats["dropped"] += chunked.dropped
+            pending.append((src.name, digest, chunked.chunks))
+            if sum(len(cs) for _, _, cs in pending) >= _EMBED_BATCH:
+                flush(writer)
+        if pending:
+            flush(writer)
+        # Files deleted from a folder that is ingested again leave the index with them.
+        listed = {s.name for s in sources}
+        folders = [str(Path(p).expanduser().resolve()) for p in paths if Path(p).expanduser().is_dir()]
+        for name in known:
+            if name not in listed and any(name.startswith(f + "/") for f in folders) and not Path(name).exists():
+                writer.remove_source(name)
+                stats["removed"] += 1
+
+
+class Retriever:
+    """Search one index of a store; thread-safe. BM25 is built from the index's chunks once per index
+    version, so a request only pays for it right after the index changed."""
+
+    def __init__(self, store: Store, embedder: Embedder, index: str, *, reranker: PairScorer | None = None,
+                 depth: int = 50):
+        self.store, self.embedder, self.index = store, embedder, index
+        self.reranker, self.depth = reranker, depth
+        self._lock = threading.Lock()
+        # (version, chunks by id, ids in BM25 order, BM25) replaced as one, so a search running while
+        # another thread refreshes never pairs one version's ids with another's BM25.
+        self._state: tuple[str | None, dict[str, Chunk], list[str], BM25Index | None] = (None, {}, [], None)
+        self.default_mode = "hybrid"
+        info = store.index_info(index)
+        if info is None:
+            raise NotFoundError(f"unknown index {index!r} (known: {', '.join(store.indexes()) or 'none'}; "
+                                "create it with `genforge rag ingest PATHS --index NAME`)", param="index")
+        if info["embedder"] != _embedder_id(embedder):
+            raise ConfigError(f"index {index!r} was embedded with {info['embedder']}, not "
+                              f"{_embedder_id(embedder)}; query it with the same model", param="embedder")
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Rebuild the BM25 index if the store's index changed since the last build; True if rebuilt."""
+        version = self.store.index_version(self.index)
+        if version == self._state[0]:
+            return False
+        with self._lock:
+            if version == self._state[0]:
+                return False
+            chunks = self.store.chunks(self.index)
+            info = self.store.index_info(self.index) or {}
+            bm25 = BM25Index([embedding_text(c) for c in chunks])
+            self.default_mode = (info.get("meta") or {}).get("default_mode") or "hybrid"
+            self._state = (version, {c.id: c for c in chunks}, [c.id for c in chunks], bm25)
+            return True
+
+    def chunks(self) -> list[Chunk]:
+        """The index's chunks as of the last refresh, ordered by (source, position)."""
+        return list(self._state[1].values())
+
+    def search(self, question: str, k: int = 5, mode: str | None = None,
+               vector: np.ndarray | None = None) -> list[tuple[Chunk, float]]:
+        """The top `k` chunks for `question` by `mode` (None: the index's measured default)."""
+        if not question or not question.strip():
+            raise DataError("the question is empty", param="question")
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}", param="k")
+        self.refresh()
+        mode = check_mode(mode or self.default_mode)
+        depth = max(self.depth, k)
+        _, by_id, ids, index = self._state
+        found: dict[str, Chunk] = {}
+        dense = bm25 = None
+        if mode != "bm25":
+            v = self.embedder.embed([question])[0] if vector is None else vector
+            # The store may be a version ahead of the BM25 state: its chunks are used as returned.
+            hits = self.store.nearest(self.index, v, depth)
+            found = {c.id: c for c, _ in hits}
+            dense = [(c.id, s) for c, s in hits]
+        if mode != "dense":
+            bm25 = [(ids[i], s) for i, s in index.ranking(question, depth)]
+        ranked = [(found.get(key) or by_id[key], score) for key, score in combine(mode, dense, bm25)]
+        if self.reranker is not None:
+            return rerank(question, ranked, self.reranker, k)
+        return ranked[:k]
+
+
+def _open(index: str, store_spec: str, embedder: Embedder | None) -> tuple[Store, Embedder]:
+    store = open_store(store_spec)
+    try:
+        info = store.index_info(index)
+        if info is None:
+            raise NotFoundError(f"unknown index {index!r} in {store.url} (known: "
+                                f"{', '.join(store.indexes()) or 'none'})", param="index")
+        embedder = embedder or Embedder((info.get("meta") or {}).get("embedder_path"))
+    except BaseException:
+        store.close()
+        raise
+    return store, embedder
+
+
+def query(index: str, question: str, store_spec: str, k: int = 5, mode: str | None = None, *,
+          embedder: Embedder | None = None, reranker_path: str | None = None) -> list[dict]:
+    """The top `k` chunks of `index` for `question`: id, source, position, heading, score, text."""
+    if mode is not None:
+        check_mode(mode)
+    store, embedder = _open(index, store_spec, embedder)
+    try:
+        reranker = load_cross_encoder(reranker_path) if reranker_path else None
+        hits = Retriever(store, embedder, index, reranker=reranker).search(question, k, mode)
+    finally:
+        store.close()
+    return [{"id": c.id, "source": c.source, "position": c.position, "heading": c.metadata.get("heading"),
+             "score": round(s, 6), "text": c.text} for c, s in hits]
+
+
+def evaluate(index: str, questions_path: str, store_spec: str, ks: tuple[int, ...] = (1, 3, 5), *,
+             embedder: Embedder | None = None, show: bool = True) -> dict:
+    """hit@k, MRR@10 and nDCG@5 of every mode on `questions_path` (JSONL: question + topic or source);
+    the best mode by nDCG@5 becomes the index's default. A question's target is its source; a chunk
+    of another source counts too when its text appears verbatim in the target (pydoc repeats
+    sections: "compound" holds "while", "if" and "else" are one text)."""
+    rows = _read_questions(questions_path)
+    store, embedder = _open(index, store_spec, embedder)
+    try:
+        retriever = Retriever(store, embedder, index)
+        by_source: dict[str, list[Chunk]] = {}
+        for c in retriever.chunks():
+            by_source.setdefault(c.source, []).append(c)
+        missing = sorted({src for _, src in rows} - by_source.keys())
+        if missing:
+            raise DataError(f"{questions_path}: {len(missing)} target sources are not in index {index!r} "
+                            f"(e.g. {missing[0]}); ingest them first", param="questions")
+        full = {s: _normalised_text(cs) for s, cs in by_source.items()}
+        vectors = embedder.embed([q for q, _ in rows])
+        depth = max(10, *ks)
+        result: dict = {"index": index, "questions": len(rows), "modes": {}}
+        for mode in MODES:
+            ranks = []
+            for (q, target), v in zip(rows, vectors):
+                hits = retriever.search(q, depth, mode, vector=v)
+                ranks.append(next((r for r, (c, _) in enumerate(hits, 1) if _relevant(c, target, full)), None))
+            result["modes"][mode] = _metrics(ranks, ks)
+        best = max(MODES, key=lambda m: (result["modes"][m]["ndcg@5"], result["modes"][m]["mrr"]))
+        result["default_mode"] = best
+        store.set_index_meta(index, {"default_mode": best, "eval": {"questions": len(rows),
+                                                                    "ndcg@5": result["modes"][best]["ndcg@5"]}})
+    finally:
+        store.close()
+    result["table"] = eval_table(result)
+    if show:
+        console.print(result["table"], highlight=False)
+    return result
+
+
+def _read_questions(path: str) -> list[tuple[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"questions file {path} does not exist", param="questions")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})", param="questions") from None
+        target = row.get("source") or (f"builtin:pydoc/{row['topic']}" if row.get("topic") else None)
+        if not isinstance(row.get("question"), str) or not target:
+            raise DataError(f"{path}:{n}: each line needs \"question\" and \"topic\" (a pydoc topic) or "
+                            "\"source\" (as the index names it)", param="questions")
+        rows.append((row["question"], target))
+    if not rows:
+        raise DataError(f"questions file {path} is empty", param="questions")
+    return rows
+
+
+def _relevant(chunk: Chunk, target: str, full: dict[str, str]) -> bool:
+    if chunk.source == target:
+        return True
+    # Only a passage long enough to carry an answer; a stray "Added in version 3.10." is no evidence.
+    text = " ".join(chunk.text.split())
+    return len(text) >= 100 and text in full[target]
+
+
+def _normalised_text(chunks: list[Chunk]) -> str:
+    """A source's text rebuilt from its chunks (placed at their offsets), whitespace collapsed."""
+    end = max(c.metadata.get("end", 0) for c in chunks)
+    if not end:
+        return " ".join(" ".join(c.text.split()) for c in chunks)
+    buf = [" "] * end
+    for c in chunks:
+        start = c.metadata["start"]
+        buf[start:start + len(c.text)] = c.text
+    return " ".join("".join(buf).split())
+
+
+def _metrics(ranks: list[int | None], ks: tuple[int, ...]) -> dict:
+    n = len(ranks)
+    out = {f"hit@{k}": sum(r is not None and r <= k for r in ranks) / n for k in ks}
+    out["mrr"] = sum(1 / r for r in ranks if r is not None) / n
+    # One target per question: nDCG@5 = 1 / log2(1 + rank of the first relevant chunk), 0 beyond 5.
+    out["ndcg@5"] = sum(1 / math.log2(1 + r) for r in ranks if r is not None and r <= 5) / n
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def eval_table(result: dict) -> str:
+    """The per-mode metrics as a markdown table (the CLI prints it; the README shows it)."""
+    cols = list(next(iter(result["modes"].values())))
+    lines = [f"| mode | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    for mode, m in result["modes"].items():
+        mark = " (default)" if mode == result.get("default_mode") else ""
+        lines.append(f"| {mode}{mark} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
