@@ -44,12 +44,11 @@ def make_tiny_recipe(tmp_path: Path, dataset: Path, name: str = "r", **train) ->
 # --- PostgreSQL + pgvector (tests/pg.py): one server per session, a fresh database per test ---
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
-    from tests.pg import start_pg
+def pg_server():
+    from tests.pg import running_pg
 
-    server = start_pg(tmp_path_factory.mktemp("pg"))
-    yield server
-    server.cleanup()
+    with running_pg() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

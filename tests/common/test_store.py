@@ -21,7 +21,7 @@ DIM = 8
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "pg"])
 def store_url(request, tmp_path) -> str:
     """A fresh store location: a state folder, or a database of its own on the session's PostgreSQL."""
     if request.param == "sqlite":
