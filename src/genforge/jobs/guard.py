@@ -174,6 +174,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these are shared data files
     os.replace(tmp, path)
 
 

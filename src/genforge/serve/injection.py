@@ -182,6 +182,7 @@ class InjectionDetector:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; this is a package file
         os.replace(tmp, path)
 
     @classmethod
