@@ -11,7 +11,7 @@ import pytest
 
 from genforge.common.errors import ConfigError, NotFoundError
 from genforge.common.store import open_store
-from genforge.jobs.rag import Retriever, evaluate, ingest, query
+from genforge.jobs.rag import Retriever, evaluate, ingest, load_cross_encoder, query
 from genforge.models.embeddings import Embedder
 
 # The hand-written PDF maker lives beside the readers' tests; tests/ is not a package, so load it by path.
@@ -132,6 +132,13 @@ def test_retriever_rebuilds_bm25_only_when_the_index_changes(tmp_path, embedder)
         assert hits[0][0].source == "builtin:pydoc/lambda" and r._state is not state
         with pytest.raises(ConfigError, match="unknown retrieval mode"):
             r.search("x", 1, "semantic")
+        # A configured reranker has the last word; its scores are the ones returned.
+        def prefers_pass(pairs):
+            return [1.0 if "pass" in passage else 0.0 for _, passage in pairs]
+        reranked = Retriever(store, embedder, "kb", reranker=prefers_pass).search("anonymous function", 2)
+        assert reranked[0][0].source == "builtin:pydoc/pass" and reranked[0][1] == 1.0
+    with pytest.raises(ConfigError, match="reranker folder .* does not exist"):
+        load_cross_encoder(tmp_path / "no-model")
     with pytest.raises(NotFoundError, match=r"unknown index 'nope'.*known: kb"):
         query("nope", "anything", store_dir, embedder=embedder)
 

@@ -21,6 +21,8 @@ from genforge.data.documents import embedding_text
 
 MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60
+# A cross-encoder reads every (question, passage) pair: rerank only the head of the fused ranking.
+RERANK_CANDIDATES = 20
 K = TypeVar("K", bound=Hashable)
 Ranking = list[tuple[K, float]]
 PairScorer = Callable[[list[tuple[str, str]]], Sequence[float]]
@@ -138,5 +140,5 @@ def search(chunks: Sequence[Chunk], vectors: np.ndarray | None, question: str,
         bm = (bm25 or BM25Index([embedding_text(c) for c in chunks])).ranking(question, depth)
     ranked = [(chunks[i], s) for i, s in combine(mode, dense, bm)]
     if reranker is not None:
-        return rerank(question, ranked, reranker, k)
+        return rerank(question, ranked[:max(k, RERANK_CANDIDATES)], reranker, k)
     return ranked[:k]

@@ -34,7 +34,15 @@ from genforge.data.documents import (
     list_sources,
     parse,
 )
-from genforge.data.retrieval import MODES, BM25Index, PairScorer, check_mode, combine, rerank
+from genforge.data.retrieval import (
+    MODES,
+    RERANK_CANDIDATES,
+    BM25Index,
+    PairScorer,
+    check_mode,
+    combine,
+    rerank,
+)
 from genforge.models.embeddings import Embedder
 
 # Bumped when chunking changes, so the next ingest re-chunks sources whose bytes did not change.
@@ -207,7 +215,7 @@ class Retriever:
             bm25 = [(ids[i], s) for i, s in index.ranking(question, depth)]
         ranked = [(found.get(key) or by_id[key], score) for key, score in combine(mode, dense, bm25)]
         if self.reranker is not None:
-            return rerank(question, ranked, self.reranker, k)
+            return rerank(question, ranked[:max(k, RERANK_CANDIDATES)], self.reranker, k)
         return ranked[:k]
 
 
