@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from genforge.common.errors import ConfigError, NotFoundError
-from genforge.common.store import CacheEntry, Chunk, Store, open_store
+from genforge.common.store import CacheEntry, Chunk, Store, StoreUnavailable, open_store
 
 DIM = 8
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -215,6 +216,25 @@ def test_two_stores_on_one_location_see_each_others_writes(store_url):
         assert a.cache_nearest("k", q, 1) == []
 
 
+def test_two_processes_write_at_once(store, store_url):
+    store.create_index("docs", dim=DIM, embedder="test-emb@1")
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        from genforge.common.store import CacheEntry, Chunk, open_store
+        s, me = open_store(sys.argv[1]), sys.argv[2]
+        v = np.ones(8, np.float32) / 8 ** 0.5
+        for i in range(30):
+            s.cache_put(CacheEntry("k", f"{me}-{i}", v, {"i": i}))
+            with s.write("docs") as w:
+                w.replace_source(f"{me}.txt", str(i), [Chunk(f"{me}.txt", 0, "x", {})], v[None])
+    """)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    children = [subprocess.Popen([sys.executable, "-c", script, store_url, name], env=env) for name in "ab"]
+    assert [c.wait(timeout=60) for c in children] == [0, 0]
+    assert store.cache_count() == 60
+    assert store.source_digests("docs") == {"a.txt": "29", "b.txt": "29"}
+
+
 def test_drop_index(store):
     fill(store)
     store.create_index("other", dim=4, embedder="e")
@@ -332,3 +352,86 @@ def test_sqlite_nearest_over_20k_chunks_takes_milliseconds(tmp_path):
         # ~8 ms median on a shared 2-core machine (a 30 MB matrix-vector product); reloading every call
         # would cost ~200 ms
         assert np.median(times) < 0.05, times
+
+
+# --- PostgreSQL only ---
+
+def test_pg_unreachable_url_is_store_unavailable_naming_where_without_password():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    with pytest.raises(StoreUnavailable) as err:
+        open_store(f"postgresql://alice:s3cret@127.0.0.1:{port}/ragdb")
+    msg = str(err.value)
+    assert "127.0.0.1" in msg and str(port) in msg and "ragdb" in msg and "s3cret" not in msg
+    assert "alice@127.0.0.1" in msg and err.value.status == 503
+
+
+def test_pg_database_going_away_raises_store_unavailable_and_coming_back_recovers(pg_store_url, pg_url):
+    import psycopg
+
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_store_url)["dbname"]
+
+    def admin(statement: str) -> None:
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute(statement)
+
+    with open_store(pg_store_url) as s:
+        fill(s)
+        s.cache_put(CacheEntry("k", "p", unit(1)[0], {}))
+        # To the store this is the database going away: its connections drop and new ones are refused.
+        admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
+        admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}'")
+        calls = [lambda: s.nearest("docs", unit(1)[0], 3), lambda: s.index_version("docs"),
+                 lambda: s.cache_exact("k", "p"), lambda: s.cache_put(CacheEntry("k", "q", unit(1)[0], {})),
+                 lambda: s.chunks("docs")]
+        for call in calls:
+            with pytest.raises(StoreUnavailable, match="is unavailable.*not currently accepting connections"):
+                call()
+        with pytest.raises(StoreUnavailable):
+            with s.write("docs") as w:
+                w.remove_source("doc0.txt")
+        admin(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
+        assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # no reopen needed
+        assert s.cache_exact("k", "q") is None and s.cache_count() == 1  # the failed put wrote nothing
+
+
+def test_pg_reconnects_after_its_connections_are_dropped(pg_store_url, pg_url):
+    import psycopg
+
+    with open_store(pg_store_url) as s:
+        fill(s)
+        dbname = psycopg.conninfo.conninfo_to_dict(pg_store_url)["dbname"]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = %s", (dbname,)).fetchone()[0]
+        assert killed >= 1
+        assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # a stale pooled connection is replaced
+
+
+def test_pg_search_uses_the_indexs_partial_hnsw_index(pg_store_url):
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    from genforge.common.store_pg import hnsw_name, nearest_sql
+
+    with open_store(pg_store_url) as s:
+        fill(s)
+        s.create_index("other", dim=4, embedder="e")
+        with psycopg.connect(pg_store_url, autocommit=True) as c:
+            register_vector(c)
+            defs = dict(c.execute("SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'gf_hnsw_%'"))
+            assert "hnsw" in defs[hnsw_name("docs")] and "vector_cosine_ops" in defs[hnsw_name("docs")]
+            assert "vector(4)" in defs[hnsw_name("other")]
+            c.execute("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in c.execute(sql_explain(nearest_sql("docs", DIM, 5)), (unit(1)[0],) * 2))
+            assert f"Index Scan using {hnsw_name('docs')}" in plan, plan
+        s.drop_index("docs")
+        with psycopg.connect(pg_store_url) as c:
+            assert not c.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", (hnsw_name("docs"),)).fetchone()
+
+
+def sql_explain(query):
+    from psycopg import sql
+
+    return sql.SQL("EXPLAIN ") + query

@@ -39,6 +39,7 @@ from genforge.common.store import (
 
 T = TypeVar("T")
 BUSY_TIMEOUT_S = 30.0
+MAX_IDLE = 8
 
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -102,8 +103,7 @@ class SqliteStore(Store):
                               "folder with --state-dir", param="state_dir") from e
         self.path = root / "store.sqlite3"
         self.url = str(self.path)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         # index -> (version, chunks, unit matrix); key -> (ids, unit matrix) valid at _cache_seen
         self._matrices: dict[str, tuple[str, list[Chunk], np.ndarray]] = {}
@@ -111,28 +111,39 @@ class SqliteStore(Store):
         self._cache_seen = -1
         self._closed = False
         try:
-            self._conn().executescript(_SCHEMA)
+            with self._connection() as conn:
+                conn.executescript(_SCHEMA)
         except sqlite3.Error as e:
             self.close()
             raise ConfigError(f"store {self.url} cannot be opened ({e}); pass a writable folder with "
                               "--state-dir, or move a damaged store.sqlite3 away", param="state_dir") from e
 
     # --- connections and error mapping ---
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StoreUnavailable(f"store {self.url} is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves so a transaction spans what we say.
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so a transaction spans what we say.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
         return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """One connection per running operation, kept for reuse afterwards (at most MAX_IDLE stay open)."""
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable(f"store {self.url} is closed")
+            conn = self._idle.pop() if self._idle else None
+        conn = conn or self._connect()
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                keep = not self._closed and len(self._idle) < MAX_IDLE and not conn.in_transaction
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -147,8 +158,7 @@ class SqliteStore(Store):
 
     def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
         """fn in one transaction (BEGIN IMMEDIATE for writes so the lock is taken up front)."""
-        with self._errors():
-            conn = self._conn()
+        with self._errors(), self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 out = fn(conn)
@@ -214,7 +224,9 @@ class SqliteStore(Store):
             self._run(lambda c: self._apply(c, writer), write=True)
 
     def _apply(self, c: sqlite3.Connection, w: _BufferedWriter) -> None:
-        self._index_row(c, w.index)  # dropped while the block ran -> NotFoundError, nothing written
+        if self._index_row(c, w.index)[0] != w.dim:  # dropped (NotFoundError) or recreated while the block ran
+            raise ConfigError(f"index {w.index!r} was recreated with another dim while being written; "
+                              "nothing was written, run the ingest again", param="index")
         for op, source, digest, chunks, m in w.ops:
             c.execute("DELETE FROM sources WHERE idx=? AND source=?", (w.index, source))  # cascades to chunks
             if op == "replace":
@@ -389,7 +401,7 @@ class SqliteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            conns, self._conns = self._conns, []
-        for conn in conns:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
 
