@@ -214,7 +214,8 @@ def _obfuscate(method: str, text: str, rng: random.Random) -> str:
 
 
 def fill(template: str, rng: random.Random) -> str:
-    keys = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    # ordered, not a set: set order changes with the hash seed, and with it every rng draw after it
+    keys = dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f)
     out = template.format(**{k: rng.choice(FILL[k]) for k in keys})
     return out[0].upper() + out[1:]
 
