@@ -95,9 +95,12 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from genforge.serve.app_config import load_app_config
     from genforge.serve.options import parse_bytes, resolve_api_keys
     from genforge.serve.server import serve_forever
 
+    app_config = load_app_config(a.config, cache=a.cache, rag=a.rag, guard=a.guard, store=a.store or a.state_dir,
+                                 embedder=a.embedder)
     keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
@@ -106,7 +109,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   request_timeout=a.request_timeout or None, shutdown_timeout=a.shutdown_timeout,
                   limit_concurrency=a.limit_concurrency, header_timeout=a.header_timeout,
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
-                  root_path=a.root_path, stream_interval=a.stream_interval)
+                  root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -250,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "frozen weights: fastest step, ~10-16 s more start-up, a second copy of the weights)")
     se.add_argument("--enforce-eager", action="store_true",
                     help="the same as --decode eager (vLLM's flag name)")
+    ap = se.add_argument_group("application layer (each off unless turned on here or in --config)")
+    ap.add_argument("--config", default=None, metavar="YAML", help="serve config file: store, embedder, cache, "
+                    "rag, guard sections (the flags below override it)")
+    ap.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                    help="semantic cache of deterministic chat requests")
+    ap.add_argument("--rag", default=None, metavar="INDEX", help="answer chat requests from this index "
+                    "(built by `genforge rag ingest`), with numbered citations and a `sources` field")
+    ap.add_argument("--guard", choices=["off", "block", "redact", "log"], default=None,
+                    help="input firewall (prompt injection, PII) and output PII/banned-pattern filter")
+    ap.add_argument("--store", default=None, metavar="URL|DIR", help="postgresql://... shared by replicas, or a "
+                    "folder for the embedded store (default: RUN/serve-state or ~/.cache/genforge/serve-state)")
+    ap.add_argument("--state-dir", default=None, metavar="DIR", help="folder of the embedded store")
+    ap.add_argument("--embedder", default=None, metavar="DIR",
+                    help="a local sentence-transformers folder (default: all-MiniLM-L6-v2, shipped)")
     se.set_defaults(func=cmd_serve)
 
     an = sub.add_parser("anomaly", help="score images by a VAE run's reconstruction error / ELBO")

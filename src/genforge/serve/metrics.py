@@ -78,6 +78,21 @@ class ServeMetrics:
                                       "Wall time of HTTP requests (streams: until the last byte).",
                                       label + ["endpoint"], buckets=_E2E_BUCKETS, registry=r)
 
+        # the application layer (serve/pipeline.py): one counter per outcome, one latency per step
+        self.cache_lookups = Counter("genforge:cache_lookups", "Semantic cache lookups by result (hit, miss, "
+                                     "bypass: the request was not eligible).", label + ["result"], registry=r)
+        self.cache_rejections = Counter("genforge:cache_verification_rejections",
+                                        "Near matches above the similarity threshold that the verifier rejected.",
+                                        label, registry=r)
+        self.guard_actions = Counter("genforge:guard_actions", "Guard findings by direction (input, output) and "
+                                     "action (blocked, redacted, logged).", label + ["direction", "action"],
+                                     registry=r)
+        self.retrievals = Counter("genforge:rag_retrievals", "Requests answered with retrieved context.", label,
+                                  registry=r)
+        self.step_latency = Histogram("genforge:app_step_duration_seconds", "Time of each application-layer "
+                                      "step (guard_input, cache_lookup, retrieve, cache_put).", label + ["step"],
+                                      buckets=_QUEUE_BUCKETS, registry=r)
+
     def bind_engine(self, num_running: Callable[[], int], num_waiting: Callable[[], int],
                     kv_cache_usage: Callable[[], float] | None = None) -> None:
         """Read the engine's queue sizes at scrape time rather than mirroring them by hand."""

@@ -130,6 +130,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, _range("logprobs")] | None = None
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension, passed to the template
+    cache: bool | None = None  # genforge extension: false = never answer from / store in the semantic cache
 
 
 MAX_EMBED_INPUTS = 2048  # as OpenAI
@@ -232,6 +233,14 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    sources: list[dict] | None = None  # genforge extension: RAG's retrieved chunks (id, source, score)
+
+    @model_serializer(mode="wrap")
+    def _extension_only_when_set(self, handler: Any) -> dict:
+        out = handler(self)
+        if out.get("sources") is None:
+            out.pop("sources", None)  # the OpenAI shape exactly, unless RAG answered
+        return out
 
 
 class DeltaMessage(BaseModel):

@@ -13,6 +13,7 @@ an error id, the log gets the traceback under that id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -27,12 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genforge.common.errors import ConfigError, GenforgeError
-from genforge.serve.app_config import AppConfig
+from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
+from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
+from genforge.serve.pipeline import AppLayer, model_version
 from genforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
 from genforge.serve.service import LMService
 
@@ -184,10 +186,15 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
+        app_layer = None
+        if app_config.any_step:
+            app_layer = AppLayer(app_config, embedder=shared_embedder, metrics=metrics, served_name=name,
+                                 model_version=model_version(model_path, model),
+                                 state_dir=default_state_dir(model_path))
         service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
                             max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
                             decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
-                            aliases=aliases, stream_interval=stream_interval)
+                            aliases=aliases, stream_interval=stream_interval, app_layer=app_layer)
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
@@ -202,6 +209,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             # ended or been cancelled, which cancelled its sequences; a short grace, then abort.
             if service is not None:
                 await service.shutdown(timeout=1.0)
+                if service.app is not None:
+                    service.app.close()
 
     app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
@@ -236,6 +245,16 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             return await service.chat(body, request)
 
         app.include_router(embeddings_router(shared_embedder))
+
+        @app.delete("/v1/cache")
+        async def invalidate_cache(key: str | None = None) -> JSONResponse:
+            """Drop every cached answer, or those of one exact key (the x-genforge-cache-key header)."""
+            layer = service.app
+            if layer is None or layer.cache is None:
+                raise NotFoundError("the semantic cache is off on this server (start it with --cache)",
+                                    param="cache")
+            deleted = await asyncio.to_thread(layer.invalidate, key)
+            return JSONResponse({"object": "cache.deleted", "deleted": deleted, "key": key})
     else:
         # Image runs: the image engineer's router owns generation; this module only mounts it.
         from genforge.serve.images import images_router
@@ -267,7 +286,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, limit_concurrency: int | None = None,
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                   keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
-                  root_path: str = "", stream_interval: int = 1) -> None:
+                  root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None) -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
     finish for at most `shutdown_timeout` seconds, cancel the rest and exit."""
     import uvicorn
@@ -288,7 +307,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                      max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys,
                      decode=decode, request_timeout=request_timeout, body_timeout=body_timeout,
                      limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes,
-                     stream_interval=stream_interval)
+                     stream_interval=stream_interval, app_config=app_config)
     sock = _listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
@@ -297,5 +316,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
     service = app.app.state.service
     if service is not None:
         print("engine: " + " ".join(f"{k}={v}" for k, v in service.in_effect().items()), flush=True)
+        if service.app is not None:
+            print(f"app layer: {service.app.describe()}", flush=True)
     print(f"serving {shown} on http://{host}:{port}{root_path}/v1", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

@@ -30,6 +30,7 @@ from genforge.serve.chat import render_chat, resolve_chat_template
 from genforge.serve.engine import Engine, decode_options
 from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
 from genforge.serve.metrics import ServeMetrics
+from genforge.serve.pipeline import AppLayer, Prepared, replay_chat
 from genforge.serve.protocol import (
     SSE_DONE,
     AssistantMessage,
@@ -38,6 +39,7 @@ from genforge.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
@@ -81,9 +83,10 @@ class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
                  max_batch_size: int, max_queue: int, metrics: ServeMetrics, decode: str = "eager",
                  request_timeout: float | None = None, kv_cache_bytes: int | None = None,
-                 aliases: tuple[str, ...] = (), stream_interval: int = 1):
+                 aliases: tuple[str, ...] = (), stream_interval: int = 1, app_layer: AppLayer | None = None):
         """`aliases`: other names a request's `model` may use (e.g. the path it was started with).
-        `stream_interval`: tokens per streamed chunk (1: every token; vLLM's option of that name)."""
+        `stream_interval`: tokens per streamed chunk (1: every token; vLLM's option of that name).
+        `app_layer`: the guard / semantic cache / RAG steps of chat requests (serve/pipeline.py)."""
         limit = context_length(model)
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] "
@@ -96,6 +99,7 @@ class LMService:
         if stream_interval < 1:
             raise ConfigError(f"--stream-interval {stream_interval}: must be at least 1", param="stream_interval")
         self.stream_interval = stream_interval
+        self.app = app_layer
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                              max_model_len=max_model_len, observer=metrics.observer(),
                              kv_cache_bytes=kv_cache_bytes, **decode_options(decode))
@@ -105,6 +109,8 @@ class LMService:
         gen_cfg = getattr(model, "generation_config", None)
         diff = gen_cfg.to_diff_dict() if gen_cfg is not None else {}
         self.defaults = {k: diff[k] for k in _DEFAULTED if diff.get(k) is not None}
+        if app_layer is not None:
+            app_layer.default_temperature = float(self.defaults.get("temperature", 1.0))
         self._token_text: dict[int, str] = {}
         metrics.bind_engine(lambda: self.engine.num_running, lambda: self.engine.num_waiting,
                             self.engine.kv_cache_usage)
@@ -255,15 +261,16 @@ class LMService:
         return sse(error_body(c.error or "generation failed", "server_error"))
 
     @staticmethod
-    def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
+    def _streaming(gen: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
         return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     @staticmethod
-    def _json(request: Request, body: Any, choices: list[Choice]) -> JSONResponse:
+    def _json(request: Request, body: Any, choices: list[Choice], headers: dict[str, str] | None = None
+              ) -> JSONResponse:
         if any(c.stream.completion_tokens for c in choices):
             request.scope[FIRST_TOKEN] = "pending"  # the client sees its first token with this write
-        return JSONResponse(body.model_dump())
+        return JSONResponse(body.model_dump(), headers=headers)
 
     # ------------------------------------------------------------ /v1/completions
 
@@ -354,8 +361,18 @@ class LMService:
         self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise GenforgeError("top_logprobs: set logprobs to true to use top_logprobs", param="top_logprobs")
-        size = sum(len(m.text()) for m in req.messages)
-        prompt = await self._offload(size, render_chat, self.tokenizer, self.template, req.messages,
+        prep = None
+        messages = req.messages
+        if self.app is not None and self.app.active:
+            if req.logprobs and self.app.guard is not None and self.app.guard.policy != "log":
+                raise GenforgeError("logprobs: not available while the output guard filters responses (its "
+                                    "tokens would show what the filter removed)", param="logprobs")
+            prep = await self.app.prepare(req)
+            if prep.hit is not None:
+                return replay_chat(prep, req, self.served_name, request)
+            messages = [ChatMessage(**m) for m in prep.messages]
+        size = sum(len(m.text()) for m in messages)
+        prompt = await self._offload(size, render_chat, self.tokenizer, self.template, messages,
                                      add_generation_prompt=req.add_generation_prompt,
                                      template_kwargs=req.chat_template_kwargs)
         tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -365,27 +382,39 @@ class LMService:
         choices = self._submit([prompt], req, max_tokens, logprobs, names)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices))
+            return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices, prep),
+                                   prep.headers() if prep is not None else None)
         if (early := await self._collect(request, choices, req.logprobs)) is not None:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
             return failure
-        out = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.parts)),
+        texts = ["".join(c.parts) for c in choices]
+        if prep is not None and (filters := [prep.output_filter() for _ in choices])[0] is not None:
+            texts = [f.feed(t) + f.flush() for f, t in zip(filters, texts)]
+        out = [ChatChoice(index=c.index, message=AssistantMessage(content=text),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
-                          finish_reason=c.finish_reason) for c in choices]
-        return self._json(request, ChatCompletionResponse(id=rid, created=created, model=self.served_name,
-                                                          choices=out, usage=self._usage([prompt], choices)), choices)
+                          finish_reason=c.finish_reason) for c, text in zip(choices, texts)]
+        body = ChatCompletionResponse(id=rid, created=created, model=self.served_name, choices=out,
+                                      usage=self._usage([prompt], choices),
+                                      sources=prep.sources if prep is not None and prep.sources else None)
+        if prep is not None:
+            await self.app.remember(prep, body)
+        return self._json(request, body, choices, prep.headers() if prep is not None else None)
 
     async def _stream_chat(self, request: Request, req: ChatCompletionRequest, rid: str, created: int,
-                           prompt: list[int], choices: list[Choice]) -> AsyncIterator[str]:
+                           prompt: list[int], choices: list[Choice], prep: Prepared | None = None
+                           ) -> AsyncIterator[str]:
         enc = ChunkEncoder(rid, created, self.served_name, chat=True)
+        filters = [prep.output_filter() for _ in choices] if prep is not None else [None] * len(choices)
+        sent = [""] * len(choices)  # what the client got (after the output guard), for the cache
 
         def chunk(items: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=rid, created=created, model=self.served_name, choices=items,
                                            usage=usage))
 
         try:
-            yield "".join(enc.role(c.index) for c in choices)  # OpenAI opens every choice with the role
+            # OpenAI opens every choice with the role; retrieved sources ride on that first chunk
+            yield "".join(enc.role(c.index, prep.sources if prep is not None else None) for c in choices)
             failed = False
             async for batch in event_batches(choices, self._deadline(request)):
                 out = []
@@ -402,6 +431,11 @@ class LMService:
                         out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
                                                           logprobs=chat_logprobs(new))]))
                     elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
+                        if (f := filters[c.index]) is not None:
+                            text = f.feed(text) + (f.flush() if ev.finish_reason is not None else "")
+                            if not text and ev.finish_reason is None:
+                                continue  # held by the output guard until it can tell
+                        sent[c.index] += text
                         out.append(enc.token(c.index, text, ev.finish_reason))
                 if out:
                     if request.scope.get(FIRST_TOKEN) is None:
@@ -410,8 +444,14 @@ class LMService:
                 if failed:
                     break
             else:
+                usage = self._usage([prompt], choices)
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    yield chunk([], self._usage([prompt], choices))
+                    yield chunk([], usage)
+                if prep is not None and not req.logprobs:
+                    await self.app.remember(prep, ChatCompletionResponse(
+                        id=rid, created=created, model=self.served_name, usage=usage, sources=prep.sources or None,
+                        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=sent[c.index]),
+                                            finish_reason=c.finish_reason) for c in choices]))
             yield SSE_DONE
         except DeadlineExceeded:
             yield sse(self._timeout_body())

@@ -123,10 +123,12 @@ class ChunkEncoder:
             body = f'{{"index":{index},"text":{_js(text)},"logprobs":null,"finish_reason":{finish}}}'
         return self.prefix + body + self.suffix
 
-    def role(self, index: int) -> str:
-        """Chat streams open every choice with the assistant role, as OpenAI does."""
+    def role(self, index: int, sources: list[dict] | None = None) -> str:
+        """Chat streams open every choice with the assistant role, as OpenAI does; RAG's `sources`
+        (an extension field) ride on that first chunk."""
+        suffix = self.suffix if not sources else f'],"usage":null,"sources":{json.dumps(sources)}}}\n\n'
         return (self.prefix + f'{{"index":{index},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
-                f'"finish_reason":null}}' + self.suffix)
+                f'"finish_reason":null}}' + suffix)
 
     @staticmethod
     def model(chunk: Any) -> str:

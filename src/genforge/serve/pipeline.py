@@ -1,0 +1,295 @@
+"""The application-layer steps of a chat request, in the order ../ARCHITECTURE.md gives:
+
+    guard(input) -> semantic cache -> retrieve (RAG) -> engine -> guard(output) -> cache put
+
+`AppLayer.prepare` runs the steps before the engine and returns a `Prepared` request: the messages
+the engine sees (redacted, with the retrieved sources), the cache decision and, on a hit, the
+stored answer. The service (serve/service.py) runs the engine, passes the text through
+`Prepared.output_filter()` and hands the finished answer back to `AppLayer.remember`. Each step
+is off unless the deployment's config turns it on; with all of them off `prepare` does nothing
+and the request takes the plain path.
+
+Blocking work (embedding, the store, regexes over long inputs) runs in worker threads so the
+event loop keeps streaming other requests' tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from genforge.common.errors import ConfigError, NotFoundError
+from genforge.common.store import Store, open_store
+from genforge.serve.app_config import AppConfig
+from genforge.serve.embeddings import SharedEmbedder
+from genforge.serve.metrics import ServeMetrics
+from genforge.serve.protocol import (
+    SSE_DONE,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    UsageInfo,
+    new_id,
+    now,
+    sse,
+)
+from genforge.serve.streaming import ChunkEncoder
+
+# The retrieved sources go into the last user turn (any chat template accepts that; not all take a
+# second system message), numbered so the answer can cite them.
+RAG_TEMPLATE = ("Answer the question using the numbered sources below, and cite them as [1], [2]. If they "
+                "do not contain the answer, say so.\n\n{sources}\n\nQuestion: {question}")
+RAG_SOURCE_CHARS = 1500  # per source in the prompt: a small model's context is short
+
+
+@dataclass
+class Prepared:
+    messages: list[dict]                       # what the engine sees
+    cache: str = "off"                         # off | hit | miss | bypass
+    key: str | None = None                     # the exact part of the cache key
+    turn: str | None = None                    # the current user turn (the similar part)
+    hit: Any = None                            # serve.cache.CacheHit on a hit
+    sources: list[dict] = field(default_factory=list)
+    guard: Any = None                          # serve.guard.GuardResult of the input
+    _layer: AppLayer | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.cache == "off":
+            return {}
+        out = {"x-genforge-cache": self.cache}
+        if self.key is not None:
+            out["x-genforge-cache-key"] = self.key  # what DELETE /v1/cache?key= takes
+        if self.hit is not None:
+            out["x-genforge-cache-similarity"] = f"{self.hit.similarity:.4f}"
+        return out
+
+    def output_filter(self) -> Any:
+        """A StreamFilter for one choice's text, or None when no output guard runs."""
+        layer = self._layer
+        if layer is None or layer.guard is None:
+            return None
+        return layer.guard.output_filter(self.guard.placeholders if self.guard is not None else None)
+
+
+class AppLayer:
+    """The configured steps of one server; built at start-up so a bad config fails before the port opens."""
+
+    def __init__(self, config: AppConfig, *, embedder: SharedEmbedder, metrics: ServeMetrics,
+                 served_name: str, model_version: str, state_dir: Path):
+        self.config, self.metrics, self.shared = config, metrics, embedder
+        self.served_name, self.model_version = served_name, model_version
+        self.default_temperature = 1.0  # the model's generation_config default, set by the service
+        self.store: Store | None = None
+        self.guard = self.cache = self.retriever = None
+        if not config.any_step:
+            return
+        emb = embedder.get()  # every step embeds: load it now, not inside the first request
+        if config.needs_store:
+            self.store = open_store(config.store or state_dir)
+        if config.guard.policy != "off":
+            from genforge.serve.guard import Guard
+
+            g = config.guard
+            self.guard = Guard(g.policy, injection_threshold=g.injection_threshold, allowlist=g.allowlist,
+                               banned=g.banned, embedder=emb)
+        if config.cache.enabled:
+            from genforge.serve.cache import SemanticCache
+
+            c = config.cache
+            self.cache = SemanticCache(self.store, emb, threshold=c.threshold, verify=c.verify, ttl_s=c.ttl_s,
+                                       max_entries=c.max_entries)
+        if config.rag.index is not None:
+            from genforge.serve.rag import Retriever
+
+            try:
+                self.retriever = Retriever(self.store, emb, config.rag.index)
+            except NotFoundError as e:
+                raise ConfigError(f"--rag {config.rag.index}: {e.message}", param="rag") from None
+
+    @property
+    def active(self) -> bool:
+        return self.guard is not None or self.cache is not None or self.retriever is not None
+
+    def describe(self) -> str:
+        parts = []
+        if self.guard is not None:
+            parts.append(f"guard={self.config.guard.policy}")
+        if self.cache is not None:
+            parts.append(f"cache=on(threshold {self.config.cache.threshold:g}, verify {self.config.cache.verify})")
+        if self.retriever is not None:
+            parts.append(f"rag={self.config.rag.index}(k {self.config.rag.k})")
+        if self.store is not None:
+            parts.append(f"store={self.store.url}")
+        return " ".join(parts) or "off"
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def _timed(self, step: str, started: float) -> None:
+        self.metrics.step_latency.labels(self.served_name, step).observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------ before the engine
+
+    async def prepare(self, req: ChatCompletionRequest) -> Prepared:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        out = Prepared(messages=messages, _layer=self)
+        if not self.active:
+            return out
+        if self.guard is not None:
+            t = time.perf_counter()
+            try:
+                result = await asyncio.to_thread(self.guard.check_input, messages)
+            except Exception:
+                self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
+                raise
+            finally:
+                self._timed("guard_input", t)
+            out.guard, out.messages = result, result.redacted
+            if result.action != "allowed":
+                self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
+        if self.cache is not None:
+            await self._lookup(req, out)
+            if out.hit is not None:
+                return out
+        if self.retriever is not None:
+            await self._retrieve(out)
+        return out
+
+    def _cache_key(self, req: ChatCompletionRequest, messages: list[dict]) -> tuple[str, str] | None:
+        from genforge.serve.cache import cache_key
+
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if last is None:
+            return None
+        turn = _text(messages[last].get("content"))
+        system = "\n".join(_text(m.get("content")) for m in messages[:last] if m.get("role") in ("system", "developer"))
+        history = [m for m in messages[:last] if m.get("role") not in ("system", "developer")] + messages[last + 1:]
+        sampling = {k: getattr(req, k) for k in ("max_tokens", "max_completion_tokens", "temperature", "top_p",
+                                                 "top_k", "n", "stop", "seed", "presence_penalty",
+                                                 "frequency_penalty", "repetition_penalty", "min_tokens",
+                                                 "ignore_eos", "stop_token_ids")}
+        rag_index = self.config.rag.index if self.retriever is not None else None
+        rag_version = self.store.index_version(rag_index) if rag_index is not None else None
+        if rag_index is not None:
+            sampling["rag"] = {"k": self.config.rag.k, "mode": self.config.rag.mode}
+        sampling["embedder"] = self.shared.get().version  # vectors of another embedder are never compared
+        key = cache_key(self.served_name, self.model_version, system, sampling, rag_index, rag_version, history)
+        return key, turn
+
+    async def _lookup(self, req: ChatCompletionRequest, out: Prepared) -> None:
+        from genforge.serve.cache import is_cacheable
+
+        ok, _why = is_cacheable(req.model_dump(), self.config.cache.allow_sampled,
+                                default_temperature=self.default_temperature)
+        if ok and (req.logprobs or req.add_generation_prompt is False):
+            ok = False  # logprobs are not stored; a continued assistant turn is not a question
+        keyed = await asyncio.to_thread(self._cache_key, req, out.messages) if ok else None
+        if keyed is None:
+            out.cache = "bypass"
+            self.metrics.cache_lookups.labels(self.served_name, "bypass").inc()
+            return
+        out.key, out.turn = keyed
+        t = time.perf_counter()
+        rejected = self.cache.rejected
+        out.hit = await asyncio.to_thread(self.cache.lookup, out.key, out.turn)
+        self._timed("cache_lookup", t)
+        if self.cache.rejected > rejected:
+            self.metrics.cache_rejections.labels(self.served_name).inc(self.cache.rejected - rejected)
+        out.cache = "hit" if out.hit is not None else "miss"
+        self.metrics.cache_lookups.labels(self.served_name, out.cache).inc()
+
+    async def _retrieve(self, out: Prepared) -> None:
+        last = max((i for i, m in enumerate(out.messages) if m.get("role") == "user"), default=None)
+        if last is None:
+            return
+        question = _text(out.messages[last].get("content"))
+        if not question.strip():
+            return
+        t = time.perf_counter()
+        found = await asyncio.to_thread(self.retriever.search, question, self.config.rag.k, self.config.rag.mode)
+        self._timed("retrieve", t)
+        if not found:
+            return
+        self.metrics.retrievals.labels(self.served_name).inc()
+        blocks = []
+        for n, (chunk, score) in enumerate(found, 1):
+            text = chunk.text if len(chunk.text) <= RAG_SOURCE_CHARS else chunk.text[:RAG_SOURCE_CHARS] + " ..."
+            blocks.append(f"[{n}] ({chunk.source}) {text}")
+            out.sources.append({"id": chunk.id, "source": chunk.source, "score": round(float(score), 6)})
+        messages = [dict(m) for m in out.messages]
+        messages[last]["content"] = RAG_TEMPLATE.format(sources="\n\n".join(blocks), question=question)
+        out.messages = messages
+
+    # ------------------------------------------------------------ after the engine
+
+    async def remember(self, prepared: Prepared, response: ChatCompletionResponse) -> None:
+        """Store a finished answer for later hits: only an eligible miss, only complete answers."""
+        if self.cache is None or prepared.cache != "miss":
+            return
+        if any(c.finish_reason not in ("stop", "length") for c in response.choices):
+            return
+        stored = {"choices": [{"index": c.index, "content": c.message.content, "finish_reason": c.finish_reason}
+                              for c in response.choices],
+                  "usage": response.usage.model_dump(), "sources": response.sources}
+        t = time.perf_counter()
+        await asyncio.to_thread(self.cache.put, prepared.key, prepared.turn, stored)
+        self._timed("cache_put", t)
+
+    def invalidate(self, key: str | None) -> int:
+        if self.cache is None:
+            raise NotFoundError("the semantic cache is off on this server (start it with --cache)", param="cache")
+        return self.cache.invalidate(key)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""
+
+
+def model_version(model_path: str | Path | None, model: Any) -> str:
+    """What identifies the weights for the cache key: the weight files' names, sizes and times, or the
+    loaded model's config when it was passed in."""
+    if model_path is not None:
+        folder = Path(model_path)
+        folder = folder / "model" if (folder / "model").is_dir() else folder
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    else:
+        stamp = repr(getattr(model, "config", "")) + str(id(model))
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
+def replay_chat(prep: Prepared, req: ChatCompletionRequest, served_name: str, request: Any) -> Response:
+    """A cache hit as the response the engine would have given: JSON, or the same SSE events."""
+    stored = prep.hit.entry.response
+    rid, created = new_id("chatcmpl"), now()
+    usage = UsageInfo(**stored["usage"])
+    choices = stored["choices"]
+    if not req.stream:
+        body = ChatCompletionResponse(
+            id=rid, created=created, model=served_name, usage=usage, sources=stored.get("sources"),
+            choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["content"]),
+                                finish_reason=c["finish_reason"]) for c in choices])
+        return JSONResponse(body.model_dump(), headers=prep.headers())
+    enc = ChunkEncoder(rid, created, served_name, chat=True)
+
+    async def events() -> AsyncIterator[str]:
+        yield "".join(enc.role(c["index"], stored.get("sources")) for c in choices)
+        yield "".join(enc.token(c["index"], c["content"], c["finish_reason"]) for c in choices)
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_name,
+                       "choices": [], "usage": usage.model_dump()})
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **prep.headers()})
