@@ -409,26 +409,36 @@ def test_pg_reconnects_after_its_connections_are_dropped(pg_store_url, pg_url):
         assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # a stale pooled connection is replaced
 
 
-def test_pg_search_uses_the_indexs_partial_hnsw_index(pg_store_url):
+def test_pg_search_uses_the_indexs_partial_hnsw_index_built_after_the_first_write(pg_store_url):
     import psycopg
     from pgvector.psycopg import register_vector
 
     from genforge.common.store_pg import hnsw_name, nearest_sql
 
+    def hnsw_defs() -> dict[str, str]:
+        with psycopg.connect(pg_store_url) as c:
+            return dict(c.execute("SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'gf_hnsw_%'"))
+
     with open_store(pg_store_url) as s:
-        fill(s)
         s.create_index("other", dim=4, embedder="e")
+        assert hnsw_defs() == {}
+        fill(s)
+        with s.write("other") as w:
+            w.replace_source("a.txt", "d", chunks_of("a.txt", 1), unit(1, dim=4))
+        defs = hnsw_defs()
+        assert "hnsw" in defs[hnsw_name("docs")] and "vector_cosine_ops" in defs[hnsw_name("docs")]
+        assert "vector(4)" in defs[hnsw_name("other")] and "'other'" in defs[hnsw_name("other")]
         with psycopg.connect(pg_store_url, autocommit=True) as c:
             register_vector(c)
-            defs = dict(c.execute("SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'gf_hnsw_%'"))
-            assert "hnsw" in defs[hnsw_name("docs")] and "vector_cosine_ops" in defs[hnsw_name("docs")]
-            assert "vector(4)" in defs[hnsw_name("other")]
-            c.execute("SET enable_seqscan = off")
+            c.execute("SET enable_seqscan = off")  # 12 rows: the planner would rather scan and sort them
+            c.execute("SET enable_sort = off")
             plan = "\n".join(r[0] for r in c.execute(sql_explain(nearest_sql("docs", DIM, 5)), (unit(1)[0],) * 2))
             assert f"Index Scan using {hnsw_name('docs')}" in plan, plan
+        vecs = fill(s, sources=4, seed=1)  # later writes keep it up to date
+        best, score = s.nearest("docs", vecs[13], 1)[0]
+        assert (best.source, best.position, score) == ("doc3.txt", 1, pytest.approx(1.0, abs=1e-5))
         s.drop_index("docs")
-        with psycopg.connect(pg_store_url) as c:
-            assert not c.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", (hnsw_name("docs"),)).fetchone()
+        assert list(hnsw_defs()) == [hnsw_name("other")]
 
 
 def sql_explain(query):

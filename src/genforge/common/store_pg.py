@@ -260,9 +260,6 @@ class PgStore(Store):
                 return
             c.execute("INSERT INTO gf_indexes (name, dim, embedder, version) VALUES (%s, %s, %s, %s)",
                       (index, dim, embedder, uuid.uuid4().hex))
-            c.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON gf_chunks USING hnsw ((embedding::vector({})) "
-                              "vector_cosine_ops) WHERE idx = {}").format(
-                sql.Identifier(hnsw_name(index)), sql.Literal(dim), sql.Literal(index)))
         self._tx(fn)
 
     def index_info(self, index: str) -> dict | None:
@@ -296,6 +293,37 @@ class PgStore(Store):
             yield writer
             if writer.changed:
                 conn.execute("UPDATE gf_indexes SET version = %s WHERE name = %s", (uuid.uuid4().hex, index))
+        if writer.changed:
+            self._ensure_hnsw(index, writer.dim)
+
+    def _ensure_hnsw(self, index: str, dim: int) -> None:
+        """Builds the index's HNSW graph once its first chunks are committed.
+
+        Building it over the loaded rows takes ~8 s for 20k x 384; keeping it up to date row by row
+        during that first load took 80 s. CONCURRENTLY blocks neither readers nor writers (searches
+        scan exactly until it is ready); later writes update it incrementally.
+        """
+        name = hnsw_name(index)
+        valid = "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid WHERE c.relname = %s"
+        with self._errors(), self._pool.connection() as (conn, _):
+            row = conn.execute(valid, (name,)).fetchone()
+            if row is not None and row[0]:
+                return
+            # A session lock, so one process builds while the others go on without waiting.
+            if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]:
+                return
+            try:
+                row = conn.execute(valid, (name,)).fetchone()
+                if row is not None and not row[0]:  # a build that was interrupted leaves an invalid index
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+                if row is None or not row[0]:
+                    conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON gf_chunks USING hnsw "
+                                         "((embedding::vector({})) vector_cosine_ops) WHERE idx = {}").format(
+                        sql.Identifier(name), sql.Literal(dim), sql.Literal(index)))
+                    # fresh row counts, or the planner keeps estimating an empty table and sorts instead
+                    conn.execute("ANALYZE gf_chunks")
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
 
     def source_digests(self, index: str) -> dict[str, str]:
         def fn(c: psycopg.Connection) -> dict[str, str]:
