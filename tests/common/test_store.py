@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genforge.common.errors import ConfigError, NotFoundError
+from genforge.common.errors import ConfigError, DataError, NotFoundError
 from genforge.common.store import CacheEntry, Chunk, Store, StoreUnavailable, open_store
 
 DIM = 8
@@ -100,6 +100,13 @@ def test_replace_source_drops_old_positions_and_remove_source_drops_all(store):
     assert [(c.source, c.position, c.text) for c in chunks if c.source == "doc1.txt"] == [("doc1.txt", 0, "new text")]
     assert not [c for c in chunks if c.source == "doc2.txt"]
     assert store.source_digests("docs") == {"doc0.txt": "digest0", "doc1.txt": "digest1b"}
+    assert store.index_info("docs")["chunks"] == 5
+    with pytest.raises(DataError, match="NUL"):
+        with store.write("docs") as w:
+            w.replace_source("doc0.txt", "d", [Chunk("doc0.txt", 0, "a\x00b", {})], unit(1))
+    with pytest.raises(DataError, match="one vector per chunk"):
+        with store.write("docs") as w:
+            w.replace_source("doc0.txt", "d", chunks_of("doc0.txt", 2), unit(3))
     assert store.index_info("docs")["chunks"] == 5
 
 
@@ -399,14 +406,21 @@ def test_pg_database_going_away_raises_store_unavailable_and_coming_back_recover
 def test_pg_reconnects_after_its_connections_are_dropped(pg_store_url, pg_url):
     import psycopg
 
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_store_url)["dbname"]
+
+    def drop_connections() -> None:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            assert admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                 "WHERE datname = %s", (dbname,)).fetchone()[0] >= 1
+
     with open_store(pg_store_url) as s:
         fill(s)
-        dbname = psycopg.conninfo.conninfo_to_dict(pg_store_url)["dbname"]
-        with psycopg.connect(pg_url, autocommit=True) as admin:
-            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   "WHERE datname = %s", (dbname,)).fetchone()[0]
-        assert killed >= 1
-        assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # a stale pooled connection is replaced
+        drop_connections()
+        assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # the stale pooled connection is replaced
+        drop_connections()
+        with s.write("docs") as w:  # a write block checks its connection before it starts
+            w.remove_source("doc0.txt")
+        assert "doc0.txt" not in s.source_digests("docs")
 
 
 def test_pg_search_uses_the_indexs_partial_hnsw_index_built_after_the_first_write(pg_store_url):

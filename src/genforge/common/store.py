@@ -191,6 +191,9 @@ def check_chunks(source: str, chunks: list[Chunk]) -> None:
     if len(set(positions)) != len(positions):
         raise DataError(f"source {source!r}: chunk positions repeat; each chunk needs its own position")
     for c in chunks:
+        if "\x00" in c.text:
+            raise DataError(f"source {source!r} chunk {c.position}: the text holds NUL characters; "
+                            "remove them when reading the document")
         if c.source != source:
             raise DataError(f"replace_source({source!r}) got a chunk of source {c.source!r}; "
                             "pass the chunks of one source at a time")

@@ -116,28 +116,35 @@ class _Pool:
         return conn
 
     @contextmanager
-    def connection(self) -> Iterator[tuple[psycopg.Connection, bool]]:
-        """(connection, whether it was reused from the pool rather than opened just now)."""
+    def connection(self, *, check: bool = False) -> Iterator[tuple[psycopg.Connection, bool]]:
+        """(connection, whether it was reused from the pool rather than opened just now).
+
+        check: ping a reused connection first, for work that cannot simply be retried if it has gone stale.
+        """
         with self._lock:
             conn = self._idle.pop() if self._idle else None
+        if conn is not None and check:
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error:
+                conn.close()
+                conn = None
         reused = conn is not None
         if conn is None:
             conn = self.connect()
         try:
             yield conn, reused
         finally:
-            self._put_back(conn)
+            self.add(conn)
 
-    def _put_back(self, conn: psycopg.Connection) -> None:
+    def add(self, conn: psycopg.Connection) -> None:
+        """Keeps a healthy idle connection for reuse, closes anything else."""
         if not (conn.closed or conn.broken or conn.info.transaction_status != TransactionStatus.IDLE):
             with self._lock:
                 if not self._closed and len(self._idle) < MAX_IDLE_CONNECTIONS:
                     self._idle.append(conn)
                     return
         conn.close()
-
-    def add(self, conn: psycopg.Connection) -> None:
-        self._put_back(conn)
 
     def close(self) -> None:
         with self._lock:
@@ -288,7 +295,7 @@ class PgStore(Store):
     @contextmanager
     def write(self, index: str) -> Iterator[IndexWriter]:
         # The index row is locked FOR UPDATE: writers of one index take turns, everyone else goes on.
-        with self._errors(), self._pool.connection() as (conn, _), conn.transaction():
+        with self._errors(), self._pool.connection(check=True) as (conn, _), conn.transaction():
             writer = _PgWriter(self, conn, index, self._dim(conn, index, lock=True))
             yield writer
             if writer.changed:
