@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--out", default=None, help="image runs: PNG grid path")
     ge.set_defaults(func=cmd_generate)
 
+    from genforge.cli_app import add_app_commands
+
+    add_app_commands(sub)
+
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
     de.add_argument("--out-dir", default="runs")
     de.add_argument("--minutes", type=float, default=4.0, help="training time budget")

@@ -2,7 +2,7 @@
 
     genforge serve RUN --config serve.yaml          # or the flags: --cache, --rag NAME, --guard POLICY
 
-    store: runs/demo/serve-state      # a folder (embedded SQLite) or postgresql://user@host/db (shared)
+    store: ~/.cache/genforge/serve-state   # a folder (embedded SQLite) or postgresql://user@host/db
     embedder: null                    # a local sentence-transformers folder; default all-MiniLM-L6-v2
     cache:
       enabled: true
@@ -106,11 +106,7 @@ def load_app_config(path: str | Path | None = None, *, cache: bool | None = None
     return from_dict(AppConfig, tree, where=str(path) if path else "serve config")
 
 
-def default_state_dir(model_path: str | Path | None) -> Path:
-    """`runs/<name>/serve-state` for a run directory, else ~/.cache/genforge/serve-state."""
-    if model_path is not None:
-        p = Path(model_path).resolve()
-        run = p.parent if p.name == "model" and (p.parent / "recipe.yaml").is_file() else p
-        if (run / "recipe.yaml").is_file():
-            return run / "serve-state"
+def default_state_dir() -> Path:
+    """One embedded store per user, shared by `genforge rag` and every `genforge serve`: an index
+    ingested once is found by any server (cache entries are keyed by model name and version)."""
     return Path.home() / ".cache" / "genforge" / "serve-state"

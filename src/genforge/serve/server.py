@@ -190,7 +190,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         if app_config.any_step:
             app_layer = AppLayer(app_config, embedder=shared_embedder, metrics=metrics, served_name=name,
                                  model_version=model_version(model_path, model),
-                                 state_dir=default_state_dir(model_path))
+                                 state_dir=default_state_dir())
         service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
                             max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
                             decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
