@@ -408,16 +408,18 @@ def test_pg_reconnects_after_its_connections_are_dropped(pg_store_url, pg_url):
 
     dbname = psycopg.conninfo.conninfo_to_dict(pg_store_url)["dbname"]
 
-    def drop_connections() -> None:
+    def drop_connections() -> int:
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            assert admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                 "WHERE datname = %s", (dbname,)).fetchone()[0] >= 1
+            return admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                 "WHERE datname = %s", (dbname,)).fetchone()[0]
 
     with open_store(pg_store_url) as s:
         fill(s)
-        drop_connections()
-        assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # the stale pooled connection is replaced
-        drop_connections()
+        with s.write("docs"):  # holds one connection while the search opens a second: two in the pool
+            s.nearest("docs", unit(1)[0], 3)
+        assert drop_connections() == 2
+        assert len(s.nearest("docs", unit(1)[0], 3)) == 3  # every stale pooled connection is replaced
+        assert drop_connections() >= 1
         with s.write("docs") as w:  # a write block checks its connection before it starts
             w.remove_source("doc0.txt")
         assert "doc0.txt" not in s.source_digests("docs")

@@ -146,12 +146,16 @@ class _Pool:
                     return
         conn.close()
 
-    def close(self) -> None:
+    def close_idle(self) -> None:
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.close_idle()
 
 
 class _PgWriter(IndexWriter):
@@ -219,7 +223,9 @@ class PgStore(Store):
         try:
             yield
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-            reason = str(e).strip().replace(self._password, "***") if self._password else str(e).strip()
+            reason = " ".join(str(e).split())  # one line: the CLI prints errors on one
+            if self._password:
+                reason = reason.replace(self._password, "***")
             if opening:
                 raise StoreUnavailable(
                     f"cannot reach the PostgreSQL store {self.url} ({self._where}): {reason}. Check that "
@@ -233,15 +239,17 @@ class PgStore(Store):
 
     def _tx(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """fn in one transaction; retried once on a fresh connection if a pooled one had gone stale."""
-        for attempt in (0, 1):
-            reused = False
-            try:
-                with self._errors(), self._pool.connection() as (conn, reused), conn.transaction():
-                    return fn(conn)
-            except StoreUnavailable:
-                if attempt or not reused:
-                    raise
-        raise AssertionError("unreachable")
+        reused = False
+        try:
+            with self._errors(), self._pool.connection() as (conn, reused), conn.transaction():
+                return fn(conn)
+        except StoreUnavailable:
+            if not reused:
+                raise
+        # The server restarted or dropped us: the other idle connections are as stale as that one.
+        self._pool.close_idle()
+        with self._errors(), self._pool.connection() as (conn, _), conn.transaction():
+            return fn(conn)
 
     def _dim(self, conn: psycopg.Connection, index: str, *, lock: bool = False) -> int:
         row = conn.execute("SELECT dim FROM gf_indexes WHERE name = %s" + (" FOR UPDATE" if lock else ""),
