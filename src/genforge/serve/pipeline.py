@@ -165,6 +165,30 @@ class AppLayer:
             await self._retrieve(out)
         return out
 
+    async def guard_prompts(self, prompts: list[list[int]], texts: list[str | None], tokenizer: Any
+                            ) -> tuple[list[list[int]], Any]:
+        """/v1/completions: judge each prompt (token-id prompts by their decoded text); a redacted
+        prompt is tokenized again. Returns the prompts the engine sees and the placeholders (shared
+        with the output filter, so a value keeps its number in the answer)."""
+        from genforge.data.pii import Placeholders
+
+        placeholders = Placeholders()
+        out = []
+        for ids, text in zip(prompts, texts):
+            text = tokenizer.decode(ids) if text is None else text
+            t = time.perf_counter()
+            try:
+                result = await asyncio.to_thread(self.guard.check_input, text, placeholders)
+            except Exception:
+                self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
+                raise
+            finally:
+                self._timed("guard_input", t)
+            if result.action != "allowed":
+                self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
+            out.append(list(tokenizer(result.redacted)["input_ids"]) if result.action == "redacted" else ids)
+        return out, placeholders
+
     def _cache_key(self, req: ChatCompletionRequest, messages: list[dict]) -> tuple[str, str] | None:
         from genforge.serve.cache import cache_key
 

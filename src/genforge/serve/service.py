@@ -274,9 +274,13 @@ class LMService:
 
     # ------------------------------------------------------------ /v1/completions
 
-    def _completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    @staticmethod
+    def _raw_prompts(req: CompletionRequest) -> list:
         raw = req.prompt
-        items: list = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+        return [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+
+    def _completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        items = self._raw_prompts(req)
         if not items:
             raise GenforgeError("prompt: the list is empty; give a string or token ids", param="prompt")
         ids = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in items]
@@ -289,10 +293,21 @@ class LMService:
         size = len(raw) if isinstance(raw, str) else sum(len(p) if isinstance(p, (str, list)) else 1 for p in raw)
         prompts, texts = await self._offload(size, self._completion_prompts, req)
         want_lp = req.logprobs is not None
+        guard = self.app.guard if self.app is not None else None
+        placeholders = None
+        if guard is not None:  # the guard covers every model call, not only chat
+            if want_lp and guard.policy != "log":
+                raise GenforgeError("logprobs: not available while the output guard filters responses (its "
+                                    "tokens would show what the filter removed)", param="logprobs")
+            prompts, placeholders = await self.app.guard_prompts(
+                prompts, [t if isinstance(p, str) else None for t, p in zip(texts, self._raw_prompts(req))],
+                self.tokenizer)
         choices = self._submit(prompts, req, req.max_tokens, req.logprobs, {"prompt": "prompt"})
         rid, created = new_id("cmpl"), now()
+        filters = [guard.output_filter(placeholders) for _ in choices] if guard is not None else None
         if req.stream:
-            return self._streaming(self._stream_completion(request, req, rid, created, prompts, texts, choices))
+            return self._streaming(self._stream_completion(request, req, rid, created, prompts, texts, choices,
+                                                           filters))
         if (early := await self._collect(request, choices, want_lp)) is not None:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
@@ -301,14 +316,16 @@ class LMService:
         for c in choices:
             head = texts[c.prompt_index] if req.echo else ""
             lp = completion_logprobs(c.logprobs, len(head)) if want_lp else None
-            out.append(CompletionChoice(index=c.index, text=head + "".join(c.parts), logprobs=lp,
-                                        finish_reason=c.finish_reason))
+            text = "".join(c.parts)
+            if filters is not None:
+                text = filters[c.index].feed(text) + filters[c.index].flush()
+            out.append(CompletionChoice(index=c.index, text=head + text, logprobs=lp, finish_reason=c.finish_reason))
         return self._json(request, CompletionResponse(id=rid, created=created, model=self.served_name,
                                                       choices=out, usage=self._usage(prompts, choices)), choices)
 
     async def _stream_completion(self, request: Request, req: CompletionRequest, rid: str, created: int,
-                                 prompts: list[list[int]], texts: list[str], choices: list[Choice]
-                                 ) -> AsyncIterator[str]:
+                                 prompts: list[list[int]], texts: list[str], choices: list[Choice],
+                                 filters: list[Any] | None = None) -> AsyncIterator[str]:
         want_lp = req.logprobs is not None
         enc = ChunkEncoder(rid, created, self.served_name, chat=False)
 
@@ -337,6 +354,11 @@ class LMService:
                                                            finish_reason=ev.finish_reason)]))
                         c.offset += len(ev.text)
                     elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
+                        if filters is not None:
+                            f = filters[c.index]
+                            text = f.feed(text) + (f.flush() if ev.finish_reason is not None else "")
+                            if not text and ev.finish_reason is None:
+                                continue  # held by the output guard until it can tell
                         out.append(enc.token(c.index, text, ev.finish_reason))
                         c.offset += len(text)
                 if out:
