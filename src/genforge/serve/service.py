@@ -327,31 +327,46 @@ class LMService:
                                  prompts: list[list[int]], texts: list[str], choices: list[Choice],
                                  filters: list[Any] | None = None) -> AsyncIterator[str]:
         want_lp = req.logprobs is not None
-        enc = ChunkEncoder(rid, created, self.served_name, chat=False)
 
         def chunk(items: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
             return sse(CompletionChunk(id=rid, created=created, model=self.served_name, choices=items, usage=usage))
 
+        def with_logprobs(c: Choice, ev: Any, new: list) -> str:
+            lp = completion_logprobs(new, c.offset)
+            return chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
+
+        head = []
+        if req.echo:
+            for c in choices:
+                c.offset = len(texts[c.prompt_index])
+                head.append(chunk([CompletionChoice(index=c.index, text=texts[c.prompt_index])]))
+        enc = ChunkEncoder(rid, created, self.served_name, chat=False)
+        async for text in self._stream(request, choices, enc, head, with_logprobs if want_lp else None, filters):
+            yield text
+        if not any(c.error for c in choices) and req.stream_options is not None and req.stream_options.include_usage:
+            yield chunk([], self._usage(prompts, choices))
+        yield SSE_DONE
+
+    async def _stream(self, request: Request, choices: list[Choice], enc: ChunkEncoder, head: list[str],
+                      with_logprobs: Callable[[Choice, Any, list], str] | None, filters: list[Any] | None
+                      ) -> AsyncIterator[str]:
+        """The token events of a stream, as SSE text: everything that arrived together in one write.
+        Ends early on an engine error (an error event) or the deadline (an error event); unfinished
+        choices are cancelled however it ends. The caller adds usage and [DONE]."""
         try:
-            if req.echo:
-                for c in choices:
-                    c.offset = len(texts[c.prompt_index])
-                    yield chunk([CompletionChoice(index=c.index, text=texts[c.prompt_index])])
-            failed = False
+            if head:
+                yield "".join(head)
             async for batch in event_batches(choices, self._deadline(request)):
                 out = []
                 for c, ev in batch:
-                    new = c.add(ev, self.token_text, want_lp)
+                    new = c.add(ev, self.token_text, with_logprobs is not None)
                     if c.error:
                         out.append(self._stream_error(request, c))
-                        failed = True
                         break
                     if not (ev.text or ev.finish_reason or new):
                         continue  # text held back (half a character, a possible stop string)
-                    if want_lp:
-                        lp = completion_logprobs(new, c.offset)
-                        out.append(chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=lp,
-                                                           finish_reason=ev.finish_reason)]))
+                    if with_logprobs is not None:
+                        out.append(with_logprobs(c, ev, new))
                         c.offset += len(ev.text)
                     elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
                         if filters is not None:
@@ -361,19 +376,17 @@ class LMService:
                                 continue  # held by the output guard until it can tell
                         out.append(enc.token(c.index, text, ev.finish_reason))
                         c.offset += len(text)
+                        c.shown.append(text)
                 if out:
                     if request.scope.get(FIRST_TOKEN) is None:
                         request.scope[FIRST_TOKEN] = "pending"
                     yield "".join(out)  # one write for everything that arrived together
-                if failed:
-                    break
-            else:
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    yield chunk([], self._usage(prompts, choices))
-            yield SSE_DONE
+                if any(c.error for c, _ in batch):
+                    return
         except DeadlineExceeded:
+            for c in choices:
+                c.error = c.error or "deadline"
             yield sse(self._timeout_body())
-            yield SSE_DONE
         finally:
             self._cancel_unfinished(choices)
 
@@ -427,56 +440,31 @@ class LMService:
                            prompt: list[int], choices: list[Choice], prep: Prepared | None = None
                            ) -> AsyncIterator[str]:
         enc = ChunkEncoder(rid, created, self.served_name, chat=True)
-        filters = [prep.output_filter() for _ in choices] if prep is not None else [None] * len(choices)
-        sent = [""] * len(choices)  # what the client got (after the output guard), for the cache
+        filters = [prep.output_filter() for _ in choices] if prep is not None else None
+        if filters is not None and filters[0] is None:
+            filters = None
 
         def chunk(items: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=rid, created=created, model=self.served_name, choices=items,
                                            usage=usage))
 
-        try:
-            # OpenAI opens every choice with the role; retrieved sources ride on that first chunk
-            yield "".join(enc.role(c.index, prep.sources if prep is not None else None) for c in choices)
-            failed = False
-            async for batch in event_batches(choices, self._deadline(request)):
-                out = []
-                for c, ev in batch:
-                    new = c.add(ev, self.token_text, req.logprobs)
-                    if c.error:
-                        out.append(self._stream_error(request, c))
-                        failed = True
-                        break
-                    if not (ev.text or ev.finish_reason or new):
-                        continue
-                    if req.logprobs:
-                        delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()
-                        out.append(chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
-                                                          logprobs=chat_logprobs(new))]))
-                    elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
-                        if (f := filters[c.index]) is not None:
-                            text = f.feed(text) + (f.flush() if ev.finish_reason is not None else "")
-                            if not text and ev.finish_reason is None:
-                                continue  # held by the output guard until it can tell
-                        sent[c.index] += text
-                        out.append(enc.token(c.index, text, ev.finish_reason))
-                if out:
-                    if request.scope.get(FIRST_TOKEN) is None:
-                        request.scope[FIRST_TOKEN] = "pending"
-                    yield "".join(out)
-                if failed:
-                    break
-            else:
-                usage = self._usage([prompt], choices)
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    yield chunk([], usage)
-                if prep is not None and not req.logprobs:
-                    await self.app.remember(prep, ChatCompletionResponse(
-                        id=rid, created=created, model=self.served_name, usage=usage, sources=prep.sources or None,
-                        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=sent[c.index]),
-                                            finish_reason=c.finish_reason) for c in choices]))
-            yield SSE_DONE
-        except DeadlineExceeded:
-            yield sse(self._timeout_body())
-            yield SSE_DONE
-        finally:
-            self._cancel_unfinished(choices)
+        def with_logprobs(c: Choice, ev: Any, new: list) -> str:
+            delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()
+            return chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
+                                          logprobs=chat_logprobs(new))])
+
+        # OpenAI opens every choice with the role; retrieved sources ride on that first chunk
+        head = ["".join(enc.role(c.index, prep.sources if prep is not None else None) for c in choices)]
+        async for text in self._stream(request, choices, enc, head, with_logprobs if req.logprobs else None,
+                                       filters):
+            yield text
+        if not any(c.error for c in choices):
+            usage = self._usage([prompt], choices)
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield chunk([], usage)
+            if prep is not None and not req.logprobs:
+                await self.app.remember(prep, ChatCompletionResponse(
+                    id=rid, created=created, model=self.served_name, usage=usage, sources=prep.sources or None,
+                    choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.shown)),
+                                        finish_reason=c.finish_reason) for c in choices]))
+        yield SSE_DONE
