@@ -109,7 +109,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   request_timeout=a.request_timeout or None, shutdown_timeout=a.shutdown_timeout,
                   limit_concurrency=a.limit_concurrency, header_timeout=a.header_timeout,
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
-                  root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config)
+                  root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
+                  http=a.http, loop=a.loop)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -255,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the decode step runs: prepacked (default: eager with the weights kept once, in "
                     "oneDNN's prepacked layout, on CPU), eager (plain PyTorch), compiled (torch.compile with "
                     "frozen weights: fastest step, ~10-16 s more start-up, a second copy of the weights)")
+    se.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                    help="HTTP protocol implementation (uvicorn's option; auto: httptools when installed)")
+    se.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                    help="event loop (uvicorn's option; auto: uvloop when installed)")
     se.add_argument("--enforce-eager", action="store_true",
                     help="the same as --decode eager (vLLM's flag name)")
     ap = se.add_argument_group("application layer (each off unless turned on here or in --config)")

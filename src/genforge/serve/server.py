@@ -286,7 +286,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, limit_concurrency: int | None = None,
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                   keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
-                  root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None) -> None:
+                  root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None,
+                  http: str = "auto", loop: str = "auto") -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
     finish for at most `shutdown_timeout` seconds, cancel the rest and exit."""
     import uvicorn
@@ -311,7 +312,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
     sock = _listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
-                            root_path=root_path)
+                            root_path=root_path, http=http, loop=loop)
     shown = served_model_name or default_served_name(model)
     service = app.app.state.service
     if service is not None:
