@@ -17,7 +17,7 @@ the server process and its children for its whole life.
 
 Rows (each skipped with a "not set up: <reason>" row when it cannot run):
 - genforge serve as it starts by default (--decode prepacked, --dtype auto: bf16 on a CPU with
-  AVX512_BF16), --decode compiled (torch.compile, frozen weights), --dtype float32 (the fp32 peers'
+  AVX512_BF16; httptools + uvloop), the same on h11 + asyncio, --decode compiled (torch.compile, frozen weights), --dtype float32 (the fp32 peers'
   precision) and --enforce-eager --dtype float32 (plain eager PyTorch: the like-for-like row).
 - `transformers serve --continuous-batching`, with and without `--compile`, at torch's default threads
   and at one thread (OMP_NUM_THREADS=1). Its continuous batching fixes the sampling settings at its
@@ -314,6 +314,10 @@ def build_contenders(a, folder: Path, cpu: dict) -> tuple[list[Contender], dict]
     out: list[Contender] = [
         # the default: --decode prepacked, --dtype auto (bf16 where the CPU has native bf16)
         Contender("genforge serve", "genforge", lambda p: [*gf, p], modes=MODES, compile_requested=False),
+        # the default's HTTP stack is uvicorn's auto (httptools + uvloop when installed): the same
+        # server on pure-Python h11 + asyncio, to read what the protocol choice is worth
+        Contender("genforge serve --http h11 --loop asyncio", "genforge",
+                  lambda p: [*gf, p, "--http", "h11", "--loop", "asyncio"], modes=MODES, compile_requested=False),
         Contender("genforge serve --decode compiled", "genforge", lambda p: [*gf, p, "--decode", "compiled"],
                   modes=MODES, compile_requested=True),
         # the like-for-like rows: fp32 as the fp32 peers, and plain eager PyTorch
