@@ -48,6 +48,13 @@ def test_injection_set_is_balanced_varied_and_split_by_template(sets):
     assert not {r["text"] for r in rows if r["split"] == "test"} & {r["text"] for r in rows if r["split"] == "train"}
     for cat in cats:
         assert any(r["split"] == "test" and r["category"] == cat for r in rows)
+    # the fresh held-out set: its own texts, never training rows, half attacks across every category
+    fresh = [r for r in rows if r["source"] == "fresh"]
+    assert len(fresh) >= 150 and {r["split"] for r in fresh} == {"test"}
+    assert sum(r["label"] for r in fresh) == len(fresh) // 2
+    assert {r["category"] for r in fresh if r["label"] == 1} == cats
+    assert {r["source"] for r in rows} == {"v1", "more", "fresh"}
+    assert {r["split"] for r in rows if r["source"] == "more"} == {"train"}
 
 
 def test_pii_set_spans_point_at_their_text_and_detection_meets_targets(sets):
@@ -63,8 +70,8 @@ def test_pii_set_spans_point_at_their_text_and_detection_meets_targets(sets):
 
 def test_detector_trains_and_writes_a_loadable_file(sets, embedder, tmp_path):
     rows = read_jsonl(sets["injection"])
-    # a small slice keeps the test fast: three templates per category, both splits
-    keep = {t for t in {r["template"] for r in rows} if int(t.split("/")[1]) < 4}
+    # a small slice keeps the test fast: four v1 templates per category, both splits
+    keep = {r["template"] for r in rows if r["source"] == "v1" and int(r["template"].split("/")[1]) < 4}
     small = [r for r in rows if r["template"] in keep][::2]
     det = train_injection_detector(small, tmp_path / "det.json", embedder=embedder, folds=2)
     loaded = InjectionDetector.load(tmp_path / "det.json")
@@ -82,9 +89,13 @@ def test_committed_detector_was_trained_on_the_committed_data_and_meets_targets(
     det = InjectionDetector.load()
     assert det.training_hash == rows_hash([r for r in rows if r["split"] == "train"])
     report = evaluate_guard(Guard("log", embedder=embedder), rows, [])["injection"]
-    # measured: recall 0.873 at FPR 0.000 on 109 held-out rows; the 0.90 recall target is not met
-    # (the threshold is chosen on training folds only), so this guards against regressions below that
-    assert report["combined"]["recall"] >= 0.85 and report["combined"]["fpr"] <= 0.05
+    # measured (combined rules + detector): v1 held-out (seen while the rules were written) recall 0.927 at
+    # FPR 0.056; fresh held-out recall 0.763 at FPR 0.150. The target (>= 0.90 at <= 0.05) is NOT met
+    # on the fresh set, so these floors only guard against regressions below the measured figures
+    by = report["by_source"]
+    assert by["v1"]["combined"]["recall"] >= 0.90 and by["v1"]["combined"]["fpr"] <= 0.06
+    assert by["fresh"]["combined"]["recall"] >= 0.75 and by["fresh"]["combined"]["fpr"] <= 0.15
+    assert by["fresh"]["n_test"] == 160 and by["fresh"]["per_category"]["obfuscated"]["flagged"] == 1.0
     assert report["n_test"] == sum(r["split"] == "test" for r in rows)
 
 

@@ -278,23 +278,34 @@ def _rates(flags: list[bool], rows: list[dict]) -> dict:
     return {"recall": float(np.mean(att)) if att else None, "fpr": float(np.mean(ben)) if ben else None}
 
 
+def _injection_report(test: list[dict], flags: dict[str, list[bool]]) -> dict:
+    per_cat: dict[str, list[bool]] = defaultdict(list)
+    for f, r in zip(flags["combined"], test):
+        per_cat[r["category"]].append(f)
+    out = {k: _rates(v, test) for k, v in flags.items()}
+    out.update(n_test=len(test),
+               per_category={c: {"n": len(v), "flagged": float(np.mean(v))} for c, v in sorted(per_cat.items())},
+               missed=[r["text"][:120] for f, r in zip(flags["combined"], test) if r["label"] == 1 and not f][:10],
+               false_positives=[r["text"][:120] for f, r in zip(flags["combined"], test)
+                                if r["label"] == 0 and f][:10])
+    return out
+
+
 def evaluate_guard(guard: Guard, injection: list[dict], pii: list[dict]) -> dict:
-    """Injection recall / false-positive rate on the held-out split (rules, detector, combined) and PII
+    """Injection recall / false-positive rate on the held-out split (rules, detector, combined), overall and
+    per held-out set ("by_source": "v1" was seen while the rules were written, "fresh" was not), and PII
     precision / recall per type against the gold spans (exact type and offsets)."""
     test = [r for r in injection if r["split"] == "test"]
     scans = guard.scan([r["text"] for r in test])
     flags = {"rules": [bool(s.rules) for s in scans],
              "detector": [s.detector_score >= guard.threshold for s in scans],
              "combined": [s.injection for s in scans]}
-    per_cat: dict[str, list[bool]] = defaultdict(list)
-    for f, r in zip(flags["combined"], test):
-        per_cat[r["category"]].append(f)
-    inj = {k: _rates(v, test) for k, v in flags.items()}
-    inj.update(n_test=len(test), threshold=guard.threshold,
-               per_category={c: {"n": len(v), "flagged": float(np.mean(v))} for c, v in sorted(per_cat.items())},
-               missed=[r["text"][:120] for f, r in zip(flags["combined"], test) if r["label"] == 1 and not f][:10],
-               false_positives=[r["text"][:120] for f, r in zip(flags["combined"], test)
-                                if r["label"] == 0 and f][:10])
+    inj = _injection_report(test, flags)
+    inj["threshold"] = guard.threshold
+    sources = sorted({r.get("source", "v1") for r in test})
+    inj["by_source"] = {src: _injection_report([r for r in test if r.get("source", "v1") == src],
+                                               {k: [f for f, r in zip(v, test) if r.get("source", "v1") == src]
+                                                for k, v in flags.items()}) for src in sources}
     tp, fp, fn = defaultdict(int), defaultdict(int), defaultdict(int)
     errors = []
     for r in pii:

@@ -3,7 +3,10 @@
 Attacks: direct, role-play, obfuscated (base64, hex, leetspeak, zero-width, spaced, full-width),
 hidden inside benign documents, and Chinese. Benign prompts are full of the same trigger words.
 Rows are split by template (every fourth template of a category is held out), so a test row is
-never a re-filled copy of a training row.
+never a re-filled copy of a training row. Each row's "source" says where it came from: "v1" (the
+templates below, whose held-out quarter was seen while the rules were written), "more" (more training
+templates, `guard_data_more.py`) and "fresh" (a second held-out set, `guard_data_fresh.py`, written
+before anything was evaluated on it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import base64
 import random
 import string
+
+from genforge.jobs import guard_data_fresh as fresh
+from genforge.jobs import guard_data_more as more
 
 FILL = {
     "ignore": ["ignore", "disregard", "forget", "skip", "override", "drop"],
@@ -213,15 +219,18 @@ def _obfuscate(method: str, text: str, rng: random.Random) -> str:
     return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)  # full-width forms
 
 
-def fill(template: str, rng: random.Random) -> str:
+def _slots(template: str) -> list[str]:
     # ordered, not a set: set order changes with the hash seed, and with it every rng draw after it
-    keys = dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f)
-    out = template.format(**{k: rng.choice(FILL[k]) for k in keys})
+    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
+
+
+def fill(template: str, rng: random.Random, slots: dict[str, list[str]] = FILL) -> str:
+    out = template.format(**{k: rng.choice(slots[k]) for k in _slots(template)})
     return out[0].upper() + out[1:]
 
 
-def _document(rng: random.Random, planted: str) -> str:
-    sents = list(DOC_SENTENCES[rng.choice(sorted(DOC_SENTENCES))])
+def _document(rng: random.Random, planted: str, sents: list[str] | None = None) -> str:
+    sents = list(sents or DOC_SENTENCES[rng.choice(sorted(DOC_SENTENCES))])
     sents.insert(rng.randint(1, len(sents) - 1), planted)
     return " ".join(sents) if rng.random() < 0.5 else "\n".join(sents)
 
@@ -254,4 +263,63 @@ def injection_rows(seed: int = 0, per_category: int = 45) -> list[dict]:
         t = i % len(BENIGN_DOC_EXTRA)
         rows.append({"text": _document(rng, BENIGN_DOC_EXTRA[t]), "label": 0, "category": "benign_document",
                      "split": "test" if t % 4 == 3 else "train", "template": f"benign_document/{t}"})
+    for r in rows:
+        r["source"] = "v1"
+    # the later sets draw from their own generators, so the v1 rows stay byte for byte what they were
+    return rows + _more_rows(random.Random(seed + 1)) + _fresh_rows(random.Random(seed + 2))
+
+
+def _more_rows(rng: random.Random, fills: int = 2) -> list[dict]:
+    """Training rows from `guard_data_more`: each template filled `fills` times (once if it has no slot)."""
+    rows: list[dict] = []
+
+    def add(category: str, label: int, makers: list, n: list[int]) -> None:
+        for t, (make, k) in enumerate(zip(makers, n)):
+            for _ in range(k):
+                rows.append({"text": make(), "label": label, "category": category, "split": "train",
+                             "template": f"more/{category}/{t}", "source": "more"})
+
+    def times(templates: list[str]) -> list[int]:
+        return [fills if _slots(tpl) else 1 for tpl in templates]
+
+    for cat, templates in more.ATTACKS.items():
+        add(cat, 1, [lambda tpl=tpl: fill(tpl, rng, more.FILL) for tpl in templates], times(templates))
+    methods = [m for m, _ in OBFUSCATED]
+    obf = [lambda i=i: rng.choice(more.OBF_WRAPPERS).format(
+        payload=_obfuscate(methods[i % len(methods)], fill(more.OBF_PAYLOADS[i % len(more.OBF_PAYLOADS)], rng,
+                                                           more.FILL), rng)) for i in range(40)]
+    add("obfuscated", 1, obf + [lambda tpl=tpl: fill(tpl, rng, more.FILL) for tpl in more.SPLIT_TRICKS],
+        [1] * len(obf) + times(more.SPLIT_TRICKS))
+    add("hidden", 1, [lambda h=h: _document(rng, fill(h, rng, more.FILL)) for h in more.HIDDEN],
+        [fills] * len(more.HIDDEN))
+    n_attack = len(rows)
+    for cat, templates in more.BENIGN.items():
+        add(cat, 0, [lambda tpl=tpl: fill(tpl, rng, more.FILL) for tpl in templates], times(templates))
+    # benign documents make up the balance
+    left = n_attack - (len(rows) - n_attack)
+    per = [left // len(more.BENIGN_DOC) + (i < left % len(more.BENIGN_DOC)) for i in range(len(more.BENIGN_DOC))]
+    add("benign_document", 0, [lambda b=b: _document(rng, b) for b in more.BENIGN_DOC], per)
+    return rows
+
+
+def _fresh_document(rng: random.Random, planted: str) -> str:
+    zh = any("\u4e00" <= c <= "\u9fff" for c in planted)
+    docs = fresh.DOCUMENTS[-1:] if zh else fresh.DOCUMENTS[:-1]  # the last document is the Chinese one
+    return _document(rng, planted, rng.choice(docs))
+
+
+def _fresh_rows(rng: random.Random) -> list[dict]:
+    """The fresh held-out set: one row per written text."""
+    texts: list[tuple[str, int, str]] = [(t, 1, c) for c, ts in fresh.ATTACKS.items() for t in ts]
+    texts += [(wrapper if method == "plain" else wrapper.format(payload=_obfuscate(method, payload, rng)),
+               1, "obfuscated") for method, wrapper, payload in fresh.OBFUSCATED]
+    texts += [(_fresh_document(rng, h), 1, "hidden") for h in fresh.HIDDEN]
+    texts += [(t, 0, c) for c, ts in fresh.BENIGN.items() for t in ts]
+    texts += [(_fresh_document(rng, b), 0, "benign_document") for b in fresh.BENIGN_PLANTED]
+    count: dict[str, int] = {}
+    rows = []
+    for text, label, cat in texts:
+        i = count[cat] = count.get(cat, -1) + 1
+        rows.append({"text": text, "label": label, "category": cat, "split": "test",
+                     "template": f"fresh/{cat}/{i}", "source": "fresh"})
     return rows

@@ -39,12 +39,33 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
 # Each rule needs an imperative aimed at the model's instructions, not only a trigger word:
 # "ignore the noise in this photo" or "what is a system prompt?" must stay clean.
 _GAP = r"[^.!?\n。！？]{0,40}?"
+_NOUNS = (r"(?:instructions?|prompts?|rules|directives?|guidelines|guardrails|constraints|programming|polic(?:y|ies)"
+          r"|restrictions|directions|safety settings|filters|content polic(?:y|ies)|system prompt)")
 _RULES_EN = {
     "ignore_instructions":
         r"\b(?:ignore|disregard|forget|skip|bypass|override|neglect|abandon|discard|drop)\b" + _GAP +
         r"\b(?:previous|prior|preceding|above|earlier|former|original|initial|all|any|every|your|these|those"
-        r"|system|developer)\b" + _GAP + r"\b(?:instructions?|prompts?|rules|directives?|guidelines|guardrails"
-        r"|constraints|programming|polic(?:y|ies)|restrictions)\b",
+        r"|system|developer|safety)\b" + _GAP + rf"\b{_NOUNS}\b"
+        r"|\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:prior|previous|earlier|preceding)\s+context\b",
+    # "the rules you were set up with": the model's own configuration, named without "previous" or "your"
+    "ignore_given_instructions":
+        r"\b(?:ignore|disregard|forget|bypass|override)\b" + _GAP + rf"\b{_NOUNS}\s+you\s+(?:were|have been)\s+"
+        r"(?:given|set up with|configured with|told)\b",
+    "instructions_void":
+        rf"\b(?:your|all)\s+(?:(?:previous|prior|earlier|preceding|original|initial)\s+)?{_NOUNS}\s+"
+        r"(?:no longer apply|do not apply|don't apply|(?:are|were|have been|has been|is)\s+(?:now\s+)?"
+        r"(?:updated|cancell?ed|void|suspended|disabled|deleted))\b"
+        rf"|\b(?:previous|prior|earlier|preceding)\s+{_NOUNS}\s+(?:are|were|have been)\s+(?:void|cancell?ed)\b",
+    "stop_obeying":
+        r"\b(?:don't|do not|no longer|needn't)\s+(?:have to|need to)?\s*(?:obey|follow|comply with|adhere to)\s+"
+        rf"(?:your|the|any)\s+{_NOUNS}",
+    "disable_safety":
+        rf"\b(?:turn(?:ing)? off|disabl(?:e|ing)|switch(?:ing)? off|remov(?:e|ing))\s+(?:all\s+)?your\s+{_NOUNS}",
+    "filterless_mode":
+        r"\b(?:developer|debug|god|jailbreak|dan|unrestricted) mode\b[^.!?\n]{0,50}?\b(?:no (?:restrictions|limits"
+        r"|filters|rules)|(?:safety )?filters? (?:are |is )?off|without (?:any |your )?(?:usual )?(?:rules|restrictions"
+        r"|filters|guidelines|polic|content polic)|ignores? (?:all )?(?:content )?polic)"
+        r"|\byou(?: are|'re) (?:now )?in (?:developer|debug|god|jailbreak) mode\b",
     "reveal_prompt":
         r"\b(?:reveal|show|print|repeat|output|display|leak|dump|expose|disclose|recite|spell out|write out"
         r"|tell me|give me|share|copy|paste)\b" + _GAP + r"\b(?:your|the|its)\s+(?:(?:full|entire|exact"
@@ -52,14 +73,22 @@ _RULES_EN = {
         r"|original|secret|internal|developer|pre-?)\s*(?:prompt|instructions?|message|rules|configuration)"
         r"|\b(?:repeat|print|output|copy)\b[^.!?\n]{0,20}\b(?:everything|all|the (?:text|words|content))\s+"
         r"(?:above|before this|so far)\b"
-        r"|\bwhat (?:were|are) your (?:initial|original|system|hidden|secret) (?:instructions|prompt|rules)",
+        r"|\bwhat (?:were|are) your (?:initial|original|system|hidden|secret) (?:instructions|prompt|rules)"
+        r"|\b(?:text|wording|contents?) of your (?:instructions|system (?:prompt|message)|prompt|rules)\b"
+        r"|\bwhat(?:'s| is) (?:written )?in your (?:system (?:prompt|message)|instructions|prompt)\b"
+        r"|\b(?:confidential|secret|hidden|internal) (?:instructions|rules|prompt) you (?:were|have been) given\b",
     "persona_jailbreak":
         r"\b(?:you are now|you're now|from now on,? you|act as|pretend (?:to be|you are)|role-?play as"
         r"|you will (?:now )?(?:be|act as)|simulate|become)\b[^.!?\n。！？]{0,60}?"
         r"\b(?:dan|do anything now|jailbr(?:oken|eak)|developer mode|dev mode|god mode|evil|unfiltered"
         r"|uncensored|unrestricted|amoral|no (?:rules|restrictions|limits|filters|guidelines|morals|ethics)"
         r"|without (?:any )?(?:rules|restrictions|limits|filters|guidelines|morals|ethics|censorship)"
-        r"|not bound by|free (?:from|of) (?:all |any )?(?:rules|restrictions|guidelines|policies))",
+        r"|not bound by|free (?:from|of) (?:all |any )?(?:rules|restrictions|guidelines|policies))"
+        # a named persona with the model's limits taken away: "You are Zeta. Zeta ... has no filters"
+        r"|\b(?:you are|you're|pretend to be|act as|play|respond as|become|take on)\b[^.!?\n。！？]{0,60}?"
+        r"\b(?:no (?:filters|morals|ethics|directions|policies)|without (?:any )?(?:ethics|morals|filters|safety "
+        r"guidelines)|ignores all|freed from (?:all|every)|bound by no|free of all|doesn't care about|jailbroken"
+        r"|never refuses|does anything)",
     "jailbreak_mode":
         r"\bdo anything now\b|\b(?:developer|dev|god|jailbreak|unrestricted|dan) mode\b[^.!?\n]{0,30}?"
         r"\b(?:enabled|activated|engaged|unlocked)\b|\b(?:enable|activate|enter|switch to|unlock)\b"
@@ -67,9 +96,15 @@ _RULES_EN = {
     "fake_authority":
         r"\b(?:system|admin|administrator|developer|root)\s+(?:override|update|instructions?|command|notice)"
         r"\s*:|\b(?:new|updated|real|actual|true|hidden) (?:instructions?|system prompt|rules|task)\s*:"
-        r"|<\|?(?:im_start|system)\|?>|\[/?(?:inst|system)\]",
+        r"|<\|?(?:im_start|system)\|?>|\[/?(?:inst|system)\]|#{2,}\s*system\s*:|\b(?:admin|administrator|root)"
+        r" override\b|\b(?:instructions?|message|note) (?:to|for) (?:the |any |all )?(?:ai|assistant|chatbot|language"
+        r" model|llm)s?\b(?!\s+(?:manager|coach|director|editor|teacher))",
     "no_refusal":
-        r"\b(?:do not|don't|never|must not|mustn't|cannot|can't)\s+(?:refuse|decline|reject)\b",
+        r"\b(?:do not|don't|never|must not|mustn't|cannot|can't)\s+(?:refuse|decline|reject)[sd]?\b"
+        r"|\b(?:disclaimers?|warnings?) or refusals?\b",
+    "ai_reader":
+        r"\b(?:ai|assistant|language model|llm|chatbot)s?(?:\s+(?:agents?|readers?|models?))?\s+(?:reading|"
+        r"processing|summari[sz]ing)\s+this\b",
     "exfiltrate":
         r"\b(?:send|forward|post|upload|exfiltrate|transmit|email)\b" + _GAP + r"\b(?:conversation|chat"
         r" history|credentials|passwords?|api keys?|secrets?|user data|personal data|system prompt)\b"
@@ -80,16 +115,23 @@ _ZH_REVEAL = "泄露|泄漏|显示|输出|打印|告诉我|透露|重复|展示|
 _ZH_PROMPT = "系统提示|系统指令|初始指令|系统消息|隐藏指令|提示词|系统设定|初始设定|原始指令|内部指令|预设指令"
 _RULES_ZH = {
     "zh_ignore_instructions":
-        r"(?:忽略|忽视|无视|忘记|忘掉|不要理会|别管|跳过|抛开|放弃|绕过|不要遵守|不再遵守)" + _ZGAP +
-        r"(?:之前|以前|先前|上面|上述|前面|此前|原来|原先|原有|所有|一切|全部|你的|系统|开发者)" + _ZGAP +
+        r"(?:忽略|忽视|无视|忘记|忘掉|不要理会|别管|不要管|跳过|抛开|放弃|绕过|不要遵守|不再遵守)" + _ZGAP +
+        r"(?:之前|以前|先前|上面|上述|前面|此前|原来|原先|原有|所有|一切|全部|你的|系统|开发者|安全|任何)" + _ZGAP +
         r"(?:指令|指示|提示|规则|要求|设定|命令|约束|限制|规定|准则|政策)",
     # both word orders: "输出你的系统提示词" and the 把-construction "把你的系统提示词输出给我"
     "zh_reveal_prompt":
-        rf"(?:{_ZH_REVEAL}){_ZGAP}(?:{_ZH_PROMPT})|把{_ZGAP}(?:{_ZH_PROMPT}){_ZGAP}(?:{_ZH_REVEAL})",
+        rf"(?:{_ZH_REVEAL}){_ZGAP}(?:{_ZH_PROMPT})|把{_ZGAP}(?:{_ZH_PROMPT}){_ZGAP}(?:{_ZH_REVEAL})"
+        rf"|你的(?:{_ZH_PROMPT})是什么",
+    "zh_instructions_void":
+        r"(?:之前|原来|原有|先前|你的)" + _ZGAP + r"(?:指令|规则|设定|限制|系统提示|准则)" +
+        r"(?:已经|已|都)?(?:失效|无效|不适用|不再适用|被取消)",
+    "zh_disable_safety": r"(?:关闭|解除|移除|禁用|取消)你的" + _ZGAP + r"(?:限制|规则|设定|过滤|安全|系统提示)",
+    "zh_fake_authority": r"【系统】|(?:管理员|开发者)(?:指令|命令)[：:]|新指令[：:]",
     "zh_persona_jailbreak":
-        r"(?:你现在是|现在你是|你现在扮演|扮演|假装你?是|从现在开始|进入|切换到|开启|启用|激活)" + _ZGAP +
+        r"(?:你现在是|现在你是|你现在扮演|扮演|假装你?是|从现在开始|从现在起|进入|切换到|开启|启用|激活)" + _ZGAP +
         r"(?:没有任何限制|不受任何限制|不受限制|不受约束|无限制|没有限制|没有道德|不受道德|不讲道德|dan|开发者模式"
-        r"|越狱|上帝模式|邪恶|无审查|不受审查)",
+        r"|越狱|上帝模式|邪恶|无审查|不受审查|不受任何.{0,4}约束)"
+        r"|AI[^。！？\n]{0,6}(?:没有任何限制|不受任何限制)",
     "zh_no_refusal": r"(?:不要|不许|不能|不得|禁止|不准)(?:拒绝|说不)",
 }
 RULES: dict[str, re.Pattern] = {k: re.compile(v, re.IGNORECASE) for k, v in {**_RULES_EN, **_RULES_ZH}.items()}
