@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from genforge.common.errors import ConfigError, NotFoundError
-from genforge.common.store import Store, open_store
+from genforge.common.store import Store, StoreUnavailable, open_store
 from genforge.serve.app_config import AppConfig
 from genforge.serve.embeddings import SharedEmbedder
 from genforge.serve.metrics import ServeMetrics
@@ -48,6 +49,7 @@ from genforge.serve.streaming import ChunkEncoder
 RAG_TEMPLATE = ("Answer the question using the numbered sources below, and cite them as [1], [2]. If they "
                 "do not contain the answer, say so.\n\n{sources}\n\nQuestion: {question}")
 RAG_SOURCE_CHARS = 1500  # per source in the prompt: a small model's context is short
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -266,8 +268,15 @@ class AppLayer:
                               for c in response.choices],
                   "usage": response.usage.model_dump(), "sources": response.sources}
         t = time.perf_counter()
-        await asyncio.to_thread(self.cache.put, prepared.key, prepared.turn, stored)
-        self._timed("cache_put", t)
+        try:
+            await asyncio.to_thread(self.cache.put, prepared.key, prepared.turn, stored)
+        except StoreUnavailable as e:
+            # The answer exists (and, streamed, has been sent but for its end): a store that went down
+            # after the lookup costs this cache entry, not the response. The put was one transaction.
+            log.warning("answer not cached: %s", e.message)
+            return
+        finally:
+            self._timed("cache_put", t)
 
     def invalidate(self, key: str | None) -> int:
         if self.cache is None:
