@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sentence_transformers")
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
