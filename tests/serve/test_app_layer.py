@@ -177,3 +177,49 @@ def test_completions_are_guarded_too(guarded, redacting):
     whole = client.completions.create(model=MODEL_NAME, prompt="The for statement", max_tokens=30,
                                       temperature=0).choices[0].text
     assert streamed == whole and "the" not in whole.replace("[FILTERED]", "")
+
+
+@pytest.fixture(scope="module")
+def rag_server(lm, tmp_path_factory):
+    """RAG over two small files, on a copy of the test model whose context is raised to 1024 (rotary
+    positions: no new weights), so a test can choose how many sources fit beside the answer."""
+    import copy
+
+    from genforge.jobs.rag import ingest
+
+    root = tmp_path_factory.mktemp("rag")
+    (root / "llamas.txt").write_text("Llamas live in the Andes.\n\nThey eat grass and hay.", encoding="utf-8")
+    (root / "python.txt").write_text("Llamas like the for statement, which iterates over a sequence.",
+                                     encoding="utf-8")
+    ingest([str(root / "llamas.txt"), str(root / "python.txt")], "kb", str(root / "state"))
+    model = copy.deepcopy(lm[0])
+    model.config.max_position_embeddings = 1024
+    config = load_app_config(rag="kb", store=str(root / "state"))
+    with lm_server((model, lm[1]), app_config=config) as live:
+        yield live
+
+
+def test_rag_cites_its_sources_and_fits_them_into_the_context(rag_server):
+    _, both = chat(rag_server, "Where do llamas live?", max_tokens=16)
+    sources = both.model_extra["sources"]
+    assert [s["source"].rsplit("/", 1)[-1] for s in sources][:1] == ["llamas.txt"] and len(sources) == 2
+    assert all(s["id"].startswith("kb:") and s["score"] > 0 for s in sources)
+    room = 1024 - both.usage.prompt_tokens + 1  # one token too many for both sources
+    _, one = chat(rag_server, "Where do llamas live?", max_tokens=room)
+    assert len(one.model_extra["sources"]) == 1 and one.usage.prompt_tokens + room <= 1024
+    _, none = chat(rag_server, "Where do llamas live?", max_tokens=1024 - 60)  # no room for any source
+    assert "sources" not in none.model_extra and none.choices[0].finish_reason in ("stop", "length")
+    assert rag_server.metric("genforge:rag_retrievals_total") == 2
+
+
+def test_a_streamed_rag_answer_carries_its_sources_on_the_first_chunk(rag_server):
+    with httpx.stream("POST", rag_server.v1 + "/chat/completions", timeout=60, json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "Where do llamas live?"}],
+            "max_tokens": 8, "temperature": 0, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: {")]
+    import json
+
+    first = json.loads(events[0][6:])
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert [s["source"].rsplit("/", 1)[-1] for s in first["sources"]][0] == "llamas.txt"
+    assert all("sources" not in json.loads(e[6:]) for e in events[1:])

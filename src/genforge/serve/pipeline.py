@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,8 @@ from genforge.serve.streaming import ChunkEncoder
 
 # The retrieved sources go into the last user turn (any chat template accepts that; not all take a
 # second system message), numbered so the answer can cite them.
-RAG_TEMPLATE = ("Answer the question using the numbered sources below, and cite them as [1], [2]. If they "
-                "do not contain the answer, say so.\n\n{sources}\n\nQuestion: {question}")
+RAG_TEMPLATE = ("Answer from the numbered sources and cite them as [1], [2]; if they do not hold the answer, "
+                "say so.\n\n{sources}\n\nQuestion: {question}")
 RAG_SOURCE_CHARS = 1500  # per source in the prompt: a small model's context is short
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,9 @@ class AppLayer:
 
     # ------------------------------------------------------------ before the engine
 
-    async def prepare(self, req: ChatCompletionRequest) -> Prepared:
+    async def prepare(self, req: ChatCompletionRequest, fits: Callable[[list[dict]], bool] | None = None
+                      ) -> Prepared:
+        """`fits(messages)`: whether the rendered messages leave room for the answer in the context."""
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         out = Prepared(messages=messages, _layer=self)
         if not self.active:
@@ -164,7 +166,7 @@ class AppLayer:
             if out.hit is not None:
                 return out
         if self.retriever is not None:
-            await self._retrieve(out)
+            await self._retrieve(out, fits)
         return out
 
     async def guard_prompts(self, prompts: list[list[int]], texts: list[str | None], tokenizer: Any
@@ -234,7 +236,7 @@ class AppLayer:
         out.cache = "hit" if out.hit is not None else "miss"
         self.metrics.cache_lookups.labels(self.served_name, out.cache).inc()
 
-    async def _retrieve(self, out: Prepared) -> None:
+    async def _retrieve(self, out: Prepared, fits: Callable[[list[dict]], bool] | None) -> None:
         last = max((i for i, m in enumerate(out.messages) if m.get("role") == "user"), default=None)
         if last is None:
             return
@@ -244,17 +246,26 @@ class AppLayer:
         t = time.perf_counter()
         found = await asyncio.to_thread(self.retriever.search, question, self.config.rag.k, self.config.rag.mode)
         self._timed("retrieve", t)
-        if not found:
+
+        def with_sources(n: int) -> list[dict]:
+            blocks = []
+            for i, (chunk, _) in enumerate(found[:n], 1):
+                text = chunk.text if len(chunk.text) <= RAG_SOURCE_CHARS else chunk.text[:RAG_SOURCE_CHARS] + " ..."
+                blocks.append(f"[{i}] ({_short(chunk.source)}) {text}")
+            messages = [dict(m) for m in out.messages]
+            messages[last]["content"] = RAG_TEMPLATE.format(sources="\n\n".join(blocks), question=question)
+            return messages
+
+        # As many of the top sources as the model's context holds beside the answer: a short-context
+        # model gets fewer (or none) rather than a 400 for every question.
+        n = len(found)
+        while n > 0 and fits is not None and not await asyncio.to_thread(fits, with_sources(n)):
+            n -= 1
+        if n == 0:
             return
         self.metrics.retrievals.labels(self.served_name).inc()
-        blocks = []
-        for n, (chunk, score) in enumerate(found, 1):
-            text = chunk.text if len(chunk.text) <= RAG_SOURCE_CHARS else chunk.text[:RAG_SOURCE_CHARS] + " ..."
-            blocks.append(f"[{n}] ({chunk.source}) {text}")
-            out.sources.append({"id": chunk.id, "source": chunk.source, "score": round(float(score), 6)})
-        messages = [dict(m) for m in out.messages]
-        messages[last]["content"] = RAG_TEMPLATE.format(sources="\n\n".join(blocks), question=question)
-        out.messages = messages
+        out.messages = with_sources(n)
+        out.sources = [{"id": c.id, "source": c.source, "score": round(float(score), 6)} for c, score in found[:n]]
 
     # ------------------------------------------------------------ after the engine
 
@@ -282,6 +293,11 @@ class AppLayer:
         if self.cache is None:
             raise NotFoundError("the semantic cache is off on this server (start it with --cache)", param="cache")
         return self.cache.invalidate(key)
+
+
+def _short(source: str) -> str:
+    """A file's name, not its path, in the prompt (the response's `sources` carry the full one)."""
+    return source if source.startswith("builtin:") or "://" in source else Path(source).name
 
 
 def _text(content: Any) -> str:

@@ -61,6 +61,9 @@ from genforge.serve.streaming import Choice, ChunkEncoder, DeadlineExceeded, eve
 _DEFAULTED = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
+# Tokens kept free for the answer when retrieved sources are fitted into a request without max_tokens.
+RAG_ANSWER_RESERVE = 64
+
 # Inputs longer than this (characters) are tokenized / rendered in a worker thread: below it the
 # thread hop costs more than the work.
 OFFLOAD_CHARS = 4096
@@ -402,7 +405,15 @@ class LMService:
             if req.logprobs and self.app.guard is not None and self.app.guard.policy != "log":
                 raise GenforgeError("logprobs: not available while the output guard filters responses (its "
                                     "tokens would show what the filter removed)", param="logprobs")
-            prep = await self.app.prepare(req)
+            reserve = req.max_completion_tokens or req.max_tokens or RAG_ANSWER_RESERVE
+
+            def fits(msgs: list[dict]) -> bool:
+                ids = render_chat(self.tokenizer, self.template, [ChatMessage(**m) for m in msgs],
+                                  add_generation_prompt=req.add_generation_prompt,
+                                  template_kwargs=req.chat_template_kwargs)
+                return len(ids) + reserve <= self.max_model_len
+
+            prep = await self.app.prepare(req, fits)
             if prep.hit is not None:
                 return replay_chat(prep, req, self.served_name, request)
             messages = [ChatMessage(**m) for m in prep.messages]
