@@ -65,7 +65,7 @@ def test_ingest_prints_what_it_indexed(kb):
     lines = kb["out"].splitlines()
     assert lines[0] == f"index kb in {kb['store']}"
     fields = dict(line.strip().split(": ", 1) for line in lines[1:])
-    assert fields["sources"] == "3" and fields["ingested"] == "3" and fields["skipped"] == "0"
+    assert fields["sources"] == "3" and fields["ingested"] == "3" and fields["unchanged"] == "0"
     assert int(fields["index_chunks"]) == int(fields["chunks"]) >= 3
 
 

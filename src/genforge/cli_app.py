@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _store(a: argparse.Namespace) -> str:
@@ -26,7 +25,7 @@ def cmd_rag_ingest(a: argparse.Namespace) -> None:
     for k, v in result.items():
         print(f"  {k}: {v:.1f}" if isinstance(v, float) else f"  {k}: {v}")
     for item in failed:
-        print(f"  skipped {item['source']}: {item['reason']}", file=sys.stderr)
+        print(f"  not indexed: {item['source']}: {item['reason']}")
 
 
 def cmd_rag_query(a: argparse.Namespace) -> None:
@@ -50,15 +49,21 @@ def cmd_rag_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_guard_scan(a: argparse.Namespace) -> None:
+    from genforge.common.errors import ConfigError
     from genforge.jobs.guard import read_jsonl, scan_texts
     from genforge.models.embeddings import Embedder
     from genforge.serve.guard import Guard
 
     if (a.text is None) == (a.jsonl is None):
-        from genforge.common.errors import ConfigError
-
         raise ConfigError("guard scan: give a TEXT or --jsonl FILE (one of them)")
-    texts = [a.text] if a.text is not None else [str(r.get(a.field, "")) for r in read_jsonl(a.jsonl)]
+    if a.text is not None:
+        texts = [a.text]
+    else:
+        rows = read_jsonl(a.jsonl)
+        missing = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get(a.field), str)), None)
+        if missing is not None:
+            raise ConfigError(f"{a.jsonl}: line {missing} has no text field {a.field!r} (choose one with --field)")
+        texts = [r[a.field] for r in rows]
     guard = Guard("log", injection_threshold=a.threshold, embedder=None if a.rules_only else Embedder(a.embedder))
     for out in scan_texts(texts, guard):
         print(json.dumps(out, ensure_ascii=False))

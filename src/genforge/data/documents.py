@@ -210,8 +210,12 @@ def _joined(source: str, pieces: list[tuple[str, str | None, dict]]) -> Document
 
 def _parse_pdf(source: str, data: bytes) -> Document:
     import io
+    import logging
 
     from pypdf import PdfReader
+
+    # pypdf logs what it repairs ("EOF marker not found", ...); the caller reports the outcome once
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
         pages = [page.extract_text() or "" for page in PdfReader(io.BytesIO(data)).pages]
     except Exception as e:  # pypdf raises many types (PdfReadError, ValueError, KeyError...) on bad files

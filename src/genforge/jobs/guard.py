@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from genforge.common.errors import DataError
+from genforge.data.jsonl import read_records
 from genforge.data.pii import find_pii, luhn_ok
 from genforge.jobs.guard_data import injection_rows
 from genforge.serve.guard import Guard
@@ -179,11 +180,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read labelled set {path} ({e}); regenerate it with write_labelled_sets") from e
+    return [row for _, row in read_records(path, "labelled set (regenerate it with `genforge guard train`)")]
 
 
 def write_labelled_sets(out_dir: str | Path = "benchmarks/data", seed: int = SEED) -> dict[str, Path]:

@@ -11,7 +11,6 @@ cannot be read (empty, too big, a broken PDF) is reported and skipped; the rest 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from genforge.data.documents import (
     list_sources,
     parse,
 )
+from genforge.data.jsonl import read_records
 from genforge.data.retrieval import (
     MODES,
     check_mode,
@@ -56,11 +56,14 @@ def ingest(paths: list[str], index: str, store_spec: str, embedder_path: str | N
     try:
         created = store.index_info(index) is None
         store.create_index(index, dim=embedder.dim, embedder=embedder_id(embedder))
-        stats = {"index": index, "sources": len(sources), "ingested": 0, "chunks": 0, "skipped": 0,
+        stats = {"index": index, "sources": len(sources), "ingested": 0, "chunks": 0, "unchanged": 0,
                  "duplicates": 0, "dropped": 0, "removed": 0, "failed": []}
         try:
             _ingest_into(store, index, sources, paths, settings, embedder, count, stats,
                          chunk_tokens=chunk_tokens, overlap=overlap, max_file_bytes=max_file_bytes, field=field)
+            if created and not stats["chunks"]:
+                why = "; ".join(f["reason"] for f in stats["failed"][:5])
+                raise DataError(f"nothing to index in {', '.join(paths)}: {why or 'no text'}")
         except BaseException:
             if created:
                 store.drop_index(index)     # a first ingest that fails leaves no empty index behind
@@ -96,17 +99,16 @@ def _ingest_into(store: Store, index: str, sources: list[Source], paths: list[st
                 data = src.read_bytes(opts["max_file_bytes"])
                 digest = hashlib.sha256(data + settings.encode()).hexdigest()
                 if known.get(src.name) == digest:
-                    stats["skipped"] += 1
+                    stats["unchanged"] += 1
                     continue
                 chunked = chunk_document(parse(src, data, field=opts["field"]), count,
                                          chunk_tokens=opts["chunk_tokens"], overlap=opts["overlap"])
             except (DataError, OSError) as e:
-                reason = str(e) if isinstance(e, DataError) else f"{src.name}: cannot read ({e})"
-                console.print(f"[yellow]warning[/]: skipped {reason}", highlight=False)
-                stats["failed"].append({"source": src.name, "reason": reason})
+                reason = str(e) if isinstance(e, DataError) else f"cannot read ({e})"
+                stats["failed"].append({"source": src.name, "reason": reason.replace(f"{src.name}: ", "")})
                 continue
             if not chunked.chunks:
-                stats["failed"].append({"source": src.name, "reason": f"{src.name}: no text to index"})
+                stats["failed"].append({"source": src.name, "reason": "no text to index"})
                 continue
             stats["ingested"] += 1
             stats["chunks"] += len(chunked.chunks)
@@ -195,17 +197,8 @@ def evaluate(index: str, questions_path: str, store_spec: str, ks: tuple[int, ..
 
 
 def _read_questions(path: str) -> list[tuple[str, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"questions file {path} does not exist", param="questions")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})", param="questions") from None
+    for n, row in read_records(path, "questions file", param="questions"):
         target = row.get("source") or (f"builtin:pydoc/{row['topic']}" if row.get("topic") else None)
         if not isinstance(row.get("question"), str) or not target:
             raise DataError(f"{path}:{n}: each line needs \"question\" and \"topic\" (a pydoc topic) or "

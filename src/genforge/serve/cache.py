@@ -27,6 +27,7 @@ import numpy as np
 
 from genforge.common.errors import ConfigError, DataError
 from genforge.common.store import CacheEntry, Store
+from genforge.data.jsonl import read_records
 from genforge.models.embeddings import Embedder
 from genforge.serve.verify import Verifier, similarity
 
@@ -182,17 +183,8 @@ class SemanticCache:
 
 
 def load_pairs(path: str | Path = PAIRS_FILE) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"cache pair set {path} does not exist; it ships as benchmarks/data/cache_pairs.jsonl")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg}); each line is one pair object") from e
+    for n, row in read_records(path, "the cache pair set (it ships as benchmarks/data/cache_pairs.jsonl)"):
         missing = {"a", "b", "same", "category", "lang", "split"} - set(row)
         if missing:
             raise DataError(f"{path}:{n}: pair lacks {sorted(missing)}")
