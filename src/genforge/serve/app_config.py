@@ -103,7 +103,10 @@ def load_app_config(path: str | Path | None = None, *, cache: bool | None = None
         tree["store"] = store
     if embedder is not None:
         tree["embedder"] = embedder
-    return from_dict(AppConfig, tree, where=str(path) if path else "serve config")
+    try:
+        return from_dict(AppConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'serve config'}: {e.message}", param=e.param) from None
 
 
 def default_state_dir() -> Path:
