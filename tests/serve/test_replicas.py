@@ -172,7 +172,7 @@ def test_a_document_ingested_after_both_started_is_seen_by_both(shared):
     (docs / "volcano.txt").write_text(VOLCANO)
     done = genforge("rag", "ingest", str(docs), "--index", "docs", "--store", url)
     assert done.returncode == 0, done.stderr
-    assert "ingested: 1" in done.stdout and "skipped: 1" in done.stdout  # zebra.txt was unchanged
+    assert "ingested: 1" in done.stdout and "unchanged: 1" in done.stdout  # zebra.txt was unchanged
     # The index version is part of the cache key: the answer grounded in the old index is not reused
     state, text, cited = answer(ask(b, question))
     assert (state, cited) == ("miss", ["volcano.txt"])

@@ -19,6 +19,7 @@ from genforge.data.pii import PATTERNS, PII_TYPES, Pattern, Placeholders, Span, 
 from genforge.serve.injection import InjectionDetector, rule_hits, segments
 
 POLICIES = ("block", "redact", "log")
+PLACEHOLDER_RE = r"\[(?:" + "|".join(PII_TYPES) + r")_\d+\]"
 BANNED_PLACEHOLDER = "[FILTERED]"
 # Banned text always goes; allowlisted text is then kept verbatim, ahead of any PII reading of it.
 _PRIORITY = {"BANNED": -2, "ALLOW": -1, **{t: i for i, t in enumerate(PII_TYPES)}}
@@ -196,7 +197,9 @@ class Guard:
         if not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"guard injection_threshold {self.threshold} must be in (0, 1]",
                               param="guard.injection_threshold")
-        self.allow = _compile(list(allowlist), "ALLOW", "allowlist")
+        # The guard's own placeholders ([EMAIL_1]) come back in later turns of a redacted conversation;
+        # judged as text, the detector took their brackets for an attack (0.96 for "Mail [EMAIL_1] about").
+        self.allow = _compile([PLACEHOLDER_RE, *allowlist], "ALLOW", "allowlist")
         self.banned = _compile(list(banned), "BANNED", "banned")
         self.max_hold = max_hold
 
