@@ -223,3 +223,33 @@ def test_a_streamed_rag_answer_carries_its_sources_on_the_first_chunk(rag_server
     assert first["choices"][0]["delta"]["role"] == "assistant"
     assert [s["source"].rsplit("/", 1)[-1] for s in first["sources"]][0] == "llamas.txt"
     assert all("sources" not in json.loads(e[6:]) for e in events[1:])
+
+
+def test_serve_reranks_with_a_configured_cross_encoder(lm, tmp_path):
+    """A real sentence-transformers CrossEncoder folder (MiniLM with a fresh scoring head: none ships
+    here) configured as rag.reranker: the served sources come back in the reranker's order."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from genforge.jobs.rag import ingest
+    from genforge.models.embeddings import default_embedder_path
+    from genforge.serve.rag import load_cross_encoder
+
+    folder = tmp_path / "reranker"
+    AutoModelForSequenceClassification.from_pretrained(default_embedder_path(), num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_embedder_path()).save_pretrained(folder)
+    docs = {"llamas.txt": "Llamas live in the Andes.", "alpacas.txt": "Alpacas live in Peru too.",
+            "python.txt": "Llamas like the for statement."}
+    for name, text in docs.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    ingest([str(tmp_path / n) for n in docs], "kb", str(tmp_path / "state"))
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"store: {tmp_path / 'state'}\nrag:\n  index: kb\n  k: 3\n  reranker: {folder}\n")
+    model = copy.deepcopy(lm[0])
+    model.config.max_position_embeddings = 1024
+    with lm_server((model, lm[1]), app_config=load_app_config(cfg)) as live:
+        _, out = chat(live, "Where do llamas live?", max_tokens=4)
+    got = [s["source"].rsplit("/", 1)[-1] for s in out.model_extra["sources"]]
+    scores = load_cross_encoder(folder)([("Where do llamas live?", docs[name]) for name in got])
+    assert len(got) == 3 and scores == sorted(scores, reverse=True)

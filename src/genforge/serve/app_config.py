@@ -15,6 +15,7 @@
       index: pydoc
       k: 4
       mode: null                      # dense | bm25 | hybrid; null: the mode `rag eval` measured best
+      reranker: null                  # a local sentence-transformers cross-encoder folder
     guard:
       policy: block                   # off | block | redact | log
       injection_threshold: null       # null: the trained detector's own threshold
@@ -52,6 +53,7 @@ class RagSpec(Spec):
     index: str | None = None
     k: int = rng(4, min=1, max=20)
     mode: str | None = rng(None, choices=[None, *RAG_MODES])
+    reranker: str | None = None  # a local cross-encoder folder: rerank the top candidates
 
 
 class GuardSpec(Spec):

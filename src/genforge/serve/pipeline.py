@@ -110,10 +110,11 @@ class AppLayer:
             self.cache = SemanticCache(self.store, emb, threshold=c.threshold, verify=c.verify, ttl_s=c.ttl_s,
                                        max_entries=c.max_entries)
         if config.rag.index is not None:
-            from genforge.serve.rag import Retriever
+            from genforge.serve.rag import Retriever, load_cross_encoder
 
+            reranker = load_cross_encoder(config.rag.reranker) if config.rag.reranker else None
             try:
-                self.retriever = Retriever(self.store, emb, config.rag.index)
+                self.retriever = Retriever(self.store, emb, config.rag.index, reranker=reranker)
             except NotFoundError as e:
                 raise ConfigError(f"--rag {config.rag.index}: {e.message}", param="rag") from None
 
