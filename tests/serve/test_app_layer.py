@@ -132,7 +132,7 @@ def test_benign_text_full_of_trigger_words_passes(guarded):
 @pytest.fixture(scope="module")
 def redacting(lm, tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "serve.yaml"
-    path.write_text("guard:\n  policy: redact\n  banned: ['the']\n")
+    path.write_text("guard:\n  policy: redact\n  banned: ['e']\n")  # in nearly every answer
     with lm_server(lm, app_config=load_app_config(path)) as live:
         yield live
 
@@ -151,8 +151,9 @@ def test_output_filter_removes_banned_text_streamed_or_not(redacting):
     whole = client.chat.completions.create(messages=msgs, **{**ASK, "max_tokens": 40}).choices[0].message.content
     deltas = [c.choices[0].delta.content or "" for c in
               client.chat.completions.create(messages=msgs, stream=True, **{**ASK, "max_tokens": 40}) if c.choices]
-    assert "".join(deltas) == whole and "the" not in whole.replace("[FILTERED]", "")
+    assert "".join(deltas) == whole and "[FILTERED]" in whole and "e" not in whole.replace("[FILTERED]", "")
     assert sum(1 for d in deltas if d) > 3  # still streaming, not one held-back blob
+    assert redacting.metric("genforge:guard_actions_total", direction="output", action="redacted") >= 2
 
 
 def test_logprobs_are_refused_while_the_output_guard_filters(redacting):
@@ -176,7 +177,7 @@ def test_completions_are_guarded_too(guarded, redacting):
         model=MODEL_NAME, prompt="The for statement", max_tokens=30, temperature=0, stream=True))
     whole = client.completions.create(model=MODEL_NAME, prompt="The for statement", max_tokens=30,
                                       temperature=0).choices[0].text
-    assert streamed == whole and "the" not in whole.replace("[FILTERED]", "")
+    assert streamed == whole and "e" not in whole.replace("[FILTERED]", "")
 
 
 @pytest.fixture(scope="module")

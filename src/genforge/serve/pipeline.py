@@ -290,6 +290,14 @@ class AppLayer:
         finally:
             self._timed("cache_put", t)
 
+    def observe_output(self, filters: list[Any] | None) -> None:
+        """Count a response whose text the output guard changed (or, under `log`, would have)."""
+        if self.guard is None or not filters:
+            return
+        if any(span.type != "ALLOW" for f in filters if f is not None for span in f.found):
+            action = "logged" if self.guard.policy == "log" else "redacted"
+            self.metrics.guard_actions.labels(self.served_name, "output", action).inc()
+
     def invalidate(self, key: str | None) -> int:
         if self.cache is None:
             raise NotFoundError("the semantic cache is off on this server (start it with --cache)", param="cache")

@@ -322,6 +322,8 @@ class LMService:
             text = "".join(c.parts)
             if filters is not None:
                 text = filters[c.index].feed(text) + filters[c.index].flush()
+                if c.index == len(choices) - 1:
+                    self.app.observe_output(filters)
             out.append(CompletionChoice(index=c.index, text=head + text, logprobs=lp, finish_reason=c.finish_reason))
         return self._json(request, CompletionResponse(id=rid, created=created, model=self.served_name,
                                                       choices=out, usage=self._usage(prompts, choices)), choices)
@@ -392,6 +394,8 @@ class LMService:
             yield sse(self._timeout_body())
         finally:
             self._cancel_unfinished(choices)
+            if filters is not None:
+                self.app.observe_output(filters)
 
     # ------------------------------------------------------------ /v1/chat/completions
 
@@ -437,6 +441,7 @@ class LMService:
         texts = ["".join(c.parts) for c in choices]
         if prep is not None and (filters := [prep.output_filter() for _ in choices])[0] is not None:
             texts = [f.feed(t) + f.flush() for f, t in zip(filters, texts)]
+            self.app.observe_output(filters)
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=text),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason) for c, text in zip(choices, texts)]
