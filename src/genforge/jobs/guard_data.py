@@ -5,8 +5,9 @@ hidden inside benign documents, and Chinese. Benign prompts are full of the same
 Rows are split by template (every fourth template of a category is held out), so a test row is
 never a re-filled copy of a training row. Each row's "source" says where it came from: "v1" (the
 templates below, whose held-out quarter was seen while the rules were written), "more" (more training
-templates, `guard_data_more.py`) and "fresh" (a second held-out set, `guard_data_fresh.py`, written
-before anything was evaluated on it).
+templates, `guard_data_more.py`), "fresh" (a second held-out set, `guard_data_fresh.py`, written
+before anything was evaluated on it) and "fresh2" (a third, `guard_data_fresh2.py`, written once the
+first two had been looked at while tuning).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import base64
 import random
 import string
+from types import ModuleType
 
 from genforge.jobs import guard_data_fresh as fresh
+from genforge.jobs import guard_data_fresh2 as fresh2
 from genforge.jobs import guard_data_more as more
 
 FILL = {
@@ -266,7 +269,8 @@ def injection_rows(seed: int = 0, per_category: int = 45) -> list[dict]:
     for r in rows:
         r["source"] = "v1"
     # the later sets draw from their own generators, so the v1 rows stay byte for byte what they were
-    return rows + _more_rows(random.Random(seed + 1)) + _fresh_rows(random.Random(seed + 2))
+    return (rows + _more_rows(random.Random(seed + 1)) + _fresh_rows(random.Random(seed + 2), fresh, "fresh")
+            + _fresh_rows(random.Random(seed + 3), fresh2, "fresh2"))
 
 
 def _more_rows(rng: random.Random, fills: int = 2) -> list[dict]:
@@ -302,24 +306,24 @@ def _more_rows(rng: random.Random, fills: int = 2) -> list[dict]:
     return rows
 
 
-def _fresh_document(rng: random.Random, planted: str) -> str:
+def _fresh_document(rng: random.Random, planted: str, documents: list[list[str]]) -> str:
     zh = any("\u4e00" <= c <= "\u9fff" for c in planted)
-    docs = fresh.DOCUMENTS[-1:] if zh else fresh.DOCUMENTS[:-1]  # the last document is the Chinese one
+    docs = documents[-1:] if zh else documents[:-1]  # the last document is the Chinese one
     return _document(rng, planted, rng.choice(docs))
 
 
-def _fresh_rows(rng: random.Random) -> list[dict]:
-    """The fresh held-out set: one row per written text."""
-    texts: list[tuple[str, int, str]] = [(t, 1, c) for c, ts in fresh.ATTACKS.items() for t in ts]
+def _fresh_rows(rng: random.Random, src: ModuleType, source: str) -> list[dict]:
+    """A hand-written held-out set (`guard_data_fresh*.py`): one row per written text."""
+    texts: list[tuple[str, int, str]] = [(t, 1, c) for c, ts in src.ATTACKS.items() for t in ts]
     texts += [(wrapper if method == "plain" else wrapper.format(payload=_obfuscate(method, payload, rng)),
-               1, "obfuscated") for method, wrapper, payload in fresh.OBFUSCATED]
-    texts += [(_fresh_document(rng, h), 1, "hidden") for h in fresh.HIDDEN]
-    texts += [(t, 0, c) for c, ts in fresh.BENIGN.items() for t in ts]
-    texts += [(_fresh_document(rng, b), 0, "benign_document") for b in fresh.BENIGN_PLANTED]
+               1, "obfuscated") for method, wrapper, payload in src.OBFUSCATED]
+    texts += [(_fresh_document(rng, h, src.DOCUMENTS), 1, "hidden") for h in src.HIDDEN]
+    texts += [(t, 0, c) for c, ts in src.BENIGN.items() for t in ts]
+    texts += [(_fresh_document(rng, b, src.DOCUMENTS), 0, "benign_document") for b in src.BENIGN_PLANTED]
     count: dict[str, int] = {}
     rows = []
     for text, label, cat in texts:
         i = count[cat] = count.get(cat, -1) + 1
         rows.append({"text": text, "label": label, "category": cat, "split": "test",
-                     "template": f"fresh/{cat}/{i}", "source": "fresh"})
+                     "template": f"{source}/{cat}/{i}", "source": source})
     return rows
