@@ -53,7 +53,11 @@ def test_injection_set_is_balanced_varied_and_split_by_template(sets):
     assert len(fresh) >= 150 and {r["split"] for r in fresh} == {"test"}
     assert sum(r["label"] for r in fresh) == len(fresh) // 2
     assert {r["category"] for r in fresh if r["label"] == 1} == cats
-    assert {r["source"] for r in rows} == {"v1", "more", "fresh"}
+    fresh2 = [r for r in rows if r["source"] == "fresh2"]
+    assert len(fresh2) >= 120 and {r["split"] for r in fresh2} == {"test"}
+    assert sum(r["label"] for r in fresh2) == len(fresh2) // 2
+    assert {r["category"] for r in fresh2 if r["label"] == 1} == cats
+    assert {r["source"] for r in rows} == {"v1", "more", "fresh", "fresh2"}
     assert {r["split"] for r in rows if r["source"] == "more"} == {"train"}
 
 
@@ -78,6 +82,10 @@ def test_detector_trains_and_writes_a_loadable_file(sets, embedder, tmp_path):
     assert loaded.training_hash == rows_hash([r for r in small if r["split"] == "train"])
     assert (loaded.embedder_name, loaded.embedder_version) == (embedder.name, embedder.version)
     assert np.allclose(loaded.coef, det.coef, atol=1e-5) and 0 < loaded.threshold <= 1
+    assert loaded.ngrams.vocab == det.ngrams.vocab and len(loaded.ngrams.coef) == len(det.ngrams.vocab)
+    texts = [r["text"] for r in small[:20]]
+    assert np.allclose(loaded.score_vectors(embedder.embed(texts), texts),
+                       det.score_vectors(embedder.embed(texts), texts), atol=1e-4)
     g = Guard("log", embedder=embedder, detector=loaded)
     att = g.detector_scores([r["text"] for r in small if r["label"] == 1][:10])
     ben = g.detector_scores([r["text"] for r in small if r["label"] == 0][:10])
@@ -89,13 +97,16 @@ def test_committed_detector_was_trained_on_the_committed_data_and_meets_targets(
     det = InjectionDetector.load()
     assert det.training_hash == rows_hash([r for r in rows if r["split"] == "train"])
     report = evaluate_guard(Guard("log", embedder=embedder), rows, [])["injection"]
-    # measured (combined rules + detector): v1 held-out (seen while the rules were written) recall 0.927 at
-    # FPR 0.056; fresh held-out recall 0.763 at FPR 0.150. The target (>= 0.90 at <= 0.05) is NOT met
-    # on the fresh set, so these floors only guard against regressions below the measured figures
+    # measured (combined rules + detector, embeddings + character n-grams): v1 held-out (seen while the rules
+    # were written) recall 0.909 at FPR 0.056; fresh recall 0.812 at FPR 0.138; fresh2 (written after the first
+    # two had been looked at) recall 0.688 at FPR 0.062. The target (>= 0.90 at <= 0.05) is NOT met on
+    # any set, so these floors only guard against regressions below the measured figures
     by = report["by_source"]
-    assert by["v1"]["combined"]["recall"] >= 0.90 and by["v1"]["combined"]["fpr"] <= 0.06
-    assert by["fresh"]["combined"]["recall"] >= 0.75 and by["fresh"]["combined"]["fpr"] <= 0.15
+    assert by["v1"]["combined"]["recall"] >= 0.89 and by["v1"]["combined"]["fpr"] <= 0.06
+    assert by["fresh"]["combined"]["recall"] >= 0.80 and by["fresh"]["combined"]["fpr"] <= 0.15
+    assert by["fresh2"]["combined"]["recall"] >= 0.67 and by["fresh2"]["combined"]["fpr"] <= 0.08
     assert by["fresh"]["n_test"] == 160 and by["fresh"]["per_category"]["obfuscated"]["flagged"] == 1.0
+    assert by["fresh2"]["n_test"] == 128 and by["fresh2"]["per_category"]["obfuscated"]["flagged"] == 1.0
     assert report["n_test"] == sum(r["split"] == "test" for r in rows)
 
 

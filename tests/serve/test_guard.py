@@ -2,6 +2,7 @@
 
 import base64
 import itertools
+import json
 import random
 
 import pytest
@@ -10,7 +11,7 @@ from genforge.common.errors import ConfigError, GenforgeError
 from genforge.data.pii import Placeholders, redact
 from genforge.models.embeddings import Embedder
 from genforge.serve.guard import ContentFilteredError, Guard
-from genforge.serve.injection import InjectionDetector, rule_hits
+from genforge.serve.injection import DETECTOR_PATH, InjectionDetector, rule_hits
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_attack_hidden_in_a_long_prompt_is_found_sentence_by_sentence(guard):
     clean, hidden = guard.detector_scores([" ".join(benign), doc])
     assert hidden >= guard.threshold > clean
     # the same document judged as one embedding dilutes the attack below the threshold
-    whole = float(guard.detector.score_vectors(guard.embedder.embed([doc]))[0])
+    whole = float(guard.detector.score_vectors(guard.embedder.embed([doc]), [doc])[0])
     assert whole < guard.threshold
 
 
@@ -102,6 +103,14 @@ def test_detector_for_another_embedder_is_refused(embedder):
     det.embedder_version = "other"
     with pytest.raises(ConfigError, match="retrain"):
         Guard(embedder=embedder, detector=det)
+
+
+def test_detector_file_with_a_broken_ngram_part_is_refused(tmp_path):
+    d = json.loads(DETECTOR_PATH.read_text(encoding="utf-8"))
+    d["ngrams"]["idf"] = d["ngrams"]["idf"][:-1]  # one weight fewer than the vocabulary
+    (tmp_path / "det.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(ConfigError, match="retrain"):
+        InjectionDetector.load(tmp_path / "det.json")
 
 
 # ---------------------------------------------------------------- policies

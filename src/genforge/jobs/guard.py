@@ -25,7 +25,14 @@ from genforge.data.jsonl import read_records
 from genforge.data.pii import find_pii, luhn_ok
 from genforge.jobs.guard_data import injection_rows
 from genforge.serve.guard import Guard
-from genforge.serve.injection import DETECTOR_PATH, InjectionDetector, rows_hash, segments
+from genforge.serve.injection import (
+    DETECTOR_PATH,
+    CharNgrams,
+    InjectionDetector,
+    char_ngram_vectorizer,
+    rows_hash,
+    segments,
+)
 
 SEED = 0
 # The detector's threshold is picked on cross-validated training scores, never on the test split.
@@ -195,44 +202,57 @@ def write_labelled_sets(out_dir: str | Path = "benchmarks/data", seed: int = SEE
 # ---------------------------------------------------------------- the injection detector
 
 
-def _fit(x: np.ndarray, y: np.ndarray, seed: int):
+def _fit(x, y: np.ndarray, seed: int):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=4.0, class_weight="balanced", max_iter=5000, random_state=seed).fit(x, y)
-
-
-def _sigmoid(x: np.ndarray, model) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-(x @ model.coef_[0] + model.intercept_[0])))
+    # C=1 was best by grouped cross-validation on the train split (0.5, 1, 2, 4, 16 compared)
+    return LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, random_state=seed).fit(x, y)
 
 
 class _Features:
-    """Embeddings of each row's whole text and of its segments, computed once for all fits."""
+    """Embeddings of each row's whole text and of its segments, computed once for all fits; the n-gram
+    vocabulary is fitted per fit, on that fit's rows only, so cross-validation never sees held-out text."""
 
     def __init__(self, rows: list[dict], embedder):
         segs = [segments(r["text"]) for r in rows]
         self.owner = np.repeat(np.arange(len(rows)), [len(s) for s in segs])
-        self.seg = embedder.embed([s for ss in segs for s in ss])
-        self.row = embedder.embed([r["text"] for r in rows])
+        self.seg_text = [s for ss in segs for s in ss]
+        self.row_text = [r["text"] for r in rows]
+        self.seg = embedder.embed(self.seg_text)
+        self.row = embedder.embed(self.row_text)
         self.label = np.array([r["label"] for r in rows])
+
+    def _x(self, vec, which: np.ndarray, seg: bool):
+        from scipy import sparse
+
+        emb, text = (self.seg, self.seg_text) if seg else (self.row, self.row_text)
+        return sparse.hstack([sparse.csr_matrix(emb[which]), vec.transform([text[i] for i in which])]).tocsr()
 
     def fit(self, idx: np.ndarray, seed: int):
         """Two rounds: a hidden attack is one bad sentence among benign ones, so after a first fit on whole
         texts only each attack's highest-scoring segments count as positives (multiple-instance labels)."""
+        from scipy import sparse
+
         in_rows = np.isin(self.owner, idx)
-        benign_seg = self.seg[in_rows & (self.label[self.owner] == 0)]
-        x0 = np.vstack([self.row[idx], benign_seg])
-        m = _fit(x0, np.concatenate([self.label[idx], np.zeros(len(benign_seg))]), seed)
+        vec = char_ngram_vectorizer().fit([self.seg_text[i] for i in np.flatnonzero(in_rows)]
+                                          + [self.row_text[i] for i in idx])
+        benign_seg = self._x(vec, np.flatnonzero(in_rows & (self.label[self.owner] == 0)), True)
+        x0 = sparse.vstack([self._x(vec, idx, False), benign_seg])
+        m = _fit(x0, np.concatenate([self.label[idx], np.zeros(benign_seg.shape[0])]), seed)
         pos = []
         for i in idx[self.label[idx] == 1]:
             mine = np.flatnonzero(self.owner == i)
-            pos.extend(mine[np.argsort(-_sigmoid(self.seg[mine], m))[:2]])
-        x1 = np.vstack([self.seg[pos], self.row[idx[self.label[idx] == 0]], benign_seg])
-        y1 = np.concatenate([np.ones(len(pos)), np.zeros(len(x1) - len(pos))])
-        return _fit(x1, y1, seed)
+            pos.extend(mine[np.argsort(-m.decision_function(self._x(vec, mine, True)))[:2]])
+        x1 = sparse.vstack([self._x(vec, np.array(pos), True), self._x(vec, idx[self.label[idx] == 0], False),
+                            benign_seg])
+        y1 = np.concatenate([np.ones(len(pos)), np.zeros(x1.shape[0] - len(pos))])
+        return vec, _fit(x1, y1, seed)
 
-    def row_scores(self, idx: np.ndarray, model) -> np.ndarray:
-        p = _sigmoid(self.seg, model)
-        return np.array([p[self.owner == i].max() for i in idx])
+    def row_scores(self, idx: np.ndarray, fitted) -> np.ndarray:
+        vec, model = fitted
+        mine = np.flatnonzero(np.isin(self.owner, idx))
+        p = model.predict_proba(self._x(vec, mine, True))[:, 1]
+        return np.array([p[self.owner[mine] == i].max() for i in idx])
 
 
 def train_injection_detector(data: str | Path | list[dict], out: str | Path | None = DETECTOR_PATH,
@@ -258,9 +278,12 @@ def train_injection_detector(data: str | Path | list[dict], out: str | Path | No
         cv[held] = feats.row_scores(held, feats.fit(fit_idx, seed))
     benign = np.sort(cv[feats.label == 0])
     threshold = next((float(t) for t in benign if np.mean(benign >= t) <= TARGET_TRAIN_FPR), 1.0)
-    model = feats.fit(np.arange(len(train)), seed)
-    det = InjectionDetector(model.coef_[0].astype(np.float32), float(model.intercept_[0]), round(threshold, 4),
-                            embedder.name, embedder.version, rows_hash(train))
+    vec, model = feats.fit(np.arange(len(train)), seed)
+    dim = feats.seg.shape[1]
+    w = model.coef_[0].astype(np.float32)
+    ngrams = CharNgrams(list(vec.get_feature_names_out()), vec.idf_.astype(np.float32), w[dim:])
+    det = InjectionDetector(w[:dim], float(model.intercept_[0]), round(threshold, 4), embedder.name,
+                            embedder.version, rows_hash(train), ngrams)
     if out is not None:
         det.save(out)
     return det
@@ -290,7 +313,8 @@ def _injection_report(test: list[dict], flags: dict[str, list[bool]]) -> dict:
 
 def evaluate_guard(guard: Guard, injection: list[dict], pii: list[dict]) -> dict:
     """Injection recall / false-positive rate on the held-out split (rules, detector, combined), overall and
-    per held-out set ("by_source": "v1" was seen while the rules were written, "fresh" was not), and PII
+    per held-out set ("by_source": "v1" was seen while the rules were written, "fresh" was not, "fresh2" was
+    written after both had been looked at while tuning), and PII
     precision / recall per type against the gold spans (exact type and offsets)."""
     test = [r for r in injection if r["split"] == "test"]
     scans = guard.scan([r["text"] for r in test])

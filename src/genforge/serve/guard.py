@@ -209,7 +209,7 @@ class Guard:
             return [0.0] * len(texts)
         segs = [segments(t) for t in texts]
         flat = [s for ss in segs for s in ss]
-        probs = self.detector.score_vectors(self.embedder.embed(flat))
+        probs = self.detector.score_vectors(self.embedder.embed(flat), flat)
         out, i = [], 0
         for ss in segs:
             out.append(float(np.max(probs[i:i + len(ss)])))
