@@ -45,6 +45,18 @@ def own_pg():
 # ---------------------------------------------------------------- refused at start
 
 
+def test_rag_on_a_short_context_model_warns_at_start_and_still_answers(lm_run: Path, tmp_path: Path):
+    from genforge.jobs.rag import ingest
+
+    (tmp_path / "tides.txt").write_text("The moon's pull raises the tides twice a day.", encoding="utf-8")
+    ingest([str(tmp_path / "tides.txt")], "docs", str(tmp_path / "state"))
+    with serving(lm_run, ["--rag", "docs", "--store", str(tmp_path / "state")], logs=tmp_path) as (server,):
+        r = ask(server, "Why are there tides?", max_tokens=50)  # 128-token context: no room for a source
+        assert r.status_code == 200 and "sources" not in r.json()
+        log = server.log.read_text()
+    assert "warning: the model's context is 128 tokens" in log
+
+
 def test_serve_with_an_unknown_rag_index_names_it_and_the_known_ones(lm_run: Path, tmp_path: Path):
     from genforge.common.store import open_store
 

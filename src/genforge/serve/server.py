@@ -41,6 +41,7 @@ from genforge.serve.service import LMService
 log = logging.getLogger(__name__)
 DEFAULT_REQUEST_TIMEOUT_S = 600.0  # queue + generation; a full-context answer on a CPU fits well within
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+RAG_MIN_CONTEXT = 512  # below this a RAG prompt (template + a few sources + question) rarely fits
 
 
 # ---------------------------------------------------------------- validation errors -> OpenAI 400s
@@ -319,5 +320,9 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
         print("engine: " + " ".join(f"{k}={v}" for k, v in service.in_effect().items()), flush=True)
         if service.app is not None:
             print(f"app layer: {service.app.describe()}", flush=True)
+            if service.app.retriever is not None and service.max_model_len < RAG_MIN_CONTEXT:
+                print(f"warning: the model's context is {service.max_model_len} tokens: retrieved sources are "
+                      "added only as far as they fit beside the answer, often not at all (the response then "
+                      "has no `sources`)", file=sys.stderr, flush=True)
     print(f"serving {shown} on http://{host}:{port}{root_path}/v1", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
