@@ -165,3 +165,12 @@ def test_guard_scan_needs_exactly_one_input(argv):
     code, out, err = genforge(*argv)
     assert code == 2 and out == ""
     assert err.splitlines() == ["error: guard scan: give a TEXT or --jsonl FILE (one of them)"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["serve", "runs/none", "--config", "/no/serve.yaml"], "serve config file not found: /no/serve.yaml"),
+    (["guard", "scan", "--rules-only", "--jsonl", "/no/input.jsonl"], "input file /no/input.jsonl does not exist"),
+])
+def test_missing_files_are_one_line_naming_the_file(argv, needle):
+    code, out, err = genforge(*argv)
+    assert code == 2 and err.strip().splitlines() == [f"error: {needle}"], err

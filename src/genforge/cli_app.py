@@ -50,7 +50,8 @@ def cmd_rag_eval(a: argparse.Namespace) -> None:
 
 def cmd_guard_scan(a: argparse.Namespace) -> None:
     from genforge.common.errors import ConfigError
-    from genforge.jobs.guard import read_jsonl, scan_texts
+    from genforge.data.jsonl import read_records
+    from genforge.jobs.guard import scan_texts
     from genforge.models.embeddings import Embedder
     from genforge.serve.guard import Guard
 
@@ -59,7 +60,7 @@ def cmd_guard_scan(a: argparse.Namespace) -> None:
     if a.text is not None:
         texts = [a.text]
     else:
-        rows = read_jsonl(a.jsonl)
+        rows = [row for _, row in read_records(a.jsonl, "input file")]
         missing = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get(a.field), str)), None)
         if missing is not None:
             raise ConfigError(f"{a.jsonl}: line {missing} has no text field {a.field!r} (choose one with --field)")

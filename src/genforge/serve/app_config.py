@@ -90,6 +90,8 @@ class AppConfig(Spec):
 def load_app_config(path: str | Path | None = None, *, cache: bool | None = None, rag: str | None = None,
                     guard: str | None = None, store: str | None = None, embedder: str | None = None) -> AppConfig:
     """The config file (if any) with the command-line flags on top of it (a flag wins)."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"serve config file not found: {path}", param="config")
     tree = load_yaml(path) if path is not None else {}
     for key in ("cache", "rag", "guard"):
         tree.setdefault(key, {})
