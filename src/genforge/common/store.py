@@ -143,7 +143,7 @@ def open_store(target: str | Path) -> Store:
                           "postgresql://user@host:port/db URL", param="store")
     from genforge.common.store_sqlite import SqliteStore
 
-    return SqliteStore(text)
+    return SqliteStore(Path(text).expanduser())  # "~/..." from a config file, where no shell expands it
 
 
 # --- helpers shared by the backends ---

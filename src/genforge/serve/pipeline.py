@@ -95,8 +95,7 @@ class AppLayer:
             return
         emb = embedder.get()  # every step embeds: load it now, not inside the first request
         if config.needs_store:
-            self.store = open_store(Path(config.store).expanduser() if config.store and "://" not in config.store
-                                    else config.store or state_dir)
+            self.store = open_store(config.store or state_dir)
         if config.guard.policy != "off":
             from genforge.serve.guard import Guard
 
