@@ -15,12 +15,14 @@ from genforge.common.errors import GenforgeError
 
 
 def _family(run_path: str) -> str:
-    """'lm', 'vae', 'gan', 'diffusion', ... for a run dir; 'lm' for a plain HF model folder."""
+    """'lm', 'vae', 'gan', 'diffusion', ... for a run dir ('lm' for a fine-tuned LM too); 'lm' for a
+    plain HF model folder."""
     from genforge.common.runs import RunDir
 
     run = RunDir(run_path)
     if run.recipe_path.is_file():
-        return str(run.read_recipe().get("family", "lm"))
+        family = str(run.read_recipe().get("family", "lm"))
+        return "lm" if family == "sft" else family
     if not run.path.exists():
         raise GenforgeError(f"not found: {run_path} (expected a run directory or a model folder)")
     return "lm"
@@ -86,6 +88,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
         out = generate_grid(a.run, num_samples=a.num_samples, class_label=a.class_label, guidance=a.guidance,
                             steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out)
         print(f"wrote {out}")
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    from genforge.jobs.merge import merge_adapter
+
+    out = merge_adapter(a.run, a.adapter, a.out, base=a.base)
+    print(f"merged model written to {out}")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -211,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     ge.add_argument("--out", default=None, help="image runs: PNG grid path")
     ge.set_defaults(func=cmd_generate)
+
+    mg = sub.add_parser("merge", help="fold a run's LoRA adapter into its base: a plain Hugging Face folder")
+    mg.add_argument("run")
+    mg.add_argument("--adapter", required=True, help="the adapter's name (RUN/adapters/NAME)")
+    mg.add_argument("--out", required=True, help="new folder for the merged model")
+    mg.add_argument("--base", default=None, help="the base model (default: the one the adapter records)")
+    mg.set_defaults(func=cmd_merge)
 
     from genforge.cli_app import add_app_commands
 

@@ -88,7 +88,8 @@ def _number_kind(annotation: Any) -> str | None:
 # Names people bring from other tools, so a misspelt "lerning_rate" still finds "lr".
 _ALIASES = {"learning_rate": "lr", "min_learning_rate": "min_lr", "warmup": "warmup_steps", "steps": "max_steps",
             "num_steps": "max_steps", "batch": "batch_size", "gradient_accumulation_steps": "grad_accum",
-            "max_grad_norm": "grad_clip", "clip": "grad_clip", "dtype": "precision", "context": "context_length"}
+            "max_grad_norm": "grad_clip", "clip": "grad_clip", "dtype": "precision", "context": "context_length",
+            "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -245,8 +246,11 @@ class Recipe(Spec):
     """One runnable job: a family, its dataset, its model and the loop settings."""
 
     name: str
-    family: str = rng(choices=["lm", "vae", "gan", "diffusion", "classifier"])
-    dataset: str = rng(help="path of a dataset folder written by `genforge data prepare`")
+    family: str = rng(choices=["lm", "vae", "gan", "diffusion", "classifier", "sft"])
+    dataset: str = rng(help="path of a dataset folder written by `genforge data prepare`; for sft a .jsonl "
+                       "file of conversations or builtin:pydoc-instructions")
+    base: str | None = rng(None, help="sft: the model to fine-tune, a run directory or a Hugging Face "
+                           "causal-LM folder")
     model: dict = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: dict = Field(default_factory=dict)
@@ -260,6 +264,14 @@ class Recipe(Spec):
         if isinstance(data, dict) and "train" not in data:
             data = {**data, "train": {}}
         return data
+
+    def check(self) -> None:
+        if self.family == "sft" and not self.base:
+            raise ConfigError("missing required key 'base': the sft family fine-tunes a model; set base to a "
+                              "run directory or a Hugging Face causal-LM folder")
+        if self.family != "sft" and self.base is not None:
+            raise ConfigError(f"base: the {self.family} family does not start from a base model (sft does); "
+                              "remove the key")
 
     @property
     def run_dir(self) -> Path:

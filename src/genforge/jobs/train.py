@@ -13,14 +13,15 @@ from genforge.common.config import Recipe, load_recipe, to_dict
 from genforge.common.errors import ConfigError, DataError, RunError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, environment_info, update_report
-from genforge.train import classifier, diffusion, gan, lm, vae
+from genforge.data.chat import source_identity
+from genforge.train import classifier, diffusion, gan, lm, sft, vae
 from genforge.train.checkpoint import check_same_model, read_meta, resume_point
 from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
 from genforge.train.objective import DataSource, Objective
 
 # family -> build(recipe, device) -> (objective, data)
 FAMILIES = {"lm": lm.build, "vae": vae.build, "gan": gan.build, "diffusion": diffusion.build,
-            "classifier": classifier.build}
+            "classifier": classifier.build, "sft": sft.build}
 
 
 @dataclass
@@ -67,7 +68,8 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     if not resume and run.checkpoints():
         raise RunError(f"run {run.path} already exists; continue it with --resume, "
                        f"or train under another name (--set name=...)")
-    dataset = dataset_identity(recipe.dataset)
+    # sft reads conversations (a .jsonl file or a built-in set), the others a prepared dataset folder
+    dataset = source_identity(recipe.dataset) if recipe.family == "sft" else dataset_identity(recipe.dataset)
     saved = None
     if resume:
         # Refused before anything is built or written: no checkpoint, or a changed training recipe.
@@ -103,11 +105,11 @@ def _flat(tree: object, prefix: str) -> dict[str, object]:
 
 
 def _check_same_sections(run: RunDir, recipe: Recipe) -> None:
-    """The model, data and lora sections as the run started (the signature covers only the
-    architecture; a changed dropout, gradient penalty or augmentation would also change training)."""
+    """The model, data and lora sections and the base as the run started (the signature covers only
+    the architecture; a changed dropout, gradient penalty or augmentation would also change training)."""
     first = run.read_recipe() if run.recipe_path.is_file() else {}
     now = to_dict(recipe)
-    for section in ("model", "data", "lora"):
+    for section in ("model", "data", "lora", "base"):
         old, new = _flat(first.get(section) or {}, section), _flat(now.get(section) or {}, section)
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if changed:

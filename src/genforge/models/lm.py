@@ -33,6 +33,18 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+
+def resolve_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template a tokenizer renders chats with, in training (SFT) and in `genforge serve`:
+    its own, the default one of a set of named templates, or DEFAULT_CHAT_TEMPLATE."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and own.strip():
+        return own
+    if isinstance(own, dict) and own.get("default"):
+        return own["default"]
+    return DEFAULT_CHAT_TEMPLATE
+
+
 # name -> (config class, architecture). Sizes are counted with a 4096-token vocabulary
 # (tied embeddings), except lm-base, which is GPT-2-small sized with a 32k vocabulary.
 PRESETS: dict[str, dict] = {
