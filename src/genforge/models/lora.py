@@ -81,8 +81,10 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, base_name: str
         with _quiet():
             return PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        why = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
         raise RunError(f"the adapter {adapter_dir} does not fit the base {base_name} (it was trained on "
-                       f"{adapter_base(adapter_dir)}): {str(e).strip().splitlines()[0][:200]}") from None
+                       f"{adapter_base(adapter_dir)}): {why[:200]}") from None
 
 
 def merged(model: PeftModel) -> PreTrainedModel:
