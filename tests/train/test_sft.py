@@ -66,6 +66,13 @@ def sft_recipe(tmp_path: Path, base: Path | str, name: str = "sft", dataset: str
 
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+GOOD = {"instruction": "Say hi.", "output": "hi"}
+
+
+def _jsonl(tmp_path: Path, *rows, name: str = "rows") -> Path:
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +135,28 @@ def test_training_renders_the_prompt_serve_renders(lora_run):
         assert ex.labels[len(prompt) - 2] == IGNORE and ex.labels[len(prompt) - 1] == ex.input_ids[len(prompt)]
 
 
-def test_dora_with_packing_through_the_cli(tmp_path, base_run):
+def test_the_served_reply_ends_where_training_taught_it(tmp_path, base_run):
+    """End to end: a model fine-tuned to answer "ok" is served the prompt it was trained on and
+    stops after "ok" on its own (the EOS it learned), not at max_tokens."""
+    from fastapi.testclient import TestClient
+
+    from genforge.serve.server import create_app
+
+    rows = [{"instruction": f"question {i} " + "abc"[i % 3] * (i % 5), "output": "ok"} for i in range(40)]
+    recipe = sft_recipe(tmp_path, base_run, name="ok", dataset=str(_jsonl(tmp_path, *rows)), max_steps=60,
+                        batch_size=8, eval_every=60, checkpoint_every=60, data={"max_length": 128})
+    run_recipe(recipe)
+    with TestClient(create_app(tmp_path / "runs" / "ok" / "model", dtype="float32")) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "question 99 b"}],
+                                                      "max_tokens": 20, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "ok"
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_dora_with_packing_and_ema_through_the_cli(tmp_path, base_run):
     recipe = sft_recipe(tmp_path, base_run / "model", name="dora", lora={**LORA, "use_dora": True},
-                        data={"packing": True})
+                        data={"packing": True}, ema_decay=0.9)  # EMA over the adapter's weights only
     assert main(["train", str(recipe)]) == 0
     run = RunDir(tmp_path / "runs" / "dora")
     adapter = run.adapters_dir / "dora"
@@ -171,15 +197,6 @@ def test_lora_resume_is_exact(tmp_path, base_run):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-def _jsonl(tmp_path: Path, *rows, name: str = "rows") -> Path:
-    path = tmp_path / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-GOOD = {"instruction": "Say hi.", "output": "hi"}
-
 
 def test_bad_rows_name_file_and_line_and_write_nothing(tmp_path, base_run):
     cases = [
