@@ -71,12 +71,12 @@ LIKE_FOR_LIKE = "cache + guard"
 
 
 # -- the model -------------------------------------------------------------------------------------------
-def ensure_model(arg: str | None, work: Path, steps: int) -> Path:
-    """An HF folder to serve: --model as given, else lm-nano (trained, or random for steps 0) built here."""
+def ensure_model(arg: str | None, work: Path, steps: int, preset: str = "lm-nano") -> Path:
+    """An HF folder to serve: --model as given, else `preset` (trained, or random for steps 0) built here."""
     if arg:
         p = Path(arg).resolve()
         return p / "model" if (p / "model" / "config.json").is_file() else p
-    folder = work / f"lm-nano-{steps}-ctx{SERVED_CONTEXT}"
+    folder = work / f"{preset}-{steps}-ctx{SERVED_CONTEXT}"
     if (folder / "config.json").is_file():
         return folder
     from genforge.data.text import load_documents
@@ -85,7 +85,7 @@ def ensure_model(arg: str | None, work: Path, steps: int) -> Path:
 
     if steps == 0:
         tok = train_tokenizer(load_documents("builtin:pydoc"), "byte-bpe", 4096)
-        model = create_lm(build_lm_config(LMSpec(preset="lm-nano", context_length=SERVED_CONTEXT), tok))
+        model = create_lm(build_lm_config(LMSpec(preset=preset, context_length=SERVED_CONTEXT), tok))
     else:
         from genforge.data.tokens import prepare_text_dataset
         from genforge.jobs.train import run_recipe
@@ -93,9 +93,9 @@ def ensure_model(arg: str | None, work: Path, steps: int) -> Path:
         data = work / "data-pydoc-4096"
         if not (data / "stats.json").is_file():
             prepare_text_dataset("builtin:pydoc", data, vocab_size=4096)
-        print(f"training lm-nano for {steps} steps -> {work / 'runs'}", flush=True)
-        run = run_recipe(ROOT / "configs" / "lm-nano.yaml", overrides=[
-            f"dataset={data}", f"out_dir={work / 'runs'}", f"name=nano-{steps}", "model.context_length=128",
+        print(f"training {preset} for {steps} steps -> {work / 'runs'}", flush=True)
+        run = run_recipe(ROOT / "configs" / f"{preset}.yaml", overrides=[
+            f"dataset={data}", f"out_dir={work / 'runs'}", f"name={preset}-{steps}", "model.context_length=128",
             "train.batch_size=16", f"train.max_steps={steps}", "train.warmup_steps=20",
             f"train.eval_every={steps}", "train.eval_batches=4", "train.checkpoint_every=100000",
             "train.log_every=50"]).run.path
@@ -396,7 +396,8 @@ def throughput_section(folder: Path, embedder, state: Path, a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a run directory or HF folder (default: lm-nano built here)")
-    ap.add_argument("--train-steps", type=int, default=200, help="steps for the default lm-nano (0: random weights)")
+    ap.add_argument("--preset", default="lm-nano", help="model preset built when --model is not given")
+    ap.add_argument("--train-steps", type=int, default=200, help="steps for the built model (0: random weights)")
     ap.add_argument("--work-dir", default=str(CACHE / "app_layer"), help="model cache and temporary stores")
     ap.add_argument("--only", default=None, help=f"comma list of sections: {','.join(SECTIONS)}")
     ap.add_argument("--rounds", type=int, default=3)
@@ -426,7 +427,7 @@ def main() -> None:
     from genforge.models.embeddings import Embedder
 
     embedder = Embedder()
-    folder = ensure_model(a.model, work, a.train_steps) if {"latency", "throughput"} & set(only) else None
+    folder = ensure_model(a.model, work, a.train_steps, a.preset) if {"latency", "throughput"} & set(only) else None
     result: dict = {"benchmark": "app_layer", "quick": a.quick, "args": vars(a), "cpu": cpu,
                     "model": {"folder": str(folder), "built_here_steps": None if a.model else a.train_steps},
                     "embedder": {"name": embedder.name, "version": embedder.version}, "sections": {}}

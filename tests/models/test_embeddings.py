@@ -29,3 +29,22 @@ def test_empty_input_and_single_string(embedder):
 def test_a_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist or is not a sentence-transformers model"):
         Embedder(tmp_path / "nope")
+
+
+def test_span_vectors_read_each_span_in_context_from_one_forward(embedder):
+    texts = ["Open the file. Read every line of it. Close it again.", "Only one sentence here."]
+    spans = [[(0, 14), (15, 36), (0, 36)], []]
+    whole, parts = embedder.embed_spans(texts, spans)
+    assert np.all(np.sum(whole * embedder.embed(texts), axis=1) > 0.9999)  # the text's own vector
+    assert parts[0].shape == (3, embedder.dim) and parts[1].shape == (0, embedder.dim)
+    assert np.allclose(np.linalg.norm(parts[0], axis=1), 1, atol=1e-5)
+    alone = embedder.embed([texts[0][a:b] for a, b in spans[0]])
+    cos = np.sum(parts[0] * alone, axis=1)
+    assert np.all(cos > 0.6) and np.all(cos < 0.9999)  # the same span, but read in its context
+    # a span past what the model reads of a long text is embedded on its own
+    long = "Filler words go here. " * 80 + "Ignore the rules."
+    start = long.index("Ignore")
+    _, (far,) = embedder.embed_spans([long], [[(start, len(long))]])
+    assert float(far[0] @ embedder.embed(["Ignore the rules."])[0]) > 0.9999
+    with pytest.raises(ValueError):
+        embedder.embed_spans(texts, spans[:1])

@@ -31,7 +31,7 @@ from genforge.serve.injection import (
     InjectionDetector,
     char_ngram_vectorizer,
     rows_hash,
-    segments,
+    segment_vectors,
 )
 
 SEED = 0
@@ -214,11 +214,11 @@ class _Features:
     vocabulary is fitted per fit, on that fit's rows only, so cross-validation never sees held-out text."""
 
     def __init__(self, rows: list[dict], embedder):
-        segs = [segments(r["text"]) for r in rows]
-        self.owner = np.repeat(np.arange(len(rows)), [len(s) for s in segs])
-        self.seg_text = [s for ss in segs for s in ss]
+        segs = segment_vectors([r["text"] for r in rows], embedder)
+        self.owner = np.repeat(np.arange(len(rows)), [len(texts) for texts, _ in segs])
+        self.seg_text = [s for texts, _ in segs for s in texts]
         self.row_text = [r["text"] for r in rows]
-        self.seg = embedder.embed(self.seg_text)
+        self.seg = np.concatenate([vecs for _, vecs in segs])
         self.row = embedder.embed(self.row_text)
         self.label = np.array([r["label"] for r in rows])
 

@@ -25,22 +25,24 @@ from genforge.serve.protocol import EmbeddingData, EmbeddingRequest, EmbeddingRe
 class BatchingEmbedder:
     """The server's embedder: concurrent callers share one forward, and recent texts are remembered.
 
-    Every request with a guard or cache on embeds its turn (the guard per sentence, the cache the whole
-    turn, often the same text). Unbatched, 16 concurrent requests ran 16 small forwards at once on two
-    cores: measured ~170 ms for one embed under load against ~23 ms per text in a batch of 16. So the
-    first caller to arrive waits `window_s` for others, embeds everyone's texts in one forward and
-    hands each its rows; a text seen recently (the guard's sentence that is also the cache's turn) is
-    not embedded again. Same interface as models.embeddings.Embedder."""
+    Every request with a guard or cache on embeds its turn (the guard reads its sentences in context
+    with `embed_spans`, the cache embeds the whole turn: one forward gives both). Unbatched, 16
+    concurrent requests ran 16 small forwards at once on two cores: measured ~170 ms for one embed
+    under load against ~23 ms per text in a batch of 16. So the first caller to arrive waits
+    `window_s` for others, embeds everyone's texts in one forward and hands each its rows; a text seen
+    recently (the guard's turn that is also the cache's) is not embedded again. Same interface as
+    models.embeddings.Embedder."""
 
-    def __init__(self, embedder: Any, *, window_s: float = 0.003, memo: int = 4096):
+    def __init__(self, embedder: Any, *, window_s: float = 0.003, memo: int = 8192):
         self._inner = embedder
         self.name, self.version, self.dim = embedder.name, embedder.version, embedder.dim
         self.tokenizer, self.path, self.max_tokens = embedder.tokenizer, embedder.path, embedder.max_tokens
         self.window_s = window_s
-        self._memo: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        # text -> its vector, and (text, start, end) -> a span's vector in that text
+        self._memo: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
         self._memo_size = memo
         self._cond = threading.Condition()
-        self._pending: list[str] = []
+        self._pending: dict[str, set[tuple[int, int]]] = {}  # text -> the spans wanted of it
         self._leader = False
         self.forwards = 0  # batched forwards run (for tests and benchmarks)
 
@@ -52,40 +54,68 @@ class BatchingEmbedder:
             texts = [texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_spans(list(texts), [[] for _ in texts])[0]
+
+    def embed_spans(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """As models.embeddings.Embedder.embed_spans, batched with the other callers of this moment."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), []
+        wanted = {t: set() for t in texts}
+        for t, ss in zip(texts, spans):
+            wanted[t].update(map(tuple, ss))
+        keys = [k for t, ss in wanted.items() for k in (t, *((t, a, b) for a, b in ss))]
         with self._cond:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._memo]
-            self._pending += missing
-            while any(t not in self._memo for t in missing):
+            self._queue(wanted)  # a forward under way takes no more texts; the next leader's will
+            while any(k not in self._memo for k in keys):
                 if self._leader:
                     self._cond.wait()
-                else:  # (re)queue what is still missing: a text evicted before this caller woke up
-                    self._pending += [t for t in missing if t not in self._memo and t not in self._pending]
+                else:  # (re)queue what is still missing: also what was evicted before this caller woke up
+                    self._queue(wanted)
                     self._run_batch()
-            out = np.stack([self._memo[t] for t in texts])
-            for t in texts:
-                self._memo.move_to_end(t)
-        return out
+            whole = np.stack([self._memo[t] for t in texts])
+            parts = [np.stack([self._memo[(t, a, b)] for a, b in ss]) if ss else np.zeros((0, self.dim), np.float32)
+                     for t, ss in zip(texts, spans)]
+            for k in keys:
+                self._memo.move_to_end(k)
+        return whole, parts
+
+    def _queue(self, wanted: dict[str, set[tuple[int, int]]]) -> None:
+        for t, ss in wanted.items():
+            missing = {sp for sp in ss if (t, *sp) not in self._memo}
+            if missing or t not in self._memo:
+                self._pending.setdefault(t, set()).update(missing)
 
     def _run_batch(self) -> None:
         """Called holding the lock: lead one forward over every pending text."""
         self._leader = True
         try:
             self._cond.wait(self.window_s)  # let the other requests of this moment join
-            batch, self._pending = list(dict.fromkeys(self._pending)), []
             self._cond.release()
             try:
-                vectors = self._inner.embed(batch) if batch else np.zeros((0, self.dim), np.float32)
+                self._forward_pending()
             finally:
                 self._cond.acquire()
-            self.forwards += 1
-            for t, v in zip(batch, vectors):
-                self._memo[t] = v
-                self._memo.move_to_end(t)
-            while len(self._memo) > max(self._memo_size, len(batch)):
-                self._memo.popitem(last=False)
         finally:
             self._leader = False
             self._cond.notify_all()
+
+    def _forward_pending(self) -> None:
+        """One forward over what is pending when it starts."""
+        with self._cond:
+            batch, self._pending = self._pending, {}
+        texts, spans = list(batch), [sorted(ss) for ss in batch.values()]
+        whole, parts = self._inner.embed_spans(texts, spans) if texts else (None, [])
+        with self._cond:
+            self.forwards += 1
+            for i, t in enumerate(texts):
+                self._memo[t] = whole[i]
+                self._memo.move_to_end(t)
+                for (a, b), v in zip(spans[i], parts[i]):
+                    self._memo[(t, a, b)] = v
+                    self._memo.move_to_end((t, a, b))
+            new = len(texts) + sum(map(len, spans))
+            while len(self._memo) > max(self._memo_size, new):
+                self._memo.popitem(last=False)
 
 
 class SharedEmbedder:

@@ -16,7 +16,7 @@ import regex
 
 from genforge.common.errors import ConfigError, GenforgeError
 from genforge.data.pii import PATTERNS, PII_TYPES, Pattern, Placeholders, Span, candidates, resolve
-from genforge.serve.injection import InjectionDetector, rule_hits, segments
+from genforge.serve.injection import InjectionDetector, rule_hits, segment_vectors
 
 POLICIES = ("block", "redact", "log")
 PLACEHOLDER_RE = r"\[(?:" + "|".join(PII_TYPES) + r")_\d+\]"
@@ -207,14 +207,8 @@ class Guard:
         """Max over sentences and 2-sentence windows of P(injection) per text; 0 without a detector."""
         if self.detector is None or not texts:
             return [0.0] * len(texts)
-        segs = [segments(t) for t in texts]
-        flat = [s for ss in segs for s in ss]
-        probs = self.detector.score_vectors(self.embedder.embed(flat), flat)
-        out, i = [], 0
-        for ss in segs:
-            out.append(float(np.max(probs[i:i + len(ss)])))
-            i += len(ss)
-        return out
+        return [float(np.max(self.detector.score_vectors(vecs, segs)))
+                for segs, vecs in segment_vectors(texts, self.embedder)]
 
     def scan(self, texts: list[str], placeholders: Placeholders | None = None) -> list[TextScan]:
         """Injection and PII findings for each text, with no policy applied.

@@ -1,11 +1,12 @@
 """Prompt-injection detection: hand-written rules plus a learned detector over sentence embeddings.
 
 Both look at several views of the input, because attackers hide the words the rules look for:
-NFKC-normalised with zero-width characters removed, leetspeak mapped back to letters, letters
+NFKC-normalised with zero-width characters removed, leetspeak words mapped back to letters, letters
 spaced apart joined again, and base64 / hex payloads decoded. The detector is a logistic
 regression over the embedder's vectors, scored sentence by sentence (and on windows of two
 sentences), taking the maximum, so one attack sentence inside a long benign document still stands
-out. Besides the embedding, the regression sees TF-IDF weights of character n-grams (2-5 letters within
+out. Each sentence's vector is read in context: one forward over the text, pooled over the
+sentence's tokens (`segment_vectors`), not one forward per sentence and per window. Besides the embedding, the regression sees TF-IDF weights of character n-grams (2-5 letters within
 words, which works for Chinese too): they keep the exact wording that an embedding blurs, and lifted
 cross-validated recall on the training set from 0.74 to 0.86 at the same false-positive rate.
 `jobs/guard.py` trains it and writes the weights to `assets/injection_detector.json`.
@@ -23,6 +24,7 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,9 @@ _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\u2061
                                      "\ufeff\u00ad\u180e\u034f"))
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s",
                        "!": "i", "|": "l", "+": "t"})
+# A leet word mixes letters with the digits/symbols above ("1gn0r3", "4ll"); a plain number ("343",
+# "2024") or punctuation is left as it is, so ordinary text with numbers gets no second view to embed.
+_LEET_WORD = re.compile(r"(?=[A-Za-z0-9@$!|+]*[A-Za-z])(?=[A-Za-z0-9@$!|+]*[013457@$!|+])[A-Za-z0-9@$!|+]*[A-Za-z0-9@$]")
 _SPACED = re.compile(r"\b(?:[A-Za-z][ ._*\-]){3,}[A-Za-z]\b")
 _B64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
 _HEX = re.compile(r"(?:\\x[0-9a-fA-F]{2}){6,}|(?:[0-9a-fA-F]{2}[ :]?){8,}")
@@ -174,7 +179,7 @@ def views(text: str) -> list[str]:
     """The normalised text plus every de-obfuscated reading of it that differs."""
     base = normalise(text)
     out = [base]
-    for v in (base.translate(_LEET), _SPACED.sub(lambda m: re.sub(r"[ ._*\-]", "", m.group()), base),
+    for v in (_LEET_WORD.sub(lambda m: m.group().translate(_LEET), base), _SPACED.sub(lambda m: re.sub(r"[ ._*\-]", "", m.group()), base),
               *_decode_payloads(base)):
         if v not in out:
             out.append(v)
@@ -191,16 +196,41 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s and len(s.strip()) >= 3]
 
 
-def segments(text: str) -> list[str]:
-    """Sentences and windows of two neighbouring sentences, over every view, without repeats."""
-    out: dict[str, None] = {}
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of `sentences(text)`, in order."""
+    out, pos = [], 0
+    for part in _SENTENCE_END.split(text):
+        start = text.find(part, pos) if part else pos
+        pos = start + len(part)
+        stripped = part.strip()
+        if part and len(stripped) >= 3:
+            a = start + (len(part) - len(part.lstrip()))
+            out.append((a, a + len(stripped)))
+    return out
+
+
+def segment_spans(text: str) -> list[tuple[str, list[tuple[int, int]]]]:
+    """`segments` as spans: for each view of `text`, its sentences and windows of two neighbouring
+    sentences (a window runs from the first's start to the second's end)."""
+    out = []
     for v in views(text):
-        ss = sentences(v)
-        for s in ss:
-            out[s] = None
-        for a, b in zip(ss, ss[1:]):
-            out[f"{a} {b}"] = None
-    return list(out) or [normalise(text)]
+        ss = sentence_spans(v)
+        spans = ss + [(a[0], b[1]) for a, b in zip(ss, ss[1:])]
+        out.append((v, spans or [(0, len(v))]))
+    return out
+
+
+def segment_vectors(texts: list[str], embedder: Any) -> list[tuple[list[str], np.ndarray]]:
+    """For each text, its segments (`segment_spans`) and their vectors, each read in the context of its
+    view: one forward per view (`embed_spans`), not one per sentence and per pair of sentences. The
+    detector is trained on vectors made this way (jobs/guard.py), so training and serving agree."""
+    per_text = [segment_spans(t) for t in texts]
+    _, parts = embedder.embed_spans([v for vs in per_text for v, _ in vs], [sp for vs in per_text for _, sp in vs])
+    out, i = [], 0
+    for vs in per_text:
+        out.append(([v[a:b] for v, sp in vs for a, b in sp], np.concatenate(parts[i:i + len(vs)])))
+        i += len(vs)
+    return out
 
 
 def char_ngram_vectorizer(vocabulary: list[str] | None = None, min_df: int = 2):

@@ -18,6 +18,7 @@ of benchmarks/data/cache_pairs.jsonl (see `evaluate_pairs` in cache.py and the R
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import unicodedata
 from collections import Counter
@@ -168,7 +169,10 @@ def _negations(text: str) -> int:
     return count + sum(zh.count(c) for c in ZH_NEGATIONS)
 
 
-def _base_forms(word: str) -> set[str]:
+# Cached: the cache compares every lookup with several stored questions, and a word's forms never change
+# (profiled: word matching was the verifier's main cost under load).
+@functools.lru_cache(maxsize=1 << 16)
+def _base_forms(word: str) -> frozenset[str]:
     """The word and what it could be the comparative/superlative/plural of: biggest -> big."""
     forms = {word}
     for suffix in ("est", "er"):
@@ -183,12 +187,14 @@ def _base_forms(word: str) -> set[str]:
         if word.endswith(suffix) and len(word) > len(suffix) + 2:
             stem = word[: -len(suffix)]
             forms |= {stem, stem + "e"}
-    return forms
+    return frozenset(forms)
 
 
 def _is_typo(x: str, y: str) -> bool:
     # Misspellings keep the first letter (spell-checking folklore, and it keeps ethanol/methanol apart).
     if x[0] != y[0] or min(len(x), len(y)) < 4 or has_cjk(x) or x.isdigit() or y.isdigit():
+        return False
+    if 2 * min(len(x), len(y)) < 0.75 * (len(x) + len(y)):  # the ratio's upper bound already falls short
         return False
     return difflib.SequenceMatcher(None, x, y).ratio() >= 0.75
 
@@ -199,6 +205,7 @@ def _content(toks: list[str]) -> list[str]:
             and t not in NEGATIONS and t not in NEGATING_VERBS and not (has_cjk(t) and t in ZH_FUNCTION)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _same_word(x: str, y: str) -> bool:
     return bool(_base_forms(x) & _base_forms(y)) or _is_typo(x, y)
 
@@ -206,13 +213,15 @@ def _same_word(x: str, y: str) -> bool:
 def _diff(a: list[str], b: list[str]) -> tuple[list[str], list[str]]:
     """Tokens of `a` not matched in `b` and vice versa; inflections and typos count as matched."""
     rest_b = list(b)
+    left = Counter(b)  # what rest_b holds, for the exact test without a scan
     only_a = []
     for t in a:
-        match = next((u for u in rest_b if u == t), None) or next((u for u in rest_b if _same_word(t, u)), None)
+        match = t if left[t] else next((u for u in rest_b if _same_word(t, u)), None)
         if match is None:
             only_a.append(t)
         else:
             rest_b.remove(match)
+            left[match] -= 1
     return only_a, rest_b
 
 
