@@ -129,10 +129,18 @@ class SemanticCache:
             setattr(self, name, getattr(self, name) + n)
 
     def lookup(self, key: str, prompt: str) -> CacheHit | None:
-        now = time.time()
+        return self.lookup_exact(key, prompt) or self.lookup_near(key, prompt)
+
+    def lookup_exact(self, key: str, prompt: str) -> CacheHit | None:
+        """The same text under the same key: one indexed query, no embedding."""
         entry = self.store.cache_exact(key, prompt)
-        if entry is not None and not self._expired(entry, now):
+        if entry is not None and not self._expired(entry, time.time()):
             return self._hit(CacheHit(entry, 1.0, True, "same text"))
+        return None
+
+    def lookup_near(self, key: str, prompt: str) -> CacheHit | None:
+        """The best verified near match under the same key (after `lookup_exact` found nothing)."""
+        now = time.time()
         vector = self.embedder.embed([prompt])[0]
         best: CacheHit | None = None
         rejected = 0

@@ -9,7 +9,7 @@ patterns from streamed text as it streams (see `StreamFilter`).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import regex
@@ -82,6 +82,7 @@ class TextScan:
     rules: list[str]
     pii: list[Span]
     redacted: str
+    judged: str = ""  # the text as injection detection reads it (allowlisted parts blanked out)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class GuardResult:
     action: str  # "allowed" | "redacted" | "logged" (a blocked request raises ContentFilteredError)
     reason: str
     placeholders: Placeholders
+    where: list[str] = field(default_factory=list)  # "message 1", ... for each scan
+    detector_pending: bool = False  # checked with detector=False: `Guard.finish_input` runs it
 
     @property
     def pii(self) -> list[Span]:
@@ -210,10 +213,12 @@ class Guard:
         return [float(np.max(self.detector.score_vectors(vecs, segs)))
                 for segs, vecs in segment_vectors(texts, self.embedder)]
 
-    def scan(self, texts: list[str], placeholders: Placeholders | None = None) -> list[TextScan]:
+    def scan(self, texts: list[str], placeholders: Placeholders | None = None, *, detector: bool = True
+             ) -> list[TextScan]:
         """Injection and PII findings for each text, with no policy applied.
 
         `placeholders` numbers PII across all texts (one conversation); without it each text has its own.
+        `detector=False` leaves the learned detector out (rules and PII only; the cheap part).
         """
         pii_spans, scrubbed = [], []
         for t in texts:
@@ -224,21 +229,24 @@ class Guard:
             for s in allowed:
                 t = t[:s.start] + " " * (s.end - s.start) + t[s.end:]
             scrubbed.append(t)
-        det = self.detector_scores(scrubbed)
+        det = self.detector_scores(scrubbed) if detector else [0.0] * len(texts)
         out = []
         for t, spans, d, clean in zip(texts, pii_spans, det, scrubbed):
             rules = rule_hits(clean)
             score = max(d, 1.0 if rules else 0.0)
             names = Placeholders() if placeholders is None else placeholders
             out.append(TextScan(score >= self.threshold, score, d, rules,
-                                [s for s in spans if s.type != "ALLOW"], _replace(t, spans, names)))
+                                [s for s in spans if s.type != "ALLOW"], _replace(t, spans, names), clean))
         return out
 
-    def check_input(self, messages: str | list[dict], placeholders: Placeholders | None = None) -> GuardResult:
+    def check_input(self, messages: str | list[dict], placeholders: Placeholders | None = None, *,
+                    detector: bool = True) -> GuardResult:
         """Judge a prompt or chat messages and apply the policy; raises ContentFilteredError to block.
 
         System messages are the deployment's own and are not judged. Pass the conversation's
-        `placeholders` to keep numbering stable across turns.
+        `placeholders` to keep numbering stable across turns. `detector=False` checks the rules and
+        PII only, so the redacted messages are known at once; `finish_input` then runs the detector
+        (the redaction never depends on it).
         """
         placeholders = Placeholders() if placeholders is None else placeholders
         if isinstance(messages, str):
@@ -256,7 +264,7 @@ class Guard:
                     where.append(f"message {i}")
                     texts.append(text)
                     refs.append((i, j))
-        scans = self.scan(texts, placeholders)
+        scans = self.scan(texts, placeholders, detector=detector)
         injection = any(s.injection for s in scans)
         found = []
         for w, s in zip(where, scans):
@@ -284,7 +292,26 @@ class Guard:
                         redacted[i]["content"][j]["text"] = s.redacted
         return GuardResult(injection, max((s.score for s in scans), default=0.0),
                            sorted({r for s in scans for r in s.rules}), scans, redacted, action, reason,
-                           placeholders)
+                           placeholders, where, detector_pending=not detector and self.detector is not None)
+
+    def finish_input(self, result: GuardResult) -> GuardResult:
+        """The detector's half of a `check_input(..., detector=False)`: raises ContentFilteredError when
+        it finds an injection the policy refuses, else returns the result with its scores filled in."""
+        if not result.detector_pending:
+            return result
+        scores = self.detector_scores([s.judged for s in result.scans])
+        scans = [replace(s, detector_score=d, score=max(s.score, d), injection=s.injection or d >= self.threshold)
+                 for s, d in zip(result.scans, scores)]
+        found = [f"prompt injection in {w} (detector score {d:.2f})"
+                 for w, s, d in zip(result.where, result.scans, scores) if d >= self.threshold and not s.injection]
+        out = replace(result, scans=scans, score=max((s.score for s in scans), default=0.0),
+                      injection=any(s.injection for s in scans), detector_pending=False)
+        if not found:
+            return out
+        reason = "; ".join([*found, *([result.reason] if result.reason else [])])
+        if self.policy != "log":
+            raise ContentFilteredError(f"the request was blocked by the guard: {reason}. Remove it and retry")
+        return replace(out, action="logged", reason=reason)
 
     def output_filter(self, placeholders: Placeholders | None = None) -> StreamFilter:
         """A filter for one response; pass the request's placeholders so numbering matches the input."""

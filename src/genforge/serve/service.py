@@ -417,7 +417,7 @@ class LMService:
                                   template_kwargs=req.chat_template_kwargs)
                 return len(ids) + reserve <= self.max_model_len
 
-            prep = await self.app.prepare(req, fits)
+            prep = await self.app.prepare(req, fits, speculate=True)
             if prep.hit is not None:
                 return replay_chat(prep, req, self.served_name, request)
             messages = [ChatMessage(**m) for m in prep.messages]
@@ -430,6 +430,17 @@ class LMService:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         names = {"prompt": "messages", "max_tokens": tokens_field, "logprobs": "top_logprobs"}
         choices = self._submit([prompt], req, max_tokens, logprobs, names)
+        if prep is not None:
+            # The engine has started on the prompt; nothing reaches the client before the layer's last
+            # checks (injection detector, near cache matches) have passed.
+            try:
+                await self.app.settle(prep)
+            except BaseException:
+                self._cancel_unfinished(choices)
+                raise
+            if prep.hit is not None:
+                self._cancel_unfinished(choices)
+                return replay_chat(prep, req, self.served_name, request)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
             return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices, prep),
