@@ -146,7 +146,7 @@ def test_the_served_reply_ends_where_training_taught_it(tmp_path, base_run):
     recipe = sft_recipe(tmp_path, base_run, name="ok", dataset=str(_jsonl(tmp_path, *rows)), max_steps=60,
                         batch_size=8, eval_every=60, checkpoint_every=60, data={"max_length": 128})
     run_recipe(recipe)
-    with TestClient(create_app(tmp_path / "runs" / "ok" / "model", dtype="float32")) as client:
+    with TestClient(create_app(tmp_path / "runs" / "ok", dtype="float32")) as client:
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "question 99 b"}],
                                                       "max_tokens": 20, "temperature": 0})
     assert r.status_code == 200

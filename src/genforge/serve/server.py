@@ -118,12 +118,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------- the app
 
 
+IMAGE_FAMILIES = ("vae", "gan", "diffusion", "classifier")
+
+
 def _run_family(path: Path) -> str:
+    """"lm" for a language-model run (pre-trained, fine-tuned, aligned, distilled) or an HF folder, else
+    the image family of the run."""
     recipe = path / "recipe.yaml"
     if recipe.is_file():
         from genforge.common.runs import RunDir
 
-        return str(RunDir(path).read_recipe().get("family", "lm"))
+        family = str(RunDir(path).read_recipe().get("family", "lm"))
+        return family if family in IMAGE_FAMILIES else "lm"
     return "lm"
 
 
