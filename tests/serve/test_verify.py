@@ -80,3 +80,10 @@ def test_pair_set_shape():
     # stratified: every category is in both splits
     for cat in {r["category"] for r in rows}:
         assert {r["split"] for r in rows if r["category"] == cat} == {"dev", "test"}
+
+
+def test_unrelated_chinese_questions_are_refused_whatever_the_cosine():
+    # the English-only embedder put these two at cosine 0.75: the cache once served one for the other
+    ok, reason = V.same("北京到上海的高铁要多长时间？", "世界上最高的山是什么？", 0.7521)
+    assert not ok and "little in common" in reason
+    assert V.same("为什么天空是蓝色的？", "天空为何呈现蓝色？", 0.8)[0]  # a rewording shares enough characters
