@@ -246,15 +246,19 @@ class Recipe(Spec):
     """One runnable job: a family, its dataset, its model and the loop settings."""
 
     name: str
-    family: str = rng(choices=["lm", "vae", "gan", "diffusion", "classifier", "sft"])
+    family: str = rng(choices=["lm", "vae", "gan", "diffusion", "classifier", "sft", "dpo", "distill"])
     dataset: str = rng(help="path of a dataset folder written by `genforge data prepare`; for sft a .jsonl "
-                       "file of conversations or builtin:pydoc-instructions")
-    base: str | None = rng(None, help="sft: the model to fine-tune, a run directory or a Hugging Face "
-                           "causal-LM folder")
+                       "file of conversations or builtin:pydoc-instructions; for dpo a .jsonl file of "
+                       "preference pairs or builtin:pydoc-preferences; for distill either kind of sft's or lm's")
+    base: str | None = rng(None, help="sft, dpo, distill: the model to fine-tune, a run directory or a Hugging "
+                           "Face causal-LM folder")
+    teacher: str | None = rng(None, help="distill: the model to learn from, a run or Hugging Face folder")
     model: dict = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: dict = Field(default_factory=dict)
     lora: dict | None = None
+    dpo: dict | None = None  # dpo: beta, loss, label_smoothing (train.dpo.DPOSpec)
+    distill: dict | None = None  # distill: temperature, alpha, kl (train.distill.DistillSpec)
     out_dir: str = "runs"
 
     @model_validator(mode="before")
@@ -266,12 +270,22 @@ class Recipe(Spec):
         return data
 
     def check(self) -> None:
-        if self.family == "sft" and not self.base:
-            raise ConfigError("missing required key 'base': the sft family fine-tunes a model; set base to a "
-                              "run directory or a Hugging Face causal-LM folder")
-        if self.family != "sft" and self.base is not None:
-            raise ConfigError(f"base: the {self.family} family does not start from a base model (sft does); "
-                              "remove the key")
+        if self.family in ("sft", "dpo") and not self.base:
+            raise ConfigError(f"missing required key 'base': the {self.family} family fine-tunes a model; set base "
+                              "to a run directory or a Hugging Face causal-LM folder")
+        if self.family not in ("sft", "dpo", "distill") and self.base is not None:
+            raise ConfigError(f"base: the {self.family} family does not start from a base model (sft, dpo and "
+                              "distill do); remove the key")
+        if self.family == "distill" and not self.teacher:
+            raise ConfigError("missing required key 'teacher': the distill family learns from a teacher; set it "
+                              "to a run directory or a Hugging Face causal-LM folder")
+        if self.family == "distill" and bool(self.base) == bool(self.model):
+            raise ConfigError("distill: give the student either as `base` (a model to fine-tune) or as a `model` "
+                              "section (a fresh model from a preset), not " + ("both" if self.base else "neither"))
+        for key in ("teacher", "dpo", "distill"):
+            family = "distill" if key == "teacher" else key
+            if self.family != family and getattr(self, key) is not None:
+                raise ConfigError(f"{key}: only the {family} family takes this key; remove it")
 
     @property
     def run_dir(self) -> Path:

@@ -119,8 +119,9 @@ def source_identity(source: str) -> dict:
 # ----------------------------------------------------------------------------- tokenizing
 
 def encode_conversation(tokenizer: Any, template: str, conv: Conversation, stop_ids: set[int],
-                        eos_id: int) -> Example:
-    """Token ids of the whole conversation and labels on the assistant turns (see the module doc)."""
+                        eos_id: int, last_turn_only: bool = False) -> Example:
+    """Token ids of the whole conversation and labels on the assistant turns (see the module doc);
+    with `last_turn_only`, on the final message only (a DPO reply after its prompt)."""
     def render(messages: list[dict], prompt: bool):
         try:
             return render_messages(tokenizer, template, messages, add_generation_prompt=prompt)
@@ -136,7 +137,7 @@ def encode_conversation(tokenizer: Any, template: str, conv: Conversation, stop_
     ids = render(conv.messages, False).ids
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(conv.messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (last_turn_only and i != len(conv.messages) - 1):
             continue
         turn = render(conv.messages[:i + 1], False)
         prompt = render(conv.messages[:i], True).ids
@@ -250,6 +251,9 @@ class ChatBatches:
         n = len(self.train_units)
         units = [self.train_units[self._order(p // n)[p % n]]
                  for p in range(index * self.batch_size, (index + 1) * self.batch_size)]
+        return self.collate(units)
+
+    def collate(self, units: list[list[Example]]) -> dict[str, torch.Tensor]:
         return collate(units, self.pad_id, self.packed_length)
 
     def val_batches(self, n: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -257,4 +261,4 @@ class ChatBatches:
         for b, i in enumerate(range(0, len(self.val_units), self.batch_size)):
             if n is not None and b >= n:
                 return
-            yield collate(self.val_units[i:i + self.batch_size], self.pad_id, self.packed_length)
+            yield self.collate(self.val_units[i:i + self.batch_size])

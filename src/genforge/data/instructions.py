@@ -1,7 +1,8 @@
 """A small built-in instruction set derived from the CPython docs corpus (`pydoc_data.topics`).
 
 Each topic that opens with a prose paragraph (all but the special-method pages) gives a few chat
-rows: a question about the topic, in a few phrasings -> the topic's opening paragraph. It ships
+rows: a question about the topic, in a few phrasings -> the topic's opening paragraph (and for
+preference training, that paragraph preferred over another topic's). It ships
 with Python, so SFT recipes, tests and the fine-tuning demo run anywhere without a download; the
 demo's base model was pre-trained on the same corpus, so the answers are text it has seen, now in
 a question -> answer format.
@@ -44,18 +45,39 @@ def opening_paragraph(text: str) -> str | None:
     return None
 
 
-def pydoc_instructions(seed: int = 0) -> list[dict]:
-    """Chat rows `{"messages": [user, assistant], "topic": key}`, every topic in every phrasing,
-    shuffled by `seed`. The topic key lets a caller hold out whole topics."""
-    rows, seen = [], set()
+def _topics() -> list[tuple[str, str, str]]:
+    """(topic key, subject as a question names it, opening paragraph) of every prose topic."""
+    out, seen = [], set()
     for key in sorted(topics):
         title, answer = _title(topics[key]), opening_paragraph(topics[key])
         if answer is None or title in seen:  # "else" repeats the "if" topic
             continue
         seen.add(title)
-        subject = "the" + title[3:] if title.startswith("The ") else title
-        for question in QUESTIONS:
-            rows.append({"messages": [{"role": "user", "content": question.format(subject=subject)},
-                                      {"role": "assistant", "content": answer}], "topic": key})
+        out.append((key, "the" + title[3:] if title.startswith("The ") else title, answer))
+    return out
+
+
+def pydoc_instructions(seed: int = 0) -> list[dict]:
+    """Chat rows `{"messages": [user, assistant], "topic": key}`, every topic in every phrasing,
+    shuffled by `seed`. The topic key lets a caller hold out whole topics."""
+    rows = [{"messages": [{"role": "user", "content": question.format(subject=subject)},
+                          {"role": "assistant", "content": answer}], "topic": key}
+            for key, subject, answer in _topics() for question in QUESTIONS]
     random.Random(seed).shuffle(rows)
+    return rows
+
+
+def pydoc_preferences(seed: int = 0) -> list[dict]:
+    """Preference rows `{"prompt", "chosen", "rejected", "topic"}`: a question about a topic, its
+    opening paragraph (chosen) and another topic's, drawn at random (rejected); every topic in
+    every phrasing, shuffled by `seed`."""
+    entries = _topics()
+    rand = random.Random(seed)
+    rows = []
+    for i, (key, subject, answer) in enumerate(entries):
+        for question in QUESTIONS:
+            other = entries[(i + rand.randrange(1, len(entries))) % len(entries)][2]  # never the topic itself
+            rows.append({"prompt": question.format(subject=subject), "chosen": answer, "rejected": other,
+                         "topic": key})
+    rand.shuffle(rows)
     return rows

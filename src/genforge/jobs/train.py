@@ -13,15 +13,15 @@ from genforge.common.config import Recipe, load_recipe, to_dict
 from genforge.common.errors import ConfigError, DataError, RunError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, environment_info, update_report
-from genforge.data.chat import source_identity
-from genforge.train import classifier, diffusion, gan, lm, sft, vae
+from genforge.data import chat, preference
+from genforge.train import classifier, diffusion, distill, dpo, gan, lm, sft, vae
 from genforge.train.checkpoint import check_same_model, read_meta, resume_point
 from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
 from genforge.train.objective import DataSource, Objective
 
 # family -> build(recipe, device) -> (objective, data)
 FAMILIES = {"lm": lm.build, "vae": vae.build, "gan": gan.build, "diffusion": diffusion.build,
-            "classifier": classifier.build, "sft": sft.build}
+            "classifier": classifier.build, "sft": sft.build, "dpo": dpo.build, "distill": distill.build}
 
 
 @dataclass
@@ -52,6 +52,16 @@ def dataset_identity(path: str | Path) -> dict:
     return {"path": str(Path(path).resolve()), "content_hash": meta.get("content_hash")}
 
 
+def _dataset_identity(recipe: Recipe) -> dict:
+    """sft reads conversations and dpo preference pairs (a .jsonl file or a built-in set), distill
+    either conversations or a dataset folder, the other families a prepared dataset folder."""
+    if recipe.family == "dpo":
+        return preference.source_identity(recipe.dataset)
+    if recipe.family == "sft" or (recipe.family == "distill" and distill.uses_chat(recipe.dataset)):
+        return chat.source_identity(recipe.dataset)
+    return dataset_identity(recipe.dataset)
+
+
 def build_family(recipe: Recipe, device: torch.device) -> tuple[Objective, DataSource]:
     return FAMILIES[recipe.family](recipe, device)
 
@@ -68,8 +78,7 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     if not resume and run.checkpoints():
         raise RunError(f"run {run.path} already exists; continue it with --resume, "
                        f"or train under another name (--set name=...)")
-    # sft reads conversations (a .jsonl file or a built-in set), the others a prepared dataset folder
-    dataset = source_identity(recipe.dataset) if recipe.family == "sft" else dataset_identity(recipe.dataset)
+    dataset = _dataset_identity(recipe)
     saved = None
     if resume:
         # Refused before anything is built or written: no checkpoint, or a changed training recipe.
@@ -105,11 +114,12 @@ def _flat(tree: object, prefix: str) -> dict[str, object]:
 
 
 def _check_same_sections(run: RunDir, recipe: Recipe) -> None:
-    """The model, data and lora sections and the base as the run started (the signature covers only
-    the architecture; a changed dropout, gradient penalty or augmentation would also change training)."""
+    """The model, data, lora, dpo and distill sections, the base and the teacher as the run started
+    (the signature covers only the architecture; a changed dropout, gradient penalty or
+    augmentation would also change training)."""
     first = run.read_recipe() if run.recipe_path.is_file() else {}
     now = to_dict(recipe)
-    for section in ("model", "data", "lora", "base"):
+    for section in ("model", "data", "lora", "dpo", "distill", "base", "teacher"):
         old, new = _flat(first.get(section) or {}, section), _flat(now.get(section) or {}, section)
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if changed:

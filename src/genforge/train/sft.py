@@ -122,6 +122,37 @@ class SFTObjective(SingleLoss):
         return out
 
 
+def load_base(recipe: Recipe, device: torch.device, key: str = "base") -> tuple[PreTrainedModel,
+                                                                               PreTrainedTokenizerBase, Path]:
+    """(model, tokenizer, resolved folder) of the recipe's `base` (or `teacher`), with the chat
+    template training renders with: the one written into model/ and so the one serve uses."""
+    try:
+        folder = model_folder(getattr(recipe, key)).resolve()
+        model, tokenizer = load_lm(folder, device)
+    except RunError as e:
+        raise ConfigError(f"{key}: {e.message}", param=key) from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{key}: the tokenizer of {folder} has no EOS token, which the model must learn to end "
+                          "its turn with; give it one (tokenizer_config.json eos_token)", param=key)
+    tokenizer.chat_template = resolve_chat_template(tokenizer)
+    return model, tokenizer, folder
+
+
+def chat_max_length(requested: int | None, *models: PreTrainedModel, whose: str = "the base model's") -> int:
+    """data.max_length, by default (and at most) the shortest context of `models`."""
+    limit = min(context_length(m) for m in models)
+    if requested is not None and requested > limit:
+        raise ConfigError(f"data.max_length: {requested} is beyond {whose} context of {limit} tokens",
+                          param="data.max_length")
+    return requested or limit
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end a turn: the tokenizer's EOS and the model config's EOS id(s)."""
+    config_eos = model.config.eos_token_id
+    return {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])} - {None}
+
+
 def build(recipe: Recipe, device: torch.device) -> tuple[SFTObjective, ChatBatches]:
     if recipe.model:
         raise ConfigError(f"model: the sft family takes its model from `base`; remove the model section "
@@ -129,25 +160,10 @@ def build(recipe: Recipe, device: torch.device) -> tuple[SFTObjective, ChatBatch
     lora = from_dict(LoraSpec, recipe.lora, "lora") if recipe.lora is not None else None
     data_cfg = from_dict(SFTDataSpec, recipe.data, "data")
     conversations = read_conversations(recipe.dataset)  # bad rows fail before the model loads
-    try:
-        base = model_folder(recipe.base).resolve()
-        model, tokenizer = load_lm(base, device)
-    except RunError as e:
-        raise ConfigError(f"base: {e.message}", param="base") from None
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"base: the tokenizer of {base} has no EOS token, which the model must learn to end "
-                          "its turn with; give it one (tokenizer_config.json eos_token)", param="base")
-    limit = context_length(model)
-    max_length = data_cfg.max_length or limit
-    if max_length > limit:
-        raise ConfigError(f"data.max_length: {max_length} is beyond the base model's context of {limit} tokens",
-                          param="data.max_length")
-    # The template training renders with is the one written into model/ and so the one serve uses.
-    tokenizer.chat_template = resolve_chat_template(tokenizer)
-    config_eos = model.config.eos_token_id
-    stop_ids = {tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])} - {None}
+    model, tokenizer, base = load_base(recipe, device)
+    max_length = chat_max_length(data_cfg.max_length, model)
     examples, dropped = encode_conversations(conversations, tokenizer, tokenizer.chat_template, max_length,
-                                             stop_ids, tokenizer.eos_token_id)
+                                             stop_ids(model, tokenizer), tokenizer.eos_token_id)
     if dropped:
         console.print(f"[yellow]warning:[/] {dropped} of {len(conversations)} conversations dropped: no "
                       f"assistant token left within max_length {max_length}")
