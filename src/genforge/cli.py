@@ -97,6 +97,16 @@ def cmd_merge(a: argparse.Namespace) -> None:
     print(f"merged model written to {out}")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from genforge.jobs.quantize import quantize_run
+
+    r = quantize_run(a.run, a.method, a.out, eval_batches=a.eval_batches, max_new_tokens=a.max_new_tokens)
+    print(f"quantized model written to {r['out']} (report: {r['out']}/report.md)")
+    for k, v in r.items():
+        if k not in ("out", "method"):
+            print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from genforge.jobs.demo import run_demo
 
@@ -227,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="new folder for the merged model")
     mg.add_argument("--base", default=None, help="the base model (default: the one the adapter records)")
     mg.set_defaults(func=cmd_merge)
+
+    qu = sub.add_parser("quantize", help="quantize a run's linear layers; a folder serve and eval load")
+    qu.add_argument("run")
+    qu.add_argument("--method", required=True, help="int8-dynamic (CPU), int8-weight, int4-weight (CUDA)")
+    qu.add_argument("--out", required=True, help="new folder for the quantized model")
+    qu.add_argument("--eval-batches", type=_positive_int, default=20,
+                    help="validation batches for the perplexity comparison")
+    qu.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens per row of the speed test")
+    qu.set_defaults(func=cmd_quantize)
 
     from genforge.cli_app import add_app_commands
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ def validation_loss(model, batches, total: int | None = None) -> tuple[float, in
     return nats / max(count, 1), count
 
 
-def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int = 16) -> dict:
+def validation_data(run_path: str | Path) -> tuple[RunDir, TokenDataset, str]:
+    """The run, the token dataset it recorded (checked unchanged) and that dataset's path."""
     run = RunDir.open(run_path)
     recorded = run.read_recipe().get("_provenance", {}).get("dataset", {})
     if not recorded.get("path"):
@@ -45,7 +47,11 @@ def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int 
     if recorded.get("content_hash") and dataset.content_hash != recorded["content_hash"]:
         raise RunError(f"the dataset at {recorded['path']} changed since {run.path} was trained "
                        f"(content hash differs); re-prepare it or evaluate on the original")
-    model, _ = load_lm(run.path)
+    return run, dataset, recorded["path"]
+
+
+def evaluate_model(model, dataset: TokenDataset, max_batches: int | None = None, batch_size: int = 16) -> dict:
+    """Validation loss, perplexity and bits per byte of `model` on the dataset's val split."""
     ctx = context_length(model)
     val = dataset.split("val")
     data = TokenBatches(dataset.split("train"), val, batch_size, min(ctx, len(val) - 1), seed=0)
@@ -56,14 +62,20 @@ def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int 
     seconds = time.perf_counter() - t0
     stats = dataset.stats
     tokens_per_byte = stats["tokens"]["val"] / max(stats["bytes"]["val"], 1)
-    result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-              "bits_per_byte": loss * tokens_per_byte / math.log(2), "val_tokens": tokens,
-              "eval_seconds": seconds}
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": loss * tokens_per_byte / math.log(2), "val_tokens": tokens, "eval_seconds": seconds}
+
+
+def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int = 16) -> dict:
+    run, dataset, data_path = validation_data(run_path)
+    model, _ = load_lm(run.path)
+    result = evaluate_model(model, dataset, max_batches, batch_size)
+    loss, tokens = result["val_loss"], result["val_tokens"]
     atomic_write_text(run.path / "eval.json", json.dumps(result, indent=2))
     update_report(run, "evaluation", (
         "## Evaluation\n\n| metric | value |\n|---|---|\n"
         f"| validation loss (nats/token) | {loss:.4f} |\n| perplexity | {result['perplexity']:.2f} |\n"
         f"| bits per byte | {result['bits_per_byte']:.4f} |\n| validation tokens | {tokens:,} |\n"
-        f"\nOn the validation split of `{recorded['path']}` "
+        f"\nOn the validation split of `{data_path}` "
         f"({'all of it' if max_batches is None else f'first {max_batches} batches'}).\n"))
     return result

@@ -66,6 +66,9 @@ def fast_path_unsupported(model: torch.nn.Module, max_len: int | None = None) ->
         return "MLP is not gated (e.g. mixture of experts)"
     if hasattr(layer.self_attn, "q_norm"):
         return "per-head q/k norms"
+    linear = layer.self_attn.q_proj
+    if not isinstance(linear, torch.nn.Linear) or type(linear.weight.data) is not torch.Tensor:
+        return "quantized weights (models/quantize.py): the model's own quantized linears run them"
     return None
 
 

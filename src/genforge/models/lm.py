@@ -24,6 +24,7 @@ from transformers import (
 
 from genforge.common.config import Spec, rng
 from genforge.common.errors import ConfigError, RunError
+from genforge.models.quantize import check_method, compute_dtype, quantize_model, read_marker
 
 # ChatML, the template most small chat models use; applied when a model folder has none.
 DEFAULT_CHAT_TEMPLATE = (
@@ -202,9 +203,15 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu",
 
     `dtype`: a torch dtype or a `--dtype` name (see `resolve_dtype`); None keeps fp32 (eval's
     default: perplexities in full precision), "auto" picks bf16 on CUDA.
+    A folder written by `genforge quantize` (a `quantization.json` beside the weights) is quantized
+    after loading, in the dtype its method computes in (models/quantize.py).
     """
     folder = model_folder(path)
     torch_dtype = torch.float32 if dtype is None else resolve_dtype(dtype, device)
+    method = read_marker(folder)
+    if method is not None:
+        check_method(method, device)  # before the weights are read
+        torch_dtype = compute_dtype(method, dtype, torch_dtype)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype,
@@ -216,7 +223,10 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu",
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if method is not None:
+        quantize_model(model, method)
+    return model, tokenizer
 
 
 def context_length(model: torch.nn.Module, max_model_len: int | None = None) -> int:
