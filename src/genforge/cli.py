@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from genforge.common.errors import GenforgeError
 
@@ -45,6 +46,17 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
             print(f"  {k}: " + ", ".join(f"{sk} {sv:,}" if isinstance(sv, int) else f"{sk} {sv}" for sk, sv in v.items()))
         elif not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")
+
+
+def cmd_data_synth(a: argparse.Namespace) -> None:
+    from genforge.jobs.synth import synthesize
+
+    stats = synthesize(a.teacher, a.prompts, a.out, n_per_prompt=a.n_per_prompt, max_new_tokens=a.max_new_tokens,
+                       temperature=a.temperature, top_p=a.top_p, seed=a.seed, min_chars=a.min_chars,
+                       max_chars=a.max_chars, max_perplexity=a.max_perplexity, batch_size=a.batch_size)
+    print(f"{stats['written']} rows written to {a.out} (stats: {Path(a.out).stem}.stats.json beside it)")
+    print("  " + ", ".join(f"{k} {stats[k]}" for k in ("prompts", "generated", "truncated", "duplicates",
+                                                          "too_short", "too_long", "high_perplexity")))
 
 
 def _is_image_input(path: str) -> bool:
@@ -200,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--size", type=int, default=None, help="images: resize to SIZE x SIZE")
     prep.add_argument("--seed", type=int, default=0)
     prep.set_defaults(func=cmd_data_prepare)
+    sy = data.add_parser("synth", help="SFT conversations answered by a teacher model, deduplicated and filtered")
+    sy.add_argument("--teacher", required=True, help="a run or HF model folder")
+    sy.add_argument("--prompts", required=True, help=".jsonl with `prompt` or `messages`, or one prompt per line")
+    sy.add_argument("--out", required=True, help="new .jsonl file of chat rows (stats beside it)")
+    sy.add_argument("--n-per-prompt", type=_positive_int, default=1, help="answers sampled per prompt")
+    sy.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    sy.add_argument("--temperature", type=float, default=0.8)
+    sy.add_argument("--top-p", type=float, default=0.95)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--min-chars", type=int, default=1, help="drop answers shorter than this")
+    sy.add_argument("--max-chars", type=int, default=None, help="drop answers longer than this")
+    sy.add_argument("--max-perplexity", type=float, default=None,
+                    help="drop answers the teacher itself finds less likely than this perplexity")
+    sy.add_argument("--batch-size", type=_positive_int, default=16, help="sequences generated together")
+    sy.set_defaults(func=cmd_data_synth)
 
     tr = sub.add_parser("train", help="train a recipe through the one training loop")
     tr.add_argument("recipe")

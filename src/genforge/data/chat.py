@@ -61,19 +61,23 @@ class Example:
 
 # ----------------------------------------------------------------------------- reading rows
 
+def parse_messages(messages: Any, where: str) -> list[dict]:
+    """A `messages` field checked: a non-empty list of {role, content[, name]} with string values."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{k}] must be an object with a string `role` and a string "
+                            f"`content`, got {json.dumps(m)[:120]}")
+    return [{"role": m["role"], "content": m["content"], **({"name": m["name"]} if m.get("name") else {})}
+            for m in messages]
+
+
 def to_messages(row: dict, where: str) -> list[dict]:
     """A row's conversation: chat `messages` as they are, or alpaca fields (instruction, optional
     input, output; optional system) as a user turn and an assistant turn."""
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{k}] must be an object with a string `role` and a string "
-                                f"`content`, got {json.dumps(m)[:120]}")
-        out = [{"role": m["role"], "content": m["content"], **({"name": m["name"]} if m.get("name") else {})}
-               for m in messages]
+        out = parse_messages(row["messages"], where)
     elif "instruction" in row or "output" in row:
         missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
         if missing:

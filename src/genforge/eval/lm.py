@@ -79,3 +79,28 @@ def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int 
         f"\nOn the validation split of `{data_path}` "
         f"({'all of it' if max_batches is None else f'first {max_batches} batches'}).\n"))
     return result
+
+
+@torch.inference_mode()
+def continuation_perplexity(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
+    """exp(mean next-token loss) of each continuation given its prompt: how likely the model finds
+    an answer to a prompt (the synthetic-data filter's score). Rows are right-padded in batches,
+    so every real token keeps its position."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for r, (prompt, answer) in enumerate(chunk):
+            seq = prompt + answer
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+            labels[r, len(prompt):len(seq)] = torch.tensor(answer)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), reduction="none")
+        counts = (labels[:, 1:] != -100).sum(1).clamp(min=1).to(device)
+        out += [math.exp(min(float(v), 50.0)) for v in nll.sum(1) / counts]
+    return out
