@@ -9,10 +9,10 @@ is the base itself: with a `lora:` section, the same model with its adapter disa
 Each side's score is log pi(reply | prompt) summed over the reply's tokens, its implicit reward
 beta * (log pi - log pi_ref). The sigmoid loss is -log sigmoid(reward margin), with
 `label_smoothing` eps the conservative form that assumes a share eps of flipped labels; IPO is
-(margin / beta - 1 / (2 beta))^2 on per-token log-ratios, as trl computes it. Logged: the rewards
-of each side, their margin and the preference accuracy (share of pairs whose chosen reward is the
-higher); eval adds the likelihood accuracy (share of pairs whose chosen reply has the higher
-per-token log-probability), which report.md also gives for the reference: before and after DPO.
+(d - 1 / (2 beta))^2, d the chosen minus the rejected log-ratio, each per reply token, as trl has it. Logged, in training
+and eval: the rewards of each side, their margin, the preference accuracy (share of pairs whose
+chosen reward is the higher) and the likelihood accuracy (share of pairs whose chosen reply has the
+higher per-token log-probability), which report.md also gives for the reference: before and after.
 
 Export, checkpoints and adapters are SFT's (train/sft.py): model/ is the complete model.
 """
