@@ -188,6 +188,23 @@ def test_pydoc_preferences_through_the_cli(tmp_path, base_run):
     assert json.loads((run.model_dir / "config.json").read_text())["model_type"]
 
 
+def test_a_full_fine_tuning_resume_is_exact(tmp_path, base_run):
+    """The reference is rebuilt from the base on resume (it never trains), so a stopped and resumed
+    run ends where a straight one does."""
+    from safetensors.torch import load_file
+
+    run_recipe(dpo_recipe(tmp_path, base_run, name="a", dpo={"beta": 0.1}))
+    stopped = dpo_recipe(tmp_path, base_run, name="b", dpo={"beta": 0.1}, time_budget=0.000001)
+    run_recipe(stopped)
+    assert [p.name for p in RunDir(tmp_path / "runs" / "b").checkpoints()] == ["step-1"]
+    with pytest.raises(ConfigError, match="dpo.beta changed from 0.1 to 0.5"):
+        run_recipe(stopped, ["train.time_budget=null", "dpo.beta=0.5"], resume=True)
+    run_recipe(stopped, ["train.time_budget=null"], resume=True)
+    wa = load_file(tmp_path / "runs" / "a" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "runs" / "b" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("row, message", [
