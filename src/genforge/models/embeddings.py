@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,11 @@ class Embedder:
                     def forward(self, ids: Any, mask: Any) -> Any:
                         return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
 
-                traced = torch.jit.trace(_States(model).eval(), (ids, mask), check_trace=False, strict=False)
+                with warnings.catch_warnings():  # shape-dependent branches: the check below is what counts
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    traced = torch.jit.trace(_States(model).eval(), (ids, mask), check_trace=False, strict=False)
                 probe = (ids[:, : max(2, ids.shape[1] // 2)], mask[:, : max(2, ids.shape[1] // 2)])
                 if torch.allclose(traced(*probe).float(), _States(model)(*probe).float(), atol=1e-3):
                     self._traced = traced
