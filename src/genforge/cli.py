@@ -22,8 +22,10 @@ def _family(run_path: str) -> str:
 
     run = RunDir(run_path)
     if run.recipe_path.is_file():
+        from genforge.common.config import IMAGE_FAMILIES
+
         family = str(run.read_recipe().get("family", "lm"))
-        return "lm" if family == "sft" else family
+        return family if family in IMAGE_FAMILIES else "lm"
     if not run.path.exists():
         raise GenforgeError(f"not found: {run_path} (expected a run directory or a model folder)")
     return "lm"

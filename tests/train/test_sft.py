@@ -278,3 +278,11 @@ def test_merge_errors(lora_run, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="already exists"):
         merge_adapter(run.path, "sft", tmp_path / "full")
+
+
+def test_eval_of_an_sft_run_says_it_has_no_token_dataset_and_generate_treats_it_as_an_lm(lora_run, capsys):
+    _, _, run = lora_run
+    assert main(["eval", str(run.path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was trained (sft) on" in err and "not on a token dataset folder" in err
+    assert main(["generate", str(run.path), "--prompt", "hi", "--max-new-tokens", "2"]) == 0

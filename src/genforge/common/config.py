@@ -208,6 +208,11 @@ RESUME_MAY_CHANGE = frozenset({"time_budget", "eval_every", "eval_batches", "log
                                "keep_last", "device", "threads", "compile"})
 
 
+# The families whose runs hold an image model; every other family's run holds a causal LM (pre-trained,
+# fine-tuned, aligned or distilled), which serve, eval and generate treat alike.
+IMAGE_FAMILIES = ("vae", "gan", "diffusion", "classifier")
+
+
 class TrainConfig(Spec):
     """What the one training loop needs; the same for every family."""
 

@@ -41,6 +41,12 @@ def validation_data(run_path: str | Path) -> tuple[RunDir, TokenDataset, str]:
     """The run, the token dataset it recorded (checked unchanged) and that dataset's path."""
     run = RunDir.open(run_path)
     recorded = run.read_recipe().get("_provenance", {}).get("dataset", {})
+    recipe = run.read_recipe()
+    data = recorded.get("path") or recipe.get("dataset")
+    if recipe.get("family", "lm") != "lm" and not (data and Path(data).is_dir()):
+        raise RunError(f"{run.path} was trained ({recipe.get('family')}) on {data}, not on a token dataset folder; "
+                       "genforge eval measures perplexity on a token dataset's validation split, which this run "
+                       "does not have (its own held-out figures are in its report.md)")
     if not recorded.get("path"):
         raise RunError(f"{run.path}: the run does not record its dataset; cannot find validation data")
     dataset = TokenDataset(recorded["path"])

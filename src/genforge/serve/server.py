@@ -118,14 +118,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------- the app
 
 
-IMAGE_FAMILIES = ("vae", "gan", "diffusion", "classifier")
-
-
 def _run_family(path: Path) -> str:
     """"lm" for a language-model run (pre-trained, fine-tuned, aligned, distilled) or an HF folder, else
     the image family of the run."""
     recipe = path / "recipe.yaml"
     if recipe.is_file():
+        from genforge.common.config import IMAGE_FAMILIES
         from genforge.common.runs import RunDir
 
         family = str(RunDir(path).read_recipe().get("family", "lm"))
