@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from .conftest import MODEL_NAME, free_socket
-from .test_replicas import answer, ask, error_lines, genforge, serving
+from .processes import answer, ask, error_lines, genforge, serving
 
 pytest.importorskip("sentence_transformers")
 
