@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import openai
 import pytest
@@ -111,15 +113,39 @@ def test_delete_invalidates_by_key_and_all_and_metrics_count(cached):
     assert cached.metric("genforge:cache_verification_rejections_total") >= 1  # France / Germany
 
 
+def test_the_steps_run_in_a_process_of_their_own_and_losing_it_is_a_503(lm, tmp_path):
+    config = load_app_config(cache=True, guard="redact", store=str(tmp_path / "state"))
+    with lm_server(lm, app_config=config) as live:
+        layer = live.app.state.service.app
+        assert "in its own process" in layer.describe()
+        worker = layer.steps._proc
+        assert worker.is_alive() and worker.pid != os.getpid()
+        assert chat(live, "How do I open a file for reading in Python?")[0]["x-genforge-cache"] == "miss"
+        assert httpx.get(live.url + "/health").status_code == 200
+        worker.kill()
+        worker.join(10)
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(live, "How do I open a file for reading in Python?")
+        assert e.value.status_code == 503 and "application layer's process" in e.value.body["message"]
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503 and "application layer" in health.json()["error"]["message"]
+        plain = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
+        assert plain.models.list().data  # the rest of the server still answers
+
+
 def test_cache_delete_without_a_cache_is_404(api):
     r = httpx.delete(api.v1 + "/cache")
     assert r.status_code == 404 and r.json()["error"]["param"] == "cache"
 
 
 @pytest.fixture(scope="module")
-def guarded(lm):
-    config = load_app_config(guard="block")
-    with lm_server(lm, app_config=config) as live:
+def guarded(lm, tmp_path_factory):
+    # the steps in the server's own process (own_process: false); every other server here runs them in
+    # a process of their own, the default
+    path = tmp_path_factory.mktemp("cfg") / "serve.yaml"
+    path.write_text("own_process: false\nguard:\n  policy: block\n")
+    with lm_server(lm, app_config=load_app_config(path)) as live:
+        assert "in the server's process" in live.app.state.service.app.describe()
         yield live
 
 

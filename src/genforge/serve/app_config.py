@@ -4,6 +4,7 @@
 
     store: ~/.cache/genforge/serve-state   # a folder (embedded SQLite) or postgresql://user@host/db
     embedder: null                    # a local sentence-transformers folder; default all-MiniLM-L6-v2
+    own_process: true                 # run the steps in a process of their own (false: in the server's)
     cache:
       enabled: true
       threshold: 0.75                 # similarity a near match needs (chosen on the dev pairs)
@@ -74,6 +75,7 @@ class GuardSpec(Spec):
 class AppConfig(Spec):
     store: str | None = None
     embedder: str | None = None
+    own_process: bool = True  # the steps in a process of their own (serve/layer_steps.py says why)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     rag: RagSpec = Field(default_factory=RagSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)

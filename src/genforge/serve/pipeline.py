@@ -9,32 +9,27 @@ stored answer. The service (serve/service.py) runs the engine, passes the text t
 is off unless the deployment's config turns it on; with all of them off `prepare` does nothing
 and the request takes the plain path.
 
-Blocking work (embedding, the store, regexes over long inputs) runs in the layer's own worker
-threads so the event loop keeps streaming other requests' tokens. Its own, and many: a request
-waiting for the shared embedding forward holds its thread while it waits, and on asyncio's default
-pool (6 threads on 2 cores) 16 concurrent requests queued for a thread before they could even join
-the batch (measured: 98 ms in the guard step at 16 clients, most of it queueing).
+The blocking steps (embedding, the store, the verifier, the guard's regexes over long inputs) run
+in a process of their own by default (serve/layer_steps.py says why), called through
+`AppLayer.steps`; the event loop keeps streaming other requests' tokens meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from genforge.common.errors import ConfigError, NotFoundError
-from genforge.common.store import Store, StoreUnavailable, open_store
+from genforge.common.errors import NotFoundError
+from genforge.common.store import StoreUnavailable
 from genforge.serve.app_config import AppConfig
-from genforge.serve.embeddings import SharedEmbedder
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import (
     SSE_DONE,
@@ -88,68 +83,45 @@ class Prepared:
 
 
 class AppLayer:
-    """The configured steps of one server; built at start-up so a bad config fails before the port opens."""
+    """The configured steps of one server, in front of its engine. `steps` runs the blocking ones
+    (serve/layer_steps.py: `LayerProcess` or `LocalSteps`); the guard's output filter runs here, on
+    the text as it streams."""
 
-    def __init__(self, config: AppConfig, *, embedder: SharedEmbedder, metrics: ServeMetrics,
-                 served_name: str, model_version: str, state_dir: Path):
-        self.config, self.metrics, self.shared = config, metrics, embedder
+    def __init__(self, config: AppConfig, *, steps: Any, metrics: ServeMetrics, served_name: str,
+                 model_version: str):
+        self.config, self.metrics, self.steps = config, metrics, steps
         self.served_name, self.model_version = served_name, model_version
         self.default_temperature = 1.0  # the model's generation_config default, set by the service
-        self.store: Store | None = None
-        self.guard = self.cache = self.retriever = None
-        self._pool: ThreadPoolExecutor | None = None
-        if not config.any_step:
-            return
-        self._pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="genforge-app")
-        emb = embedder.get()  # every step embeds: load it now, not inside the first request
-        if config.needs_store:
-            self.store = open_store(config.store or state_dir)
+        self.info = steps.wait_ready()
+        self.guard = None
         if config.guard.policy != "off":
             from genforge.serve.guard import Guard
 
-            g = config.guard
+            g = config.guard  # no embedder: this copy filters output; the steps' copy judges input
             self.guard = Guard(g.policy, injection_threshold=g.injection_threshold, allowlist=g.allowlist,
-                               banned=g.banned, embedder=emb)
-        if config.cache.enabled:
-            from genforge.serve.cache import SemanticCache
-
-            c = config.cache
-            self.cache = SemanticCache(self.store, emb, threshold=c.threshold, verify=c.verify, ttl_s=c.ttl_s,
-                                       max_entries=c.max_entries)
-        if config.rag.index is not None:
-            from genforge.serve.rag import Retriever, load_cross_encoder
-
-            reranker = load_cross_encoder(config.rag.reranker) if config.rag.reranker else None
-            try:
-                self.retriever = Retriever(self.store, emb, config.rag.index, reranker=reranker)
-            except NotFoundError as e:
-                raise ConfigError(f"--rag {config.rag.index}: {e.message}", param="rag") from None
+                               banned=g.banned)
+        self.cache_on = config.cache.enabled
+        self.rag_on = config.rag.index is not None
 
     @property
     def active(self) -> bool:
-        return self.guard is not None or self.cache is not None or self.retriever is not None
+        return self.guard is not None or self.cache_on or self.rag_on
 
     def describe(self) -> str:
         parts = []
         if self.guard is not None:
             parts.append(f"guard={self.config.guard.policy}")
-        if self.cache is not None:
+        if self.cache_on:
             parts.append(f"cache=on(threshold {self.config.cache.threshold:g}, verify {self.config.cache.verify})")
-        if self.retriever is not None:
+        if self.rag_on:
             parts.append(f"rag={self.config.rag.index}(k {self.config.rag.k})")
-        if self.store is not None:
-            parts.append(f"store={self.store.url}")
-        return " ".join(parts) or "off"
+        if self.info.get("store"):
+            parts.append(f"store={self.info['store']}")
+        parts.append("in its own process" if self.config.own_process else "in the server's process")
+        return " ".join(parts)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.store is not None:
-            self.store.close()
-
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` in one of the layer's threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        self.steps.close()
 
     def _timed(self, step: str, started: float) -> None:
         self.metrics.step_latency.labels(self.served_name, step).observe(time.perf_counter() - started)
@@ -169,11 +141,11 @@ class AppLayer:
         out = Prepared(messages=messages, _layer=self)
         if not self.active:
             return out
-        defer = speculate and self.retriever is None
+        defer = speculate and not self.rag_on
         if self.guard is not None:
             t = time.perf_counter()
             try:
-                result = await self._run(functools.partial(self.guard.check_input, messages, detector=not defer))
+                result = await self.steps.call("check_input", messages, None, not defer)
             except Exception:
                 self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
                 raise
@@ -182,13 +154,13 @@ class AppLayer:
             out.guard, out.messages = result, result.redacted
             if result.action != "allowed":
                 self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
-        if self.cache is not None:
+        if self.cache_on:
             await self._cache_key_of(req, out)
             if out.cache == "pending":
                 await self._lookup(out, near=not defer)  # deferred: the exact text now, near matches in settle
             if out.hit is not None:
                 return out
-        if self.retriever is not None:
+        if self.rag_on:
             await self._retrieve(out, fits)
         return out
 
@@ -208,7 +180,7 @@ class AppLayer:
         t = time.perf_counter()
         logged = prep.guard.action == "logged"
         try:
-            prep.guard = await self._run(self.guard.finish_input, prep.guard)
+            prep.guard = await self.steps.call("finish_input", prep.guard)
         except Exception:
             self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
             raise
@@ -230,7 +202,7 @@ class AppLayer:
             text = tokenizer.decode(ids) if text is None else text
             t = time.perf_counter()
             try:
-                result = await self._run(self.guard.check_input, text, placeholders)
+                result = await self.steps.call("check_input", text, placeholders)
             except Exception:
                 self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
                 raise
@@ -238,10 +210,12 @@ class AppLayer:
                 self._timed("guard_input", t)
             if result.action != "allowed":
                 self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
+            placeholders = result.placeholders  # numbered in the steps' copy: the next prompt goes on from it
             out.append(list(tokenizer(result.redacted)["input_ids"]) if result.action == "redacted" else ids)
         return out, placeholders
 
-    def _cache_key(self, req: ChatCompletionRequest, messages: list[dict]) -> tuple[str, str] | None:
+    def _cache_key(self, req: ChatCompletionRequest, messages: list[dict], rag_version: Any
+                   ) -> tuple[str, str] | None:
         from genforge.serve.cache import cache_key
 
         last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
@@ -254,11 +228,10 @@ class AppLayer:
                                                  "top_k", "n", "stop", "seed", "presence_penalty",
                                                  "frequency_penalty", "repetition_penalty", "min_tokens",
                                                  "ignore_eos", "stop_token_ids")}
-        rag_index = self.config.rag.index if self.retriever is not None else None
-        rag_version = self.store.index_version(rag_index) if rag_index is not None else None
+        rag_index = self.config.rag.index if self.rag_on else None
         if rag_index is not None:
             sampling["rag"] = {"k": self.config.rag.k, "mode": self.config.rag.mode}
-        sampling["embedder"] = self.shared.get().version  # vectors of another embedder are never compared
+        sampling["embedder"] = self.info["embedder_version"]  # vectors of another embedder are never compared
         key = cache_key(self.served_name, self.model_version, system, sampling, rag_index, rag_version, history)
         return key, turn
 
@@ -270,7 +243,10 @@ class AppLayer:
                                 default_temperature=self.default_temperature)
         if ok and (req.logprobs or req.add_generation_prompt is False):
             ok = False  # logprobs are not stored; a continued assistant turn is not a question
-        keyed = await self._run(self._cache_key, req, out.messages) if ok else None
+        keyed = None
+        if ok:
+            version = await self.steps.call("index_version", self.config.rag.index) if self.rag_on else None
+            keyed = self._cache_key(req, out.messages, version)
         if keyed is None:
             out.cache = "bypass"
             self.metrics.cache_lookups.labels(self.served_name, "bypass").inc()
@@ -282,13 +258,12 @@ class AppLayer:
         """Look `out`'s turn up: the exact text and/or near matches. Leaves `out.cache` "pending" when
         only the exact text was looked up and missed."""
         t = time.perf_counter()
-        rejected = self.cache.rejected
         if exact:
-            out.hit = await self._run(self.cache.lookup_exact, out.key, out.turn)
+            out.hit = await self.steps.call("lookup_exact", out.key, out.turn)
         if out.hit is None and near:
-            out.hit = await self._run(self.cache.lookup_near, out.key, out.turn)
-        if self.cache.rejected > rejected:
-            self.metrics.cache_rejections.labels(self.served_name).inc(self.cache.rejected - rejected)
+            out.hit, rejected = await self.steps.call("lookup_near", out.key, out.turn)
+            if rejected:
+                self.metrics.cache_rejections.labels(self.served_name).inc(rejected)
         if out.hit is None and not near:
             return  # timed with the near lookup that follows
         self._timed("cache_lookup", t)
@@ -303,7 +278,7 @@ class AppLayer:
         if not question.strip():
             return
         t = time.perf_counter()
-        found = await self._run(self.retriever.search, question, self.config.rag.k, self.config.rag.mode)
+        found = await self.steps.call("search", question, self.config.rag.k, self.config.rag.mode)
         self._timed("retrieve", t)
 
         def with_sources(n: int) -> list[dict]:
@@ -318,7 +293,7 @@ class AppLayer:
         # As many of the top sources as the model's context holds beside the answer: a short-context
         # model gets fewer (or none) rather than a 400 for every question.
         n = len(found)
-        while n > 0 and fits is not None and not await self._run(fits, with_sources(n)):
+        while n > 0 and fits is not None and not await asyncio.to_thread(fits, with_sources(n)):
             n -= 1
         if n == 0:
             return
@@ -330,7 +305,7 @@ class AppLayer:
 
     async def remember(self, prepared: Prepared, response: ChatCompletionResponse) -> None:
         """Store a finished answer for later hits: only an eligible miss, only complete answers."""
-        if self.cache is None or prepared.cache != "miss":
+        if not self.cache_on or prepared.cache != "miss":
             return
         if any(c.finish_reason not in ("stop", "length") for c in response.choices):
             return
@@ -339,7 +314,7 @@ class AppLayer:
                   "usage": response.usage.model_dump(), "sources": response.sources}
         t = time.perf_counter()
         try:
-            await self._run(self.cache.put, prepared.key, prepared.turn, stored)
+            await self.steps.call("put", prepared.key, prepared.turn, stored)
         except StoreUnavailable as e:
             # The answer exists (and, streamed, has been sent but for its end): a store that went down
             # after the lookup costs this cache entry, not the response. The put was one transaction.
@@ -356,10 +331,10 @@ class AppLayer:
             action = "logged" if self.guard.policy == "log" else "redacted"
             self.metrics.guard_actions.labels(self.served_name, "output", action).inc()
 
-    def invalidate(self, key: str | None) -> int:
-        if self.cache is None:
+    async def invalidate(self, key: str | None) -> int:
+        if not self.cache_on:
             raise NotFoundError("the semantic cache is off on this server (start it with --cache)", param="cache")
-        return self.cache.invalidate(key)
+        return await self.steps.call("invalidate", key)
 
 
 def _short(source: str) -> str:

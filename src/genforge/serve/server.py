@@ -13,7 +13,6 @@ an error id, the log gets the traceback under that id.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -33,6 +32,8 @@ from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
+from genforge.serve.layer_process import LayerProcess
+from genforge.serve.layer_steps import LocalSteps
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
 from genforge.serve.pipeline import AppLayer, model_version
 from genforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
@@ -184,22 +185,30 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     app_config = app_config or AppConfig()
     shared_embedder = SharedEmbedder(app_config.embedder)
     if family == "lm":
-        if model is None:
-            import torch
+        steps = None
+        if app_config.any_step:  # started first: its process loads the embedder while the model loads
+            steps = (LayerProcess(app_config, default_state_dir()) if app_config.own_process
+                     else LocalSteps(app_config, default_state_dir(), shared_embedder))
+        try:
+            if model is None:
+                import torch
 
-            from genforge.models.lm import load_lm
+                from genforge.models.lm import load_lm
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
-        app_layer = None
-        if app_config.any_step:
-            app_layer = AppLayer(app_config, embedder=shared_embedder, metrics=metrics, served_name=name,
-                                 model_version=model_version(model_path, model),
-                                 state_dir=default_state_dir())
-        service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
-                            max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
-                            decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
-                            aliases=aliases, stream_interval=stream_interval, app_layer=app_layer)
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
+            app_layer = None
+            if steps is not None:
+                app_layer = AppLayer(app_config, steps=steps, metrics=metrics, served_name=name,
+                                     model_version=model_version(model_path, model))
+            service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
+                                max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
+                                decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
+                                aliases=aliases, stream_interval=stream_interval, app_layer=app_layer)
+        except BaseException:
+            if steps is not None:
+                steps.close()
+            raise
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
@@ -229,6 +238,9 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             why = f"the engine failed (error id {fault}) and has not recovered yet" if fault else \
                 "the engine is not running"
             return JSONResponse(error_body(why, "server_error"), status_code=503)
+        if service is not None and service.app is not None and not service.app.steps.alive:
+            return JSONResponse(error_body("the application layer's process has exited; restart the server",
+                                           "server_error"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -254,11 +266,10 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         @app.delete("/v1/cache")
         async def invalidate_cache(key: str | None = None) -> JSONResponse:
             """Drop every cached answer, or those of one exact key (the x-genforge-cache-key header)."""
-            layer = service.app
-            if layer is None or layer.cache is None:
+            if service.app is None:
                 raise NotFoundError("the semantic cache is off on this server (start it with --cache)",
                                     param="cache")
-            deleted = await asyncio.to_thread(layer.invalidate, key)
+            deleted = await service.app.invalidate(key)
             return JSONResponse({"object": "cache.deleted", "deleted": deleted, "key": key})
     else:
         # Image runs: the image engineer's router owns generation; this module only mounts it.
@@ -324,7 +335,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
         print("engine: " + " ".join(f"{k}={v}" for k, v in service.in_effect().items()), flush=True)
         if service.app is not None:
             print(f"app layer: {service.app.describe()}", flush=True)
-            if service.app.retriever is not None and service.max_model_len < RAG_MIN_CONTEXT:
+            if service.app.rag_on and service.max_model_len < RAG_MIN_CONTEXT:
                 print(f"warning: the model's context is {service.max_model_len} tokens: retrieved sources are "
                       "added only as far as they fit beside the answer, often not at all (the response then "
                       "has no `sources`)", file=sys.stderr, flush=True)
