@@ -128,7 +128,7 @@ class _Core(torch.nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 write_rows: torch.Tensor, write_pos: torch.Tensor, keep: torch.Tensor | None,
                 read_rows: torch.Tensor | slice | None, caches: list[torch.Tensor],
-                lora: tuple[MultiLora, torch.Tensor] | None = None) -> torch.Tensor:
+                lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         n, L, span = x.shape[0], x.shape[1], mask.shape[-1]
         H, Hkv, D, rep = self.H, self.Hkv, self.D, self.rep
 
@@ -417,14 +417,14 @@ class LlamaRunner:
             out[torch.tensor(group, device=self.device)] = logits
         return out
 
-    def _lora_arg(self, adapters: list[int] | None) -> tuple[MultiLora, torch.Tensor] | None:
+    def _lora_arg(self, adapters: list[int] | None) -> tuple[MultiLora, dict[str, torch.Tensor]] | None:
         """What the core needs to add each row's adapter; None when every row is the base."""
         if self.lora is None or not adapters or not any(adapters):
             return None
-        return self.lora, torch.tensor(adapters, dtype=torch.long, device=self.device)
+        return self.lora, self.lora.rows(torch.tensor(adapters, dtype=torch.long, device=self.device))
 
     def _extend_group(self, slots: list[int], chunks: list[list[int]], starts: list[int],
-                      lora: tuple[MultiLora, torch.Tensor] | None = None) -> torch.Tensor:
+                      lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         n, L = len(chunks), max(len(c) for c in chunks)
         ids, pos, keep, wrows = [], [], [], []
         for i, (slot, c, s) in enumerate(zip(slots, chunks, starts)):
@@ -469,7 +469,7 @@ class LlamaRunner:
         return self._decode_with(fn, tokens, positions)
 
     def _decode_with(self, fn, tokens: list[int], positions: list[int], scratch: int | None = None,
-                     cache: KVCache | None = None, lora: tuple[MultiLora, torch.Tensor] | None = None
+                     cache: KVCache | None = None, lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None
                      ) -> torch.Tensor:
         n = len(tokens)
         span = max(positions) + 1

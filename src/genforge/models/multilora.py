@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from genforge.common.errors import ConfigError, RunError
@@ -128,6 +129,14 @@ class MultiLora:
     `slots`: adapters held at once (slot 0, the base, comes on top). `infos`: every adapter that may
     be loaded, to size each group's rank axis. Call `load(slot, info)` to put an adapter's weights
     in a slot (they replace whatever was there) and `clear(slot)` to zero it.
+
+    Per group, A is kept as [S, R, in] and B as [out, S, R], so both are also one plain matrix over
+    all slots ([S*R, in], [out, S*R]) without a copy. Two ways to apply them, chosen per group:
+    - dense (when S*R is at most half the group's input width): `linear(x, A_all)`, zero the columns
+      of other slots with a per-row mask, `linear(., B_all)`. Three ops and two ordinary GEMMs per group:
+      the other slots' FLOPs are wasted, but on a CPU the step is bound by the number of ops, and
+      the gather + batched-matmul way (below) measured slower at 4 adapters x r 8.
+    - gather (many or large adapters): each row's own A and B (index by slot), two batched matmuls.
     """
 
     def __init__(self, model: torch.nn.Module, infos: list[AdapterInfo], slots: int, *,
@@ -144,20 +153,22 @@ class MultiLora:
                "d": mlp.down_proj.in_features}
         self.rank = {g: max((i.group_rank.get(g, 0) for i in infos), default=0) for g in _GROUPS}
         self.groups = [g for g in _GROUPS if self.rank[g]]
-        S = slots + 1
-        # [layer][group] -> (A, B)
+        S = self.slots = slots + 1
+        self.dense = {g: S * self.rank[g] * 2 <= ins[g] for g in self.groups}
+        # which slot each column of the all-slots matrices belongs to (the dense way's row mask)
+        self.col_slot = {g: torch.arange(S * self.rank[g], device=device) // self.rank[g] for g in self.groups}
         self.A: list[dict[str, torch.Tensor]] = []
         self.B: list[dict[str, torch.Tensor]] = []
         for _ in range(self.num_layers):
             self.A.append({g: torch.zeros(S, self.rank[g], ins[g], dtype=dtype, device=device) for g in self.groups})
-            self.B.append({g: torch.zeros(S, sum(self.outs[p] for p in _GROUPS[g]), self.rank[g], dtype=dtype,
+            self.B.append({g: torch.zeros(sum(self.outs[p] for p in _GROUPS[g]), S, self.rank[g], dtype=dtype,
                                           device=device) for g in self.groups})
 
     def clear(self, slot: int) -> None:
         for layer in range(self.num_layers):
             for g in self.groups:
                 self.A[layer][g][slot].zero_()
-                self.B[layer][g][slot].zero_()
+                self.B[layer][g][:, slot].zero_()
 
     @torch.no_grad()
     def load(self, slot: int, info: AdapterInfo) -> None:
@@ -177,12 +188,21 @@ class MultiLora:
                             a = f.get_tensor(tensors[(layer, proj, "A")])
                             b = f.get_tensor(tensors[(layer, proj, "B")]) * info.scales[(layer, proj)]
                             self.A[layer][g][slot, r0:r0 + r] = a.to(self.dtype)
-                            self.B[layer][g][slot, o0:o0 + out, r0:r0 + r] = b.to(self.dtype)
+                            self.B[layer][g][o0:o0 + out, slot, r0:r0 + r] = b.to(self.dtype)
                         r0, o0 = r0 + r, o0 + out
 
-    def delta(self, layer: int, group: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    def rows(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per group, what `delta` needs for a batch whose rows use slots `ids` [n]: computed once a
+        step, shared by every layer (the dense way's column mask [n, 1, S*R], or the ids themselves)."""
+        return {g: (self.col_slot[g][None, None, :] == ids[:, None, None]).to(self.dtype) if self.dense[g] else ids
+                for g in self.groups}
+
+    def delta(self, layer: int, group: str, x: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The per-row update of `group`'s fused output for x [n, L, in] (None: no adapter targets it)."""
-        if group not in self.A[layer]:
+        if group not in rows:
             return None
-        a, b = self.A[layer][group][ids], self.B[layer][group][ids]  # [n, R, in], [n, out, R]
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        a, b = self.A[layer][group], self.B[layer][group]
+        if self.dense[group]:
+            return F.linear(F.linear(x, a.view(-1, a.shape[-1])) * rows[group], b.view(b.shape[0], -1))
+        ids = rows[group]
+        return torch.bmm(torch.bmm(x, a[ids].transpose(1, 2)), b[:, ids].permute(1, 2, 0))
