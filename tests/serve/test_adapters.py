@@ -154,6 +154,16 @@ def test_http_mixed_adapters_and_metrics(setup: dict, server) -> None:
     assert server.metric("genforge:adapter_loads_total") == 4
     assert server.metric("genforge:adapters_loaded") == 4
 
+    # the chat route and a stream answer as the adapter too, under its name
+    chat = client.chat.completions.create(model="mlp", messages=[{"role": "user", "content": "t5 t6"}],
+                                          max_tokens=4, temperature=0)
+    assert chat.model == "mlp" and chat.choices[0].message.content
+    text = client.completions.create(model="attn", prompt=PROMPTS[1], max_tokens=NEW, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    chunks = list(client.completions.create(model="attn", prompt=PROMPTS[1], max_tokens=NEW, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert {c.model for c in chunks} == {"attn"} and "".join(c.choices[0].text for c in chunks) == text
+
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {"base", *ADAPTERS}
     assert all(cards[n].model_extra["parent"] == "base" and cards[n].model_extra["root"] == "base" for n in ADAPTERS)
