@@ -128,6 +128,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from genforge.serve.adapters import parse_adapter_flags
     from genforge.serve.app_config import load_app_config
     from genforge.serve.options import parse_bytes, resolve_api_keys
     from genforge.serve.server import serve_forever
@@ -136,6 +137,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                                  embedder=a.embedder)
     keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
+    adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
     serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
                   max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
                   max_queue=a.max_queue, api_keys=keys, decode="eager" if a.enforce_eager else a.decode,
@@ -143,7 +145,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   limit_concurrency=a.limit_concurrency, header_timeout=a.header_timeout,
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
                   root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
-                  http=a.http, loop=a.loop)
+                  http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -326,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="event loop (uvicorn's option; auto: uvloop when installed)")
     se.add_argument("--enforce-eager", action="store_true",
                     help="the same as --decode eager (vLLM's flag name)")
+    ad = se.add_argument_group("LoRA adapters over the model (each served under its name in `model`)")
+    ad.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="a peft LoRA folder served as model NAME (repeatable)")
+    ad.add_argument("--adapters-dir", default=None, metavar="DIR",
+                    help="serve every adapter folder in DIR under its folder's name (e.g. RUN/adapters)")
+    ad.add_argument("--max-loaded-adapters", type=_positive_int, default=4, metavar="N",
+                    help="adapters kept in memory; the others are read from disk when asked for, evicting the "
+                    "least recently used idle one")
     ap = se.add_argument_group("application layer (each off unless turned on here or in --config)")
     ap.add_argument("--config", default=None, metavar="YAML", help="serve config file: store, embedder, cache, "
                     "rag, guard sections (the flags below override it)")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from genforge.models.hfrunner import HFRunner
 from genforge.models.kvcache import KVCache
+from genforge.models.multilora import MultiLora
 
 __all__ = ["LlamaRunner", "HFRunner", "make_runner", "fast_path_unsupported", "compile_cache_dir"]
 
@@ -126,12 +127,20 @@ class _Core(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 write_rows: torch.Tensor, write_pos: torch.Tensor, keep: torch.Tensor | None,
-                read_rows: torch.Tensor | slice | None, caches: list[torch.Tensor]) -> torch.Tensor:
+                read_rows: torch.Tensor | slice | None, caches: list[torch.Tensor],
+                lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         n, L, span = x.shape[0], x.shape[1], mask.shape[-1]
         H, Hkv, D, rep = self.H, self.Hkv, self.D, self.rep
-        for w, cache in zip(self.layers, caches):
+
+        def proj(i: int, group: str, inp: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            out = _linear(inp, wt, b)
+            if lora is not None and (d := lora[0].delta(i, group, inp, lora[1])) is not None:
+                out = out + d  # each row's own adapter (slot 0: zeros); models/multilora.py
+            return out
+
+        for i, (w, cache) in enumerate(zip(self.layers, caches)):
             h = F.rms_norm(x, (self.hidden,), w.w_in, self.eps)
-            qkv = _rope(_linear(h, w.wqkv, w.bqkv).view(n, L, H + 2 * Hkv, D), cos, sin)
+            qkv = _rope(proj(i, "qkv", h, w.wqkv, w.bqkv).view(n, L, H + 2 * Hkv, D), cos, sin)
             new_kv = qkv[:, :, H:].reshape(n * L, 2 * Hkv, D)
             cache[write_rows, :, write_pos] = new_kv if keep is None else new_kv[keep]  # one indexed copy
             kv = cache[:n, :, :span] if read_rows is None else cache[read_rows, :, :span]
@@ -146,9 +155,9 @@ class _Core(torch.nn.Module):
                 att = att.reshape(n, 1, H * D)
             else:
                 att = att.view(n, Hkv, rep, L, D).permute(0, 3, 1, 2, 4).reshape(n, L, H * D)
-            x = x + _linear(att, w.wo, w.bo)
-            gate, up = _linear(F.rms_norm(x, (self.hidden,), w.w_post, self.eps), w.wgu, w.bgu).chunk(2, -1)
-            x = x + _linear(self.act(gate) * up, w.wd, w.bd)
+            x = x + proj(i, "o", att, w.wo, w.bo)
+            gate, up = proj(i, "gu", F.rms_norm(x, (self.hidden,), w.w_post, self.eps), w.wgu, w.bgu).chunk(2, -1)
+            x = x + proj(i, "d", self.act(gate) * up, w.wd, w.bd)
         last = F.rms_norm(x[:, -1], (self.hidden,), self.final.norm, self.eps)
         return _linear(last, self.final.lm_head, None)
 
@@ -279,6 +288,7 @@ class LlamaRunner:
 
         self.core = _Core(self)
         self.step_fn = self.core
+        self.lora: MultiLora | None = None  # adapters served over this base (serve/adapters.py sets it)
         self.compiled = False
         self.freeze = freeze  # see _compile: faster fp32 step, a second copy of the weights
         if compile not in (False, True, "background"):
@@ -392,19 +402,29 @@ class LlamaRunner:
         return self.extend(list(range(first_slot, first_slot + len(prompts))), prompts, [0] * len(prompts))
 
     @torch.inference_mode()
-    def extend(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def extend(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+               adapters: list[int] | None = None) -> torch.Tensor:
         """Feed `chunks[i]` to the row in `slots[i]`, whose cache holds `starts[i]` positions (chunked
         prefill); logits after each chunk's last token [len(chunks), vocab]. Rows of similar chunk
-        length run together, left-padded (pads are neither written to the cache nor attended)."""
+        length run together, left-padded (pads are neither written to the cache nor attended).
+        `adapters[i]`: the LoRA slot of row i (0 or None: the base; see `self.lora`)."""
         self.cache.ensure(max(slots) + 1, max(s + len(c) for s, c in zip(starts, chunks)))
         out = torch.empty((len(chunks), self.vocab_size), dtype=torch.float32, device=self.device)
         for group in _buckets([len(c) for c in chunks]):
             logits = self._extend_group([slots[i] for i in group], [chunks[i] for i in group],
-                                        [starts[i] for i in group])
+                                        [starts[i] for i in group],
+                                        self._lora_arg(None if adapters is None else [adapters[i] for i in group]))
             out[torch.tensor(group, device=self.device)] = logits
         return out
 
-    def _extend_group(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def _lora_arg(self, adapters: list[int] | None) -> tuple[MultiLora, dict[str, torch.Tensor]] | None:
+        """What the core needs to add each row's adapter; None when every row is the base."""
+        if self.lora is None or not adapters or not any(adapters):
+            return None
+        return self.lora, self.lora.rows(torch.tensor(adapters, dtype=torch.long, device=self.device))
+
+    def _extend_group(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+                      lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         n, L = len(chunks), max(len(c) for c in chunks)
         ids, pos, keep, wrows = [], [], [], []
         for i, (slot, c, s) in enumerate(zip(slots, chunks, starts)):
@@ -426,15 +446,19 @@ class LlamaRunner:
         cos, sin = self._rope_tables(pos_t)
         return self.core(F.embedding(ids_t, self.embed), cos, sin, mask,
                          torch.tensor(wrows, dtype=torch.long, device=dev), pos_t.flatten()[keep_t], keep_t,
-                         read, self.cache.layers).float()
+                         read, self.cache.layers, lora).float()
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], *, free_slot: int | None = 1) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int], *, free_slot: int | None = 1,
+               adapters: list[int] | None = None) -> torch.Tensor:
         """Feed tokens[i] at positions[i] to the row in slot i (i < len(tokens)); next-token logits.
 
         `free_slot`: a slot whose cache no row needs (None: none is), used by the compiled step for
-        a batch of one.
+        a batch of one. `adapters[i]`: row i's LoRA slot (0 or None: the base); a step with adapter
+        rows runs the eager core (the compiled graph was traced without the LoRA delta).
         """
+        if (lora := self._lora_arg(adapters)) is not None:
+            return self._decode_with(self.core, tokens, positions, lora=lora)
         fn = self.step_fn  # read once: a background compile may swap it in between two steps
         if fn is not self.core and len(tokens) == 1:
             if free_slot is None or (self.cache.max_slots is not None and free_slot >= self.cache.max_slots):
@@ -445,7 +469,8 @@ class LlamaRunner:
         return self._decode_with(fn, tokens, positions)
 
     def _decode_with(self, fn, tokens: list[int], positions: list[int], scratch: int | None = None,
-                     cache: KVCache | None = None) -> torch.Tensor:
+                     cache: KVCache | None = None, lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None
+                     ) -> torch.Tensor:
         n = len(tokens)
         span = max(positions) + 1
         dev = self.device
@@ -457,8 +482,9 @@ class LlamaRunner:
         cos, sin = self._rope_tables(pos[:, None])
         # Each row sees its own prefix only: key t is visible to row i when t <= positions[i].
         mask = (self.positions[:span][None, :] <= pos[:, None]).view(n, 1, 1, span)
+        extra = () if lora is None else (lora,)  # the compiled graph's signature stays as it was traced
         return fn(F.embedding(tok, self.embed)[:, None], cos, sin, mask, rows, pos, None, None,
-                  cache.layers).float()
+                  cache.layers, *extra).float()
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)

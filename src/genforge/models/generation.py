@@ -111,6 +111,8 @@ class Sequence:
         self.pending = ""  # decoded text held back because it could still begin a stop string
         self.finish_reason: str | None = None
         self.prefilled = 0  # prompt tokens in the KV cache (chunked prefill)
+        self.adapter: str | None = None  # the LoRA adapter this row runs with (None: the base)
+        self.lora_slot = 0  # the runner's slot holding that adapter's weights (0: the base; models/multilora.py)
         self.created = time.perf_counter()
 
     @property
@@ -265,7 +267,8 @@ class BatchGenerator:
             rows = list(self._decoding)
             free = len(rows) + len(self._prefilling)
             logits = self.runner.decode([s.tokens[-1] for s in rows], [s.length - 1 for s in rows],
-                                        free_slot=free if free < self.max_batch_size else None)
+                                        free_slot=free if free < self.max_batch_size else None,
+                                        **self._adapters(rows))
             events += self._sample(logits, rows)
         return events
 
@@ -282,7 +285,7 @@ class BatchGenerator:
         first = len(self._decoding)
         logits = self.runner.extend([first + self._prefilling.index(s) for s, _ in work],
                                     [s.prompt_ids[s.prefilled:s.prefilled + k] for s, k in work],
-                                    [s.prefilled for s, _ in work])
+                                    [s.prefilled for s, _ in work], **self._adapters([s for s, _ in work]))
         for s, k in work:  # all counts first: a promotion swaps caches of these lengths
             s.prefilled += k
         done = [i for i, (s, _) in enumerate(work) if s.prefilled == len(s.prompt_ids)]
@@ -291,6 +294,10 @@ class BatchGenerator:
         if not done:
             return []
         return self._sample(logits[torch.tensor(done, device=logits.device)], [work[i][0] for i in done])
+
+    def _adapters(self, rows: list[Sequence]) -> dict:
+        """The runner's `adapters` argument: each row's LoRA slot, when adapters are served."""
+        return {"adapters": [s.lora_slot for s in rows]} if getattr(self.runner, "lora", None) is not None else {}
 
     def _promote(self, seq: Sequence) -> None:
         """A fully prefilled row joins the decode batch: it takes the first prefilling slot."""

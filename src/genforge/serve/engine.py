@@ -34,6 +34,7 @@ import torch
 from genforge.common.errors import ConfigError, GenforgeError, OverloadedError
 from genforge.models.generation import BatchGenerator, Sequence, TokenEvent
 from genforge.models.sampling import SamplingParams
+from genforge.serve.adapters import AdapterRegistry
 from genforge.serve.request_stream import EngineObserver, RequestStream, _set_all
 
 __all__ = ["Engine", "EngineObserver", "RequestStream", "TokenEvent", "SamplingParams"]
@@ -66,13 +67,14 @@ class Engine:
                  max_model_len: int | None = None, observer: EngineObserver | None = None,
                  max_prefill_tokens: int | None = None, fast: bool | None = None, compile: bool | str = False,
                  kv_cache_bytes: int | None = None, probe_interval: float = 5.0, prepack: bool = False,
-                 freeze: bool = False):
+                 freeze: bool = False, adapters: AdapterRegistry | None = None):
         """`compile`: torch.compile the fast decode step (True: before serving; "background": serve
         eagerly while a thread compiles; see models/fastdecode.py); `freeze` makes that compile
         constant-fold the weights (faster, a second copy); `prepack` keeps the weights only in oneDNN's
         prepacked layout (CPU, not with compile). See DECODE_MODES. `kv_cache_bytes`: the KV cache's
         memory budget, passed to the BatchGenerator. `probe_interval`: after a failed step, how long the engine waits idle before
-        it tries a one-token generation to find out whether it has recovered."""
+        it tries a one-token generation to find out whether it has recovered. `adapters`: LoRA
+        adapters served over this model, chosen per request (serve/adapters.py)."""
         if max_batch_size < 1 or max_queue < 0:
             raise GenforgeError("max_batch_size must be >= 1 and max_queue >= 0", param="max_batch_size")
         self.model, self.tokenizer = model, tokenizer
@@ -86,6 +88,9 @@ class Engine:
                                   freeze=freeze, **extra)
         self.max_model_len = self.gen.max_model_len
         self.max_batch_size = self.gen.max_batch_size  # after the KV budget's trim
+        self.adapters = adapters
+        if adapters is not None:
+            adapters.attach(self.gen.runner, model)
         self.observer = observer or EngineObserver()
         self._waiting: collections.deque[RequestStream] = collections.deque()
         self._running: dict[Sequence, RequestStream] = {}
@@ -159,13 +164,19 @@ class Engine:
         """Queue a request; OverloadedError when the queue is full, GenforgeError for bad input."""
         return self.submit_many([(prompt_ids, params)])[0]
 
-    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+    def submit_many(self, items: list[tuple[list[int], SamplingParams]], adapter: str | None = None
+                    ) -> list[RequestStream]:
         """Queue several sequences (one request's prompts x choices) together: all or none.
+        `adapter`: the LoRA adapter they run with (a name the registry holds; None: the base).
 
         Everything is validated before anything is queued, and the queue's room is checked for all
         of them at once, so a request never leaves half its choices behind in the queue.
         """
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.infos):
+            raise GenforgeError(f"model: no adapter named {adapter!r} is served", param="model")
         streams = [RequestStream(self, self.gen.new_sequence(list(ids), params)) for ids, params in items]
+        for stream in streams:
+            stream._seq.adapter = adapter
         with self._cv:
             # checked under the lock the scheduler takes to exit: a stream queued here is either
             # run or aborted by the scheduler, never left without a final event
@@ -277,12 +288,21 @@ class Engine:
         with self._cv:
             # every free slot takes a request: the generator prefills in chunks within its token
             # budget per step, so a burst of long prompts does not stall the running rows
+            blocked: list[RequestStream] = []
             while self._waiting and len(admit) < self.gen.free_slots:
                 nxt = self._waiting.popleft()
                 if nxt.cancelled:
                     self._finish(nxt, nxt._seq.abort(), touched)
                     continue
+                if nxt._seq.adapter is not None:
+                    # may read the adapter's weights from disk (and evict an idle one)
+                    slot = self.adapters.acquire(nxt._seq.adapter)
+                    if slot is None:  # every LoRA slot is held by running rows: wait, let others pass
+                        blocked.append(nxt)
+                        continue
+                    nxt._seq.lora_slot = slot
                 admit.append(nxt)
+            self._waiting.extendleft(reversed(blocked))
         if admit:
             now = time.perf_counter()
             for stream in admit:
@@ -320,6 +340,12 @@ class Engine:
         self._observe_finish(stream)
 
     def _observe_finish(self, stream: RequestStream) -> None:
+        seq = stream._seq
+        if self.adapters is not None:
+            if seq.lora_slot:
+                self.adapters.release(seq.lora_slot)
+                seq.lora_slot = 0
+            self.adapters.finished(seq.adapter, stream.completion_tokens)
         self.observer.on_finish(e2e_seconds=(stream.finished_at or time.perf_counter()) - stream.submitted,
                                 prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
                                 finish_reason=stream.finish_reason or "abort")

@@ -22,6 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from genforge.serve.adapters import AdapterRegistry
 from genforge.serve.engine import EngineObserver
 
 # Latency buckets as vLLM uses them: from a few ms (a tiny model on a fast box) to minutes.
@@ -100,6 +101,32 @@ class ServeMetrics:
         self.waiting.labels(self.model_name).set_function(lambda: float(num_waiting()))
         if kv_cache_usage is not None:
             self.kv_usage.labels(self.model_name).set_function(lambda: float(kv_cache_usage()))
+
+    def bind_adapters(self, registry: AdapterRegistry) -> None:
+        """Per-adapter series (the base counts under its own name): requests, generated tokens,
+        loads from disk and evictions, and how many adapters are in memory now."""
+        r, label = self.registry, ["model_name", "adapter"]
+        self.adapter_requests = Counter("genforge:adapter_requests", "Requests by adapter (the base under its "
+                                        "own name).", label, registry=r)
+        tokens = Counter("genforge:adapter_generation_tokens", "Tokens generated, by adapter.", label, registry=r)
+        loads = Counter("genforge:adapter_loads", "Adapter weights read from disk into a slot.", label, registry=r)
+        evictions = Counter("genforge:adapter_evictions", "Adapters evicted (least recently used) to free a slot.",
+                            label, registry=r)
+        loaded = Gauge("genforge:adapters_loaded", "Adapters whose weights are in memory.", ["model_name"],
+                       registry=r)
+        m = self.model_name
+        loaded.labels(m).set_function(lambda: float(len(registry.loaded())))
+
+        def on_load(name: str, evicted: str | None) -> None:
+            loads.labels(m, name).inc()
+            if evicted is not None:
+                evictions.labels(m, evicted).inc()
+
+        registry.on_load = on_load
+        registry.on_finish = lambda name, n: tokens.labels(m, name).inc(n)
+
+    def observe_adapter_request(self, adapter: str) -> None:
+        self.adapter_requests.labels(self.model_name, adapter).inc()
 
     def observer(self) -> EngineObserver:
         """The engine's hooks, mapped onto these metrics (called from the scheduler thread;

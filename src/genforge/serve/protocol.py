@@ -169,6 +169,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "genforge"
     root: str | None = None  # what was loaded (vLLM extension)
+    parent: str | None = None  # an adapter's base model (vLLM extension)
     max_model_len: int | None = None  # vLLM extension
 
 

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
+from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
 from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
@@ -157,7 +158,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, decode: str = "eager",
                request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
-               image_max_queue: int = 8, stream_interval: int = 1, app_config: AppConfig | None = None) -> Gate:
+               image_max_queue: int = 8, stream_interval: int = 1, app_config: AppConfig | None = None,
+               adapters: dict[str, Path] | None = None, max_loaded_adapters: int = DEFAULT_MAX_LOADED) -> Gate:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
@@ -165,6 +167,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     empty key is an error). `request_timeout`: seconds from arrival to the last token (None: none).
     `limit_concurrency`: requests in flight at once (503 above). `kv_cache_bytes`: the KV cache budget.
     `app_config`: the application-layer steps (cache, RAG, guard; serve/app_config.py) and the embedder.
+    `adapters`: {name: peft folder} of LoRA adapters over the model, each served under its name, at
+    most `max_loaded_adapters` in memory at once (serve/adapters.py).
     """
     if model is None and model_path is None:
         raise ConfigError("create_app: give a model path or a loaded model and tokenizer")
@@ -185,6 +189,9 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     app_config = app_config or AppConfig()
     shared_embedder = SharedEmbedder(app_config.embedder)
     if family == "lm":
+        if adapters and app_config.cache.enabled:
+            raise ConfigError("--cache with adapters: the semantic cache keys answers by the base model and would "
+                              "mix the adapters' answers; serve adapters without --cache", param="cache")
         steps = None
         if app_config.any_step:  # started first: its process loads the embedder while the model loads
             steps = (LayerProcess(app_config, default_state_dir()) if app_config.own_process
@@ -197,6 +204,10 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 model, tokenizer = load_lm(model_path, device=device, dtype=_torch_dtype(dtype))
+            registry = None
+            if adapters:
+                registry = AdapterRegistry(adapters, model, name, max_loaded=max_loaded_adapters,
+                                           served_path=Path(model_path) if model_path is not None else None)
             app_layer = None
             if steps is not None:
                 app_layer = AppLayer(app_config, steps=steps, metrics=metrics, served_name=name,
@@ -204,11 +215,14 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             service = LMService(model, tokenizer, served_name=name, max_model_len=max_model_len,
                                 max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
                                 decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
-                                aliases=aliases, stream_interval=stream_interval, app_layer=app_layer)
+                                aliases=aliases, stream_interval=stream_interval, app_layer=app_layer,
+                                adapters=registry)
         except BaseException:
             if steps is not None:
                 steps.close()
             raise
+    elif adapters:
+        raise ConfigError("--adapter: LoRA adapters are served over language models only", param="adapter")
     elif not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
@@ -250,7 +264,10 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     @app.get("/v1/models")
     async def models() -> ModelList:
         limit = service.max_model_len if service is not None else None
-        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=limit)])
+        cards = [ModelCard(id=name, root=name, max_model_len=limit)]
+        if service is not None and service.adapters is not None:  # as vLLM lists LoRA modules
+            cards += [ModelCard(id=a, root=name, parent=name, max_model_len=limit) for a in service.adapters.names]
+        return ModelList(data=cards)
 
     if service is not None:
         @app.post("/v1/completions")
@@ -303,7 +320,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                   keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
                   root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None,
-                  http: str = "auto", loop: str = "auto") -> None:
+                  http: str = "auto", loop: str = "auto", adapters: dict[str, Path] | None = None,
+                  max_loaded_adapters: int = DEFAULT_MAX_LOADED) -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
     finish for at most `shutdown_timeout` seconds, cancel the rest and exit."""
     import uvicorn
@@ -324,7 +342,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                      max_batch_size=max_batch_size, max_queue=max_queue, api_keys=api_keys,
                      decode=decode, request_timeout=request_timeout, body_timeout=body_timeout,
                      limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes,
-                     stream_interval=stream_interval, app_config=app_config)
+                     stream_interval=stream_interval, app_config=app_config, adapters=adapters,
+                     max_loaded_adapters=max_loaded_adapters)
     sock = _listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
@@ -339,5 +358,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                 print(f"warning: the model's context is {service.max_model_len} tokens: retrieved sources are "
                       "added only as far as they fit beside the answer, often not at all (the response then "
                       "has no `sources`)", file=sys.stderr, flush=True)
+    if service is not None and service.adapters is not None:
+        print(f"adapters: {', '.join(service.adapters.names)} (at most {service.adapters.max_loaded} in memory)",
+              flush=True)
     print(f"serving {shown} on http://{host}:{port}{root_path}/v1", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

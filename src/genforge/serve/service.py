@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.models.generation import context_length
 from genforge.models.sampling import SamplingParams, check_prompt_length
+from genforge.serve.adapters import AdapterRegistry
 from genforge.serve.chat import render_chat, resolve_chat_template
 from genforge.serve.engine import Engine, decode_options
 from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
@@ -86,10 +87,12 @@ class LMService:
     def __init__(self, model: Any, tokenizer: Any, *, served_name: str, max_model_len: int | None,
                  max_batch_size: int, max_queue: int, metrics: ServeMetrics, decode: str = "eager",
                  request_timeout: float | None = None, kv_cache_bytes: int | None = None,
-                 aliases: tuple[str, ...] = (), stream_interval: int = 1, app_layer: AppLayer | None = None):
+                 aliases: tuple[str, ...] = (), stream_interval: int = 1, app_layer: AppLayer | None = None,
+                 adapters: AdapterRegistry | None = None):
         """`aliases`: other names a request's `model` may use (e.g. the path it was started with).
         `stream_interval`: tokens per streamed chunk (1: every token; vLLM's option of that name).
-        `app_layer`: the guard / semantic cache / RAG steps of chat requests (serve/pipeline.py)."""
+        `app_layer`: the guard / semantic cache / RAG steps of chat requests (serve/pipeline.py).
+        `adapters`: LoRA adapters over this model, each picked by its name in a request's `model`."""
         limit = context_length(model)
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] "
@@ -105,7 +108,10 @@ class LMService:
         self.app = app_layer
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                              max_model_len=max_model_len, observer=metrics.observer(),
-                             kv_cache_bytes=kv_cache_bytes, **decode_options(decode))
+                             kv_cache_bytes=kv_cache_bytes, adapters=adapters, **decode_options(decode))
+        self.adapters = adapters
+        if adapters is not None:
+            metrics.bind_adapters(adapters)
         self.decode = decode
         self.max_model_len = self.engine.max_model_len
         self.template = resolve_chat_template(tokenizer)
@@ -149,10 +155,22 @@ class LMService:
 
     # ------------------------------------------------------------ request -> engine
 
+    def _adapter_of(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (None: the base); 404 model_not_found for other names."""
+        if model is None or model in self.names:
+            return None
+        if self.adapters is not None and model in self.adapters.infos:
+            return model
+        served = ", ".join(f"'{n}'" for n in [self.served_name, *(self.adapters.names if self.adapters else [])])
+        raise NotFoundError(f"model '{model}' does not exist; this server serves {served} "
+                            f"(see GET /v1/models)", param="model", code="model_not_found")
+
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.names:
-            raise NotFoundError(f"model '{model}' does not exist; this server serves '{self.served_name}' "
-                                f"(see GET /v1/models)", param="model", code="model_not_found")
+        self._adapter_of(model)
+
+    def _shown(self, req: _SamplingFields) -> str:
+        """The `model` a response names: the adapter asked for, else the served base name."""
+        return self._adapter_of(getattr(req, "model", None)) or self.served_name
 
     def _deadline(self, request: Request) -> float | None:
         """time.monotonic() by which the request must be done (counted from its arrival)."""
@@ -202,10 +220,13 @@ class LMService:
         rooms = [self._room(len(ids), max_tokens, tokens_field, prompt_field) for ids in prompts]
         items = [(ids, self._params(req, room, logprobs, i)) for ids, room in zip(prompts, rooms)
                  for i in range(req.n)]
+        adapter = self._adapter_of(getattr(req, "model", None))
         try:
-            streams = self.engine.submit_many(items)
+            streams = self.engine.submit_many(items, adapter=adapter)
         except GenforgeError as e:
             raise _renamed(e, names) from None
+        if self.adapters is not None:
+            self.metrics.observe_adapter_request(adapter or self.served_name)
         for ids in prompts:
             self.metrics.observe_prompt(len(ids))
         return [Choice(k, k // req.n, stream) for k, stream in enumerate(streams)]
@@ -325,7 +346,7 @@ class LMService:
                 if c.index == len(choices) - 1:
                     self.app.observe_output(filters)
             out.append(CompletionChoice(index=c.index, text=head + text, logprobs=lp, finish_reason=c.finish_reason))
-        return self._json(request, CompletionResponse(id=rid, created=created, model=self.served_name,
+        return self._json(request, CompletionResponse(id=rid, created=created, model=self._shown(req),
                                                       choices=out, usage=self._usage(prompts, choices)), choices)
 
     async def _stream_completion(self, request: Request, req: CompletionRequest, rid: str, created: int,
@@ -334,7 +355,7 @@ class LMService:
         want_lp = req.logprobs is not None
 
         def chunk(items: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return sse(CompletionChunk(id=rid, created=created, model=self.served_name, choices=items, usage=usage))
+            return sse(CompletionChunk(id=rid, created=created, model=self._shown(req), choices=items, usage=usage))
 
         def with_logprobs(c: Choice, ev: Any, new: list) -> str:
             lp = completion_logprobs(new, c.offset)
@@ -345,7 +366,7 @@ class LMService:
             for c in choices:
                 c.offset = len(texts[c.prompt_index])
                 head.append(chunk([CompletionChoice(index=c.index, text=texts[c.prompt_index])]))
-        enc = ChunkEncoder(rid, created, self.served_name, chat=False)
+        enc = ChunkEncoder(rid, created, self._shown(req), chat=False)
         async for text in self._stream(request, choices, enc, head, with_logprobs if want_lp else None, filters):
             yield text
         if not any(c.error for c in choices) and req.stream_options is not None and req.stream_options.include_usage:
@@ -419,7 +440,7 @@ class LMService:
 
             prep = await self.app.prepare(req, fits, speculate=True)
             if prep.hit is not None:
-                return replay_chat(prep, req, self.served_name, request)
+                return replay_chat(prep, req, self._shown(req), request)
             messages = [ChatMessage(**m) for m in prep.messages]
         size = sum(len(m.text()) for m in messages)
         prompt = await self._offload(size, render_chat, self.tokenizer, self.template, messages,
@@ -440,7 +461,7 @@ class LMService:
                 raise
             if prep.hit is not None:
                 self._cancel_unfinished(choices)
-                return replay_chat(prep, req, self.served_name, request)
+                return replay_chat(prep, req, self._shown(req), request)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
             return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices, prep),
@@ -456,7 +477,7 @@ class LMService:
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=text),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason) for c, text in zip(choices, texts)]
-        body = ChatCompletionResponse(id=rid, created=created, model=self.served_name, choices=out,
+        body = ChatCompletionResponse(id=rid, created=created, model=self._shown(req), choices=out,
                                       usage=self._usage([prompt], choices),
                                       sources=prep.sources if prep is not None and prep.sources else None)
         if prep is not None:
@@ -466,13 +487,13 @@ class LMService:
     async def _stream_chat(self, request: Request, req: ChatCompletionRequest, rid: str, created: int,
                            prompt: list[int], choices: list[Choice], prep: Prepared | None = None
                            ) -> AsyncIterator[str]:
-        enc = ChunkEncoder(rid, created, self.served_name, chat=True)
+        enc = ChunkEncoder(rid, created, self._shown(req), chat=True)
         filters = [prep.output_filter() for _ in choices] if prep is not None else None
         if filters is not None and filters[0] is None:
             filters = None
 
         def chunk(items: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
-            return sse(ChatCompletionChunk(id=rid, created=created, model=self.served_name, choices=items,
+            return sse(ChatCompletionChunk(id=rid, created=created, model=self._shown(req), choices=items,
                                            usage=usage))
 
         def with_logprobs(c: Choice, ev: Any, new: list) -> str:
@@ -491,7 +512,7 @@ class LMService:
                 yield chunk([], usage)
             if prep is not None and not req.logprobs:
                 await self.app.remember(prep, ChatCompletionResponse(
-                    id=rid, created=created, model=self.served_name, usage=usage, sources=prep.sources or None,
+                    id=rid, created=created, model=self._shown(req), usage=usage, sources=prep.sources or None,
                     choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.shown)),
                                         finish_reason=c.finish_reason) for c in choices]))
         yield SSE_DONE
