@@ -23,7 +23,9 @@ In one run, each section a markdown table (all recorded in the JSON):
               warmed up, then timed; every prompt is a distinct ~32-token pydoc snippet (no two closer than
               the cache's threshold, none the guard refuses), so every cache lookup misses (counted from
               /metrics). Rows: plain (no flags); cache + guard redact (the like-for-like layer overhead:
-              same prompts to the engine); all on (--cache --rag pydoc --guard redact: RAG puts ~4 sources,
+              same prompts to the engine; the steps in a process of their own, the default); the same with
+              `own_process: false` (the steps in threads of the server's process, as before); all on
+              (--cache --rag pydoc --guard redact: RAG puts ~4 sources,
               ~800 tokens, in every prompt, so it measures a longer prompt as much as the layer).
               Median tok/s and requests/s over rounds; each row's ratio to plain. Target (issue 8): the
               layer costs under 10% of throughput at 16 clients when nothing hits.
@@ -65,7 +67,9 @@ SECTIONS = ("cache", "latency", "rag", "guard", "throughput")
 SERVED_NAME = "nano"
 SERVED_CONTEXT = 2048
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
+IN_SERVER = "{in_server_config}"  # a serve config with `own_process: false`, written into the work folder
 ROWS = {"plain": [], "cache + guard": ["--cache", "--guard", "redact"],
+        "cache + guard, steps in the server's process": ["--cache", "--guard", "redact", "--config", IN_SERVER],
         "all on (cache + RAG + guard)": ["--cache", "--rag", "pydoc", "--guard", "redact"]}
 LIKE_FOR_LIKE = "cache + guard"
 
@@ -331,7 +335,10 @@ def throughput_section(folder: Path, embedder, state: Path, a) -> dict:
     recs = {name: {"flags": ROWS[name], "rounds": []} for name in names}
     for rnd in range(a.rounds):
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            flags = ROWS[name] + (["--store", str(state / "store")] if ROWS[name] else [])
+            in_server = state / "in_server.yaml"
+            in_server.write_text("own_process: false\n")
+            flags = [str(in_server) if f == IN_SERVER else f for f in ROWS[name]]
+            flags += ["--store", str(state / "store")] if flags else []
             log = CACHE / "logs" / f"app_layer_{name.split()[0]}.log"
             srv = Server(folder, flags, log)
             try:
