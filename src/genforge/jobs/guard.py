@@ -27,16 +27,19 @@ from genforge.jobs.guard_data import injection_rows
 from genforge.serve.guard import Guard
 from genforge.serve.injection import (
     DETECTOR_PATH,
-    CharNgrams,
     InjectionDetector,
-    char_ngram_vectorizer,
+    Ngrams,
+    NgramVectorizer,
     rows_hash,
     segment_vectors,
 )
 
 SEED = 0
-# The detector's threshold is picked on cross-validated training scores, never on the test split.
-TARGET_TRAIN_FPR = 0.02
+# The detector's threshold is picked on cross-validated training scores, never on the test split. A set by a
+# new author is harder than the cross-validation's held-out templates: in leave-one-source-out
+# (benchmarks/guard_loso.py) a 3% target gave 3.9% false positives pooled over held-out sources (4%: 4.6%),
+# under the issue's 5% with some margin.
+TARGET_TRAIN_FPR = 0.03
 
 # ---------------------------------------------------------------- PII values (valid and near-miss)
 
@@ -205,8 +208,9 @@ def write_labelled_sets(out_dir: str | Path = "benchmarks/data", seed: int = SEE
 def _fit(x, y: np.ndarray, seed: int):
     from sklearn.linear_model import LogisticRegression
 
-    # C=1 was best by grouped cross-validation on the train split (0.5, 1, 2, 4, 16 compared)
-    return LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, random_state=seed).fit(x, y)
+    # C=10 was best by leave-one-source-out cross-validation (1, 3, 10, 30 compared; benchmarks/guard_loso.py):
+    # pooled recall at 4% false positives 0.85 at C=3, 0.89 at C=10, 0.85 at C=30
+    return LogisticRegression(C=10.0, class_weight="balanced", max_iter=5000, random_state=seed).fit(x, y)
 
 
 class _Features:
@@ -234,7 +238,7 @@ class _Features:
         from scipy import sparse
 
         in_rows = np.isin(self.owner, idx)
-        vec = char_ngram_vectorizer().fit([self.seg_text[i] for i in np.flatnonzero(in_rows)]
+        vec = NgramVectorizer().fit([self.seg_text[i] for i in np.flatnonzero(in_rows)]
                                           + [self.row_text[i] for i in idx])
         benign_seg = self._x(vec, np.flatnonzero(in_rows & (self.label[self.owner] == 0)), True)
         x0 = sparse.vstack([self._x(vec, idx, False), benign_seg])
@@ -255,15 +259,29 @@ class _Features:
         return np.array([p[self.owner[mine] == i].max() for i in idx])
 
 
+def cv_threshold(feats: _Features, idx: np.ndarray, groups: np.ndarray, seed: int = SEED, folds: int = 5) -> float:
+    """The lowest score whose false-positive rate on rows `idx`, each scored by a fit on the other folds
+    (grouped by `groups`), is at most TARGET_TRAIN_FPR.
+
+    `train_injection_detector` groups by template, not by source: in leave-one-source-out (4% target), thresholds from
+    folds by template gave 94.6% / 4.2% pooled against 95.4% / 4.8% from folds by source, whose few,
+    unequal folds (one of them all hard benign rows) move the threshold from 0.60 to 0.87."""
+    from sklearn.model_selection import GroupKFold
+
+    cv = np.zeros(len(idx))
+    for fit_i, held in GroupKFold(n_splits=min(folds, len(set(groups)))).split(cv, feats.label[idx], groups):
+        cv[held] = feats.row_scores(idx[held], feats.fit(idx[fit_i], seed))
+    benign = np.sort(cv[feats.label[idx] == 0])
+    return next((float(t) for t in benign if np.mean(benign >= t) <= TARGET_TRAIN_FPR), 1.0)
+
+
 def train_injection_detector(data: str | Path | list[dict], out: str | Path | None = DETECTOR_PATH,
                              embedder=None, seed: int = SEED, folds: int = 5) -> InjectionDetector:
     """Fit the detector on the train split of `data` and write it to `out` (None: don't write).
 
-    The threshold is the lowest score whose false-positive rate on cross-validated training rows
-    (folds grouped by template) is at most 2%.
+    The threshold is `cv_threshold`'s: at most TARGET_TRAIN_FPR false positives on cross-validated training
+    rows, folds grouped by template.
     """
-    from sklearn.model_selection import GroupKFold
-
     from genforge.models.embeddings import Embedder
 
     rows = read_jsonl(data) if isinstance(data, (str, Path)) else list(data)
@@ -272,16 +290,12 @@ def train_injection_detector(data: str | Path | list[dict], out: str | Path | No
         raise DataError("the injection set's train split needs both attack (1) and benign (0) rows")
     embedder = Embedder() if embedder is None else embedder
     feats = _Features(train, embedder)
-    groups = [r["template"] for r in train]
-    cv = np.zeros(len(train))
-    for fit_idx, held in GroupKFold(n_splits=folds).split(cv, feats.label, groups):
-        cv[held] = feats.row_scores(held, feats.fit(fit_idx, seed))
-    benign = np.sort(cv[feats.label == 0])
-    threshold = next((float(t) for t in benign if np.mean(benign >= t) <= TARGET_TRAIN_FPR), 1.0)
+    threshold = cv_threshold(feats, np.arange(len(train)), np.array([r["template"] for r in train]), seed, folds)
     vec, model = feats.fit(np.arange(len(train)), seed)
     dim = feats.seg.shape[1]
     w = model.coef_[0].astype(np.float32)
-    ngrams = CharNgrams(list(vec.get_feature_names_out()), vec.idf_.astype(np.float32), w[dim:])
+    (char, word), (char_idf, word_idf) = vec.vocabs, vec.idfs
+    ngrams = Ngrams(char, char_idf, word, word_idf, w[dim:])
     det = InjectionDetector(w[:dim], float(model.intercept_[0]), round(threshold, 4), embedder.name,
                             embedder.version, rows_hash(train), ngrams)
     if out is not None:
@@ -313,8 +327,7 @@ def _injection_report(test: list[dict], flags: dict[str, list[bool]]) -> dict:
 
 def evaluate_guard(guard: Guard, injection: list[dict], pii: list[dict]) -> dict:
     """Injection recall / false-positive rate on the held-out split (rules, detector, combined), overall and
-    per held-out set ("by_source": "v1" was seen while the rules were written, "fresh" was not, "fresh2" was
-    written after both had been looked at while tuning), and PII
+    per held-out set ("by_source": v1's held-out quarter, seen while the rules were written), and PII
     precision / recall per type against the gold spans (exact type and offsets)."""
     test = [r for r in injection if r["split"] == "test"]
     scans = guard.scan([r["text"] for r in test])
