@@ -9,7 +9,9 @@ templates, `guard_data_more.py`), "fresh" (a second held-out set, `guard_data_fr
 before anything was evaluated on it) and "fresh2" (a third, `guard_data_fresh2.py`, written once the
 first two had been looked at while tuning); both are training data now, as they have been looked at
 too often to measure anything, and "wide" (`guard_data_wide.py`, written to widen the training data,
-Chinese above all). The test split is v1's held-out quarter.
+Chinese above all). The test split is v1's held-out quarter and "fresh3" (`guard_data_fresh3.py`,
+written blind by someone who had read neither the training data nor the rules, and evaluated once,
+after the detector and the rules were final).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from types import ModuleType
 
 from genforge.jobs import guard_data_fresh as fresh
 from genforge.jobs import guard_data_fresh2 as fresh2
+from genforge.jobs import guard_data_fresh3 as fresh3
 from genforge.jobs import guard_data_more as more
 from genforge.jobs import guard_data_wide as wide
 
@@ -273,7 +276,8 @@ def injection_rows(seed: int = 0, per_category: int = 45) -> list[dict]:
         r["source"] = "v1"
     # the later sets draw from their own generators, so the v1 rows stay byte for byte what they were
     return (rows + _more_rows(random.Random(seed + 1)) + _fresh_rows(random.Random(seed + 2), fresh, "fresh")
-            + _fresh_rows(random.Random(seed + 3), fresh2, "fresh2") + _wide_rows(random.Random(seed + 4)))
+            + _fresh_rows(random.Random(seed + 3), fresh2, "fresh2") + _wide_rows(random.Random(seed + 4))
+            + _fresh_rows(random.Random(seed + 5), fresh3, "fresh3", split="test"))
 
 
 def _more_rows(rng: random.Random, fills: int = 2) -> list[dict]:
@@ -315,26 +319,26 @@ def _fresh_document(rng: random.Random, planted: str, documents: list[list[str]]
     return _document(rng, planted, rng.choice(docs))
 
 
-def _fresh_rows(rng: random.Random, src: ModuleType, source: str) -> list[dict]:
-    """A hand-written set (`guard_data_fresh*.py`): one training row per written text. Both were written as
-    held-out sets; once looked at several times while tuning they stopped being blind and became training
-    data, and v1's held-out quarter is the test split."""
+def _fresh_rows(rng: random.Random, src: ModuleType, source: str, split: str = "train") -> list[dict]:
+    """A hand-written set (`guard_data_fresh*.py`): one row per written text. fresh and fresh2 were written
+    as held-out sets; once looked at several times while tuning they stopped being blind and became training
+    data. fresh3 is held out (`split` "test")."""
     texts: list[tuple[str, int, str]] = [(t, 1, c) for c, ts in src.ATTACKS.items() for t in ts]
     texts += [(wrapper if method == "plain" else wrapper.format(payload=_obfuscate(method, payload, rng)),
                1, "obfuscated") for method, wrapper, payload in src.OBFUSCATED]
     texts += [(_fresh_document(rng, h, src.DOCUMENTS), 1, "hidden") for h in src.HIDDEN]
     texts += [(t, 0, c) for c, ts in src.BENIGN.items() for t in ts]
     texts += [(_fresh_document(rng, b, src.DOCUMENTS), 0, "benign_document") for b in src.BENIGN_PLANTED]
-    return _written_rows(texts, source)
+    return _written_rows(texts, source, split)
 
 
-def _written_rows(texts: list[tuple[str, int, str]], source: str) -> list[dict]:
-    """Training rows from (text, label, category): each written text is its own template."""
+def _written_rows(texts: list[tuple[str, int, str]], source: str, split: str = "train") -> list[dict]:
+    """Rows from (text, label, category): each written text is its own template."""
     count: dict[str, int] = {}
     rows = []
     for text, label, cat in texts:
         i = count[cat] = count.get(cat, -1) + 1
-        rows.append({"text": text, "label": label, "category": cat, "split": "train",
+        rows.append({"text": text, "label": label, "category": cat, "split": split,
                      "template": f"{source}/{cat}/{i}", "source": source})
     return rows
 
