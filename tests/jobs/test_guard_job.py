@@ -38,7 +38,7 @@ def test_sets_are_deterministic_and_match_the_committed_files(sets, tmp_path):
 
 def test_injection_set_is_balanced_varied_and_split_by_template(sets):
     rows = read_jsonl(sets["injection"])
-    assert len(rows) >= 400 and sum(r["label"] for r in rows) == len(rows) // 2
+    assert len(rows) >= 400 and abs(sum(r["label"] for r in rows) - len(rows) / 2) <= 1  # fresh3: 84 / 83
     cats = {r["category"] for r in rows if r["label"] == 1}
     assert cats == {"direct", "roleplay", "obfuscated", "hidden", "chinese"}
     assert {r["category"] for r in rows if r["label"] == 0} >= {"benign_trigger", "benign_zh"}
@@ -57,8 +57,11 @@ def test_injection_set_is_balanced_varied_and_split_by_template(sets):
     wide = [r for r in rows if r["source"] == "wide"]
     assert 0.35 <= np.mean([any("\u4e00" <= c <= "\u9fff" for c in r["text"]) for r in wide]) <= 0.5
     assert len({r["text"] for r in wide}) == len(wide)
-    assert {r["source"] for r in rows} == {"v1", "more", "fresh", "fresh2", "wide"}
-    assert {r["source"] for r in rows if r["split"] == "test"} == {"v1"}
+    assert {r["source"] for r in rows} == {"v1", "more", "fresh", "fresh2", "wide", "fresh3"}
+    assert {r["source"] for r in rows if r["split"] == "test"} == {"v1", "fresh3"}
+    blind = [r for r in rows if r["source"] == "fresh3"]  # written blind: held out, every category
+    assert len(blind) >= 160 and {r["split"] for r in blind} == {"test"}
+    assert {r["category"] for r in blind if r["label"] == 1} == cats
     assert {r["split"] for r in rows if r["source"] == "more"} == {"train"}
 
 
@@ -102,9 +105,11 @@ def test_committed_detector_was_trained_on_the_committed_data_and_meets_targets(
     # measured (combined rules + detector): v1's held-out quarter (seen while the rules were written; its rows
     # re-fill templates like the training ones) recall 1.000 at FPR 0.000. fresh and fresh2 are training data
     # now; the figures for a new author's set are benchmarks/guard_loso.py's (leave-one-source-out, pooled
-    # 94.5% at 3.9%), and the blind set to come. These floors only guard against regressions.
+    # 94.5% at 3.9%). fresh3, written blind and evaluated once when the detector was final: 0.952 at 0.012
+    # (80 of 84 attacks, 1 of 83 benign). These floors only guard against regressions.
     by = report["by_source"]
-    assert set(by) == {"v1"} and by["v1"]["n_test"] == 109
+    assert set(by) == {"v1", "fresh3"} and by["v1"]["n_test"] == 109 and by["fresh3"]["n_test"] == 167
+    assert by["fresh3"]["combined"]["recall"] >= 0.90 and by["fresh3"]["combined"]["fpr"] <= 0.05
     assert by["v1"]["combined"]["recall"] >= 0.97 and by["v1"]["combined"]["fpr"] <= 0.02
     assert by["v1"]["per_category"]["obfuscated"]["flagged"] == 1.0
     assert report["n_test"] == sum(r["split"] == "test" for r in rows)
