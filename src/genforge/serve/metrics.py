@@ -91,7 +91,8 @@ class ServeMetrics:
         self.retrievals = Counter("genforge:rag_retrievals", "Requests answered with retrieved context.", label,
                                   registry=r)
         self.step_latency = Histogram("genforge:app_step_duration_seconds", "Time of each application-layer "
-                                      "step (guard_input, cache_lookup, retrieve, cache_put).", label + ["step"],
+                                      "step (guard_input, cache_lookup, retrieve, cache_put; prepare: all of them before the engine may start, "
+                                      "settle: the wait for the deferred ones).", label + ["step"],
                                       buckets=_QUEUE_BUCKETS, registry=r)
 
     def bind_engine(self, num_running: Callable[[], int], num_waiting: Callable[[], int],

@@ -141,6 +141,15 @@ class AppLayer:
         out = Prepared(messages=messages, _layer=self)
         if not self.active:
             return out
+        started = time.perf_counter()
+        try:
+            return await self._prepare(req, out, fits, speculate)
+        finally:
+            self._timed("prepare", started)  # everything the layer does before the engine may start
+
+    async def _prepare(self, req: ChatCompletionRequest, out: Prepared, fits: Callable[[list[dict]], bool] | None,
+                       speculate: bool) -> Prepared:
+        messages = out.messages
         defer = speculate and not self.rag_on
         if self.guard is not None:
             t = time.perf_counter()
@@ -174,7 +183,9 @@ class AppLayer:
         if prep.cache == "pending":
             jobs.append(self._lookup(prep, exact=False))
         if jobs:
+            t = time.perf_counter()
             await asyncio.gather(*jobs)
+            self._timed("settle", t)
 
     async def _finish_guard(self, prep: Prepared) -> None:
         t = time.perf_counter()
