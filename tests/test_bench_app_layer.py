@@ -59,9 +59,10 @@ def test_retrieval_and_guard_tables_hold_measured_metrics(result):
 
 def test_throughput_rows_never_hit_the_cache_and_rag_lengthens_prompts(result):
     rows = result["sections"]["throughput"]["rows"]
-    assert list(rows) == ["plain", "cache + guard", "all on (cache + RAG + guard)"]
+    assert list(rows) == ["plain", "cache + guard", "cache + guard, steps in the server's process",
+                          "all on (cache + RAG + guard)"]
     requests = result["args"]["requests"]
-    for name in ("cache + guard", "all on (cache + RAG + guard)"):
+    for name in ("cache + guard", "cache + guard, steps in the server's process", "all on (cache + RAG + guard)"):
         (r,) = rows[name]["rounds"]
         assert r["cache_lookups"] == {"hit": 0, "miss": requests, "bypass": 0}
         assert r["guard_actions"]["blocked"] == 0 and set(r["step_mean_ms"]) >= {"guard_input", "cache_lookup"}

@@ -69,12 +69,10 @@ class LayerSteps:
         return self.guard.finish_input(result)
 
     # The cache.
-    def lookup_exact(self, key: str, turn: str) -> Any:
-        return self.cache.lookup_exact(key, turn)
-
-    def lookup_near(self, key: str, turn: str) -> tuple[Any, int]:
-        """The hit (or None) and the verification rejections not yet reported (a counter's increment)."""
-        hit = self.cache.lookup_near(key, turn)
+    def lookup(self, key: str, turn: str) -> tuple[Any, int]:
+        """The hit (the same text, else a verified near match, or None) and the verification rejections
+        not yet reported (a counter's increment)."""
+        hit = self.cache.lookup(key, turn)
         with self._lock:
             new, self._reported = self.cache.rejected - self._reported, self.cache.rejected
         return hit, new

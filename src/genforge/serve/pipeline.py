@@ -17,11 +17,12 @@ in a process of their own by default (serve/layer_steps.py says why), called thr
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ RAG_TEMPLATE = ("Answer from the numbered sources and cite them as [1], [2]; if 
                 "say so.\n\n{sources}\n\nQuestion: {question}")
 RAG_SOURCE_CHARS = 1500  # per source in the prompt: a small model's context is short
 WORKER_THREADS = 64  # mostly waiting (on the embedding batch, the store), so cheap; see the module doc
+INLINE_CHARS = 8192  # the guard's rules over a turn shorter than this run on the event loop (~0.1 ms)
 log = logging.getLogger(__name__)
 
 
@@ -123,6 +125,13 @@ class AppLayer:
     def close(self) -> None:
         self.steps.close()
 
+    @staticmethod
+    async def _offload(fn: Callable[..., Any], messages: list[dict], **kw: Any) -> Any:
+        """`fn(messages)` here, or in a thread when the text is long enough for regexes to hold the loop."""
+        if sum(len(_text(m.get("content"))) for m in messages) < INLINE_CHARS:
+            return fn(messages, **kw)
+        return await asyncio.to_thread(functools.partial(fn, messages, **kw))
+
     def _timed(self, step: str, started: float) -> None:
         self.metrics.step_latency.labels(self.served_name, step).observe(time.perf_counter() - started)
 
@@ -133,10 +142,11 @@ class AppLayer:
         """`fits(messages)`: whether the rendered messages leave room for the answer in the context.
 
         `speculate`: when the engine's prompt does not depend on the slow steps (no retrieval), run only
-        the cheap ones here (the guard's rules and PII redaction, the cache key) and leave the
-        embedding ones (the injection detector, the cache lookup) to `settle`, which the caller awaits
-        after it has started the engine on `messages`. The answer is the same; the engine does not sit
-        idle while the layer embeds (at 16 clients it held fewer rows for ~100-150 ms a request)."""
+        the cheap ones here, in this process (the guard's rules and PII redaction, the cache key), and
+        leave the others (the injection detector, the cache lookup) to `settle`, which the caller awaits
+        after it has started the engine on `messages`. The answer is the same; the engine does not wait
+        for the layer's process (at 16 clients its two calls here took ~18 ms a request, its
+        embedding ones ~150 ms)."""
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         out = Prepared(messages=messages, _layer=self)
         if not self.active:
@@ -154,7 +164,11 @@ class AppLayer:
         if self.guard is not None:
             t = time.perf_counter()
             try:
-                result = await self.steps.call("check_input", messages, None, not defer)
+                if defer:  # the rules and PII here (no embedding): the detector's part is left to settle
+                    result = replace(await self._offload(self.guard.check_input, messages, detector=False),
+                                     detector_pending=True)
+                else:
+                    result = await self.steps.call("check_input", messages, None, True)
             except Exception:
                 self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
                 raise
@@ -165,8 +179,8 @@ class AppLayer:
                 self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
         if self.cache_on:
             await self._cache_key_of(req, out)
-            if out.cache == "pending":
-                await self._lookup(out, near=not defer)  # deferred: the exact text now, near matches in settle
+            if out.cache == "pending" and not defer:
+                await self._lookup(out)
             if out.hit is not None:
                 return out
         if self.rag_on:
@@ -177,15 +191,26 @@ class AppLayer:
         """The steps `prepare(speculate=True)` left: the injection detector (raises ContentFilteredError
         when the policy refuses) and the cache lookup (sets `prep.hit`), side by side: both embed the
         same turn, which the shared embedder forwards once."""
-        jobs = []
-        if prep.guard is not None and prep.guard.detector_pending:
-            jobs.append(self._finish_guard(prep))
-        if prep.cache == "pending":
-            jobs.append(self._lookup(prep, exact=False))
-        if jobs:
-            t = time.perf_counter()
-            await asyncio.gather(*jobs)
-            self._timed("settle", t)
+        guard = prep.guard is not None and prep.guard.detector_pending
+        if not guard and prep.cache != "pending":
+            return
+        t = time.perf_counter()
+        judged = asyncio.ensure_future(self._finish_guard(prep)) if guard else None
+        try:
+            if prep.cache == "pending":
+                await self._lookup(prep)
+                if prep.hit is not None and prep.hit.exact and judged is not None:
+                    # The same text under the same key passed the detector when its answer was stored.
+                    if judged.done() and not judged.cancelled():
+                        judged.exception()  # retrieved: a verdict no longer needed is not a logged error
+                    judged.cancel()
+                    judged = None
+            if judged is not None:
+                await judged
+        finally:
+            if judged is not None and not judged.done():
+                judged.cancel()
+        self._timed("settle", t)
 
     async def _finish_guard(self, prep: Prepared) -> None:
         t = time.perf_counter()
@@ -265,18 +290,12 @@ class AppLayer:
         out.key, out.turn = keyed
         out.cache = "pending"
 
-    async def _lookup(self, out: Prepared, *, exact: bool = True, near: bool = True) -> None:
-        """Look `out`'s turn up: the exact text and/or near matches. Leaves `out.cache` "pending" when
-        only the exact text was looked up and missed."""
+    async def _lookup(self, out: Prepared) -> None:
+        """Look `out`'s turn up: the exact text, else near matches (one call to the steps)."""
         t = time.perf_counter()
-        if exact:
-            out.hit = await self.steps.call("lookup_exact", out.key, out.turn)
-        if out.hit is None and near:
-            out.hit, rejected = await self.steps.call("lookup_near", out.key, out.turn)
-            if rejected:
-                self.metrics.cache_rejections.labels(self.served_name).inc(rejected)
-        if out.hit is None and not near:
-            return  # timed with the near lookup that follows
+        out.hit, rejected = await self.steps.call("lookup", out.key, out.turn)
+        if rejected:
+            self.metrics.cache_rejections.labels(self.served_name).inc(rejected)
         self._timed("cache_lookup", t)
         out.cache = "hit" if out.hit is not None else "miss"
         self.metrics.cache_lookups.labels(self.served_name, out.cache).inc()
