@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 resolves to the CPU wheel on this machine kind; constraints.txt pins the rest.
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: demo test bench lint clean
+.PHONY: demo demo-finetune test bench lint clean
 
 $(VENV)/.installed-%: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt
 
 demo: $(VENV)/.installed-all
 	$(VENV)/bin/genforge demo
+
+# SFT + DPO from the pretrained demo model; pretrains it first (`make demo`) when runs/demo has none
+demo-finetune: $(VENV)/.installed-all
+	test -f runs/demo/model/config.json || $(VENV)/bin/genforge demo
+	$(VENV)/bin/genforge demo --finetune
 
 test: $(VENV)/.installed-all,dev
 	$(PY) -m ruff check src tests benchmarks

@@ -122,6 +122,13 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    if a.finetune:
+        from genforge.jobs.demo_finetune import DPO, SFT, run_demo_finetune
+
+        steps = a.steps or SFT["steps"]
+        run_demo_finetune(out_dir=a.out_dir, sft={"steps": steps},
+                          dpo={"steps": max(1, round(steps * DPO["steps"] / SFT["steps"]))})
+        return
     from genforge.jobs.demo import run_demo
 
     run_demo(out_dir=a.out_dir, minutes=a.minutes)
@@ -285,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
     de.add_argument("--out-dir", default="runs")
     de.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    de.add_argument("--finetune", action="store_true", help="from the pretrained demo (runs/demo): SFT then "
+                    "DPO with LoRA, held-out ROUGE-L and preference accuracy before and after")
+    de.add_argument("--steps", type=int, default=None,
+                    help="--finetune: SFT steps (DPO's scale with them; default 150 and 80)")
     de.set_defaults(func=cmd_demo)
 
     se = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or HF model folder")
