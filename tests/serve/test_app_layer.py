@@ -120,6 +120,8 @@ def test_the_steps_run_in_a_process_of_their_own_and_losing_it_is_a_503(lm, tmp_
         assert "in its own process" in layer.describe()
         worker = layer.steps._proc
         assert worker.is_alive() and worker.pid != os.getpid()
+        if hasattr(os, "SCHED_IDLE"):  # it runs on the CPU time the engine leaves (process_priority: idle)
+            assert os.sched_getscheduler(worker.pid) == os.SCHED_IDLE
         assert chat(live, "How do I open a file for reading in Python?")[0]["x-genforge-cache"] == "miss"
         assert httpx.get(live.url + "/health").status_code == 200
         worker.kill()

@@ -90,7 +90,7 @@ def test_serve_with_a_missing_embedder_folder_says_which(lm_run: Path, tmp_path:
     ("guard:\n  policy: block\n  banned: ['ok', '(unclosed']\n", ["guard.banned[1]", "'(unclosed'", "regular expression"]),
     ("guard:\n  policy: redact\n  allowlist: ['[a-']\n", ["guard.allowlist[0]", "'[a-'"]),
     ("cache:\n  enabled: true\n  treshold: 0.8\n", ["cache.treshold", "threshold"]),
-    ("colour: red\n", ["colour", "cache, embedder, guard, own_process, process_threads, rag, store"]),
+    ("colour: red\n", ["colour", "cache, embedder, guard, own_process, process_priority, process_threads, rag, store"]),
 ], ids=["banned-regex", "allowlist-regex", "misspelt-key", "unknown-section"])
 def test_a_bad_serve_config_file_is_one_line_before_anything_loads(lm_run: Path, tmp_path: Path, capsys,
                                                                    config, needles):

@@ -6,6 +6,7 @@
     embedder: null                    # a local sentence-transformers folder; default all-MiniLM-L6-v2
     own_process: true                 # run the steps in a process of their own (false: in the server's)
     process_threads: 1                # torch threads of that process (1: the cores stay the engine's)
+    process_priority: idle            # idle | low (nice 19) | normal: its CPU time against the engine's
     cache:
       enabled: true
       threshold: 0.75                 # similarity a near match needs (chosen on the dev pairs)
@@ -78,6 +79,7 @@ class AppConfig(Spec):
     embedder: str | None = None
     own_process: bool = True  # the steps in a process of their own (serve/layer_steps.py says why)
     process_threads: int = rng(1, min=1, max=256, help="torch threads of that process")
+    process_priority: str = rng("idle", choices=["idle", "low", "normal"], help="CPU priority of that process")
     cache: CacheSpec = Field(default_factory=CacheSpec)
     rag: RagSpec = Field(default_factory=RagSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
