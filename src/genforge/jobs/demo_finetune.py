@@ -273,8 +273,9 @@ model (the DPO adapter disabled). {result['seconds'] / 60:.1f} minutes in all.
 Measured on the {len(split[result['measured_on']])} **{result['measured_on']}** topics
 ({len(rows['sft_measure'])} questions, {result['pretrained']['preference']['pairs']} preference pairs of each kind), which no training step saw: the split
 is by topic (data/split.json), the {len(split['train'])} train topics' rows are all that SFT and DPO trained on
-({len(rows['sft_train'])} conversations, {len(rows['dpo_train'])} pairs; pairs whose rejected reply is a
-non-train topic's paragraph left out). The pretraining corpus held every topic's text.
+({len(rows['sft_train'])} conversations, {len(rows['dpo_train'])} pairs; a rejected reply that was a non-train
+topic's paragraph is redrawn from the train topics). The pretraining corpus held every topic's text:
+what SFT can teach about a held-out topic is the answer's form, not its words.
 
 - ROUGE-L: F1 of the longest common subsequence of words (rouge-score, no stemming) between the
   greedy answer (up to the EOS or 96 tokens) and the topic's opening paragraph, averaged.
