@@ -13,7 +13,13 @@ user would write, quantized against fp models, and many adapters served against 
     contender runs in a process of its own, `--warmup` steps untimed then `--steps` timed; peak RSS
     is the process's ru_maxrss when training ends (imports, model, data, optimizer state,
     activations: the whole process), "of which training" that minus the RSS once the model and data
-    were loaded, before the optimizer was made.
+    were loaded, before the optimizer was made. glibc's malloc serves tensors under its dynamic mmap
+    threshold (up to 32 MiB) from its heap, whose fragmentation depends on what the process
+    allocated before: the same plain loop measured 1485 to 1598 MiB in processes that differed only
+    in incidental set-up code. So each contender also runs once more with
+    MALLOC_MMAP_THRESHOLD_=131072 ("live peak"): every tensor of 128 KiB or more is then a mapping
+    of its own, returned when freed, and the peak RSS follows the live tensors (steps/s is not
+    measured there: page faults make that run about 40% slower).
       genforge LoRA / full   `genforge train`'s path: an sft recipe through train/loop.py (steps/s
                              from its metrics.jsonl `elapsed`, logged every step)
       peft + transformers    AutoModelForCausalLM + peft's get_peft_model (LoRA) or the bare model
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -140,11 +147,14 @@ def worker_plain(folder: Path, lora: bool, a: argparse.Namespace) -> dict:
             "peak_rss_mb": rss, "rss_before_mb": before}
 
 
-def run_worker(name: str, folder: Path, a: argparse.Namespace) -> dict:
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_worker(name: str, folder: Path, a: argparse.Namespace, env: dict | None = None) -> dict:
     args = [sys.executable, __file__, "--worker", name, "--model", str(folder)]
     for k in ("steps", "warmup", "threads", "batch_size", "max_length", "lr"):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,16 +168,25 @@ def training(folder: Path, a: argparse.Namespace) -> tuple[dict, str]:
             recs[c].append(r)
             print(f"round {rnd + 1}/{a.rounds} {c}: {r['steps_per_s']:.2f} steps/s, peak RSS "
                   f"{r['peak_rss_mb']:.0f} MiB ({r['rss_before_mb']:.0f} before training)", flush=True)
+    live = {}
+    for c in CONTENDERS:
+        live[c] = run_worker(c, folder, a, LIVE_MALLOC)
+        print(f"live-memory run {c}: peak RSS {live[c]['peak_rss_mb']:.0f} MiB "
+              f"({live[c]['rss_before_mb']:.0f} before training)", flush=True)
     summary = {c: {"steps_per_s": median([r["steps_per_s"] for r in rs]),
+                   "live_peak_rss_mb": live[c]["peak_rss_mb"],
+                   "live_training_rss_mb": live[c]["peak_rss_mb"] - live[c]["rss_before_mb"], "live_run": live[c],
                    "peak_rss_mb": median([r["peak_rss_mb"] for r in rs]),
                    "training_rss_mb": median([r["peak_rss_mb"] - r["rss_before_mb"] for r in rs]),
                    "trainable": rs[0]["trainable"],
                    "rounds": rs} for c, rs in recs.items()}
     ref = {"LoRA": summary["peft + transformers LoRA"]["steps_per_s"], "full": summary["transformers full"]["steps_per_s"]}
     rows = [[c, fmt(s["steps_per_s"], ".2f"), f"{s['steps_per_s'] / ref['LoRA' if 'LoRA' in c else 'full']:.2f}",
-             fmt(s["peak_rss_mb"]), fmt(s["training_rss_mb"]), s["trainable"]] for c, s in summary.items()]
+             fmt(s["peak_rss_mb"]), fmt(s["training_rss_mb"]), fmt(s["live_peak_rss_mb"]),
+             fmt(s["live_training_rss_mb"]), s["trainable"]] for c, s in summary.items()]
     table = md_table(["training (lm-tiny, random weights)", "steps/s", "x plain loop", "peak RSS MiB",
-                      "of which training MiB", "trainable parameters"], rows)
+                      "of which training MiB", "live peak MiB", "of which training MiB",
+                      "trainable parameters"], rows)
     return summary, table
 
 
