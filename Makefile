@@ -22,7 +22,7 @@ demo-finetune: $(VENV)/.installed-all
 
 test: $(VENV)/.installed-all,dev
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(VENV)/.installed-all,dev
 	$(PY) benchmarks/lm_shakespeare.py
