@@ -19,7 +19,8 @@ def test_finetune_demo_reports_held_out_figures_on_untrained_topics(tmp_path, ba
     report = (ft / "report.md").read_text()
     assert "| held-out measure | pretrained | after SFT | after DPO |" in report
     for row in ("| ROUGE-L F1 of the greedy answer |", "| preference accuracy (per token), rejected: another held-out",
-                "| the same, summed log-probability |", "| preference accuracy (per token), rejected: a train topic"):
+                "| the same, summed log-probability |", "| preference accuracy (per token), rejected: a train topic",
+                "| preference accuracy (per token) on 9 of the DPO training pairs"):
         line = next(li for li in report.splitlines() if li.startswith(row))
         assert len(line.split("|")) == 6  # the measure and three figures
     for png in ("sft_loss.png", "dpo.png"):
@@ -27,6 +28,7 @@ def test_finetune_demo_reports_held_out_figures_on_untrained_topics(tmp_path, ba
     for stage in ("pretrained", "sft", "dpo"):
         assert 0 <= result[stage]["rouge_l"] <= 1
         assert result[stage]["preference"]["pairs"] == result[stage]["preference_vs_train"]["pairs"] == 9
+        assert result[stage]["preference_trained_pairs"]["pairs"] == 9
 
     # held out: no training row asks about a held-out topic or holds one of its paragraphs
     held = set(json.loads((ft / "data" / "split.json").read_text())["heldout"])

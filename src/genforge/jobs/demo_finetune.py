@@ -98,6 +98,13 @@ def split_rows(split: dict[str, list[str]], measure_on: str, seed: int = 0) -> d
             "dpo_measure": pairs(measured, measured), "dpo_measure_vs_train": pairs(measured, train)}
 
 
+def trained_pairs_sample(rows: dict[str, list[dict]], n: int, seed: int = 0) -> list[dict]:
+    """`n` of the DPO training pairs, drawn at random: where DPO's effect is measured on what it
+    was trained on (beside the held-out pairs, where it is measured on what it was not)."""
+    pool = rows["dpo_train"]
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -163,6 +170,7 @@ def measure(model_path: str | Path, rows: dict[str, list[dict]], max_new_tokens:
 
     return {"rouge_l": rouge_l(answers, refs), "preference": accuracy("dpo_measure"),
             "preference_vs_train": accuracy("dpo_measure_vs_train"),
+            "preference_trained_pairs": accuracy("dpo_trained_sample"),
             "answers": [{"question": q, "answer": a, "reference": ref} for q, a, ref in zip(questions, answers, refs)]}
 
 
@@ -200,6 +208,7 @@ def run_demo_finetune(out_dir: str = "runs", base: str | Path | None = None, sft
         shutil.rmtree(ft_dir)  # the demo owns this folder and starts it fresh each time
     split = split or split_topics()
     rows = split_rows(split, measure_on)
+    rows["dpo_trained_sample"] = trained_pairs_sample(rows, len(rows["dpo_measure"]))
     data = ft_dir / "data"
     atomic_write_text(data / "split.json", json.dumps(split, indent=1))
     sft_set, dpo_set = _jsonl(data / "sft-train.jsonl", rows["sft_train"]), _jsonl(data / "dpo-train.jsonl",
@@ -251,7 +260,10 @@ def results_table(result: dict) -> str:
             lambda r: f"{r['preference']['per_token']:.3f}"),
         row("the same, summed log-probability", lambda r: f"{r['preference']['summed']:.3f}"),
         row("preference accuracy (per token), rejected: a train topic's paragraph",
-            lambda r: f"{r['preference_vs_train']['per_token']:.3f}")])
+            lambda r: f"{r['preference_vs_train']['per_token']:.3f}"),
+        row(f"preference accuracy (per token) on {result['pretrained']['preference_trained_pairs']['pairs']} "
+            "of the DPO training pairs (not held out)",
+            lambda r: f"{r['preference_trained_pairs']['per_token']:.3f}")])
 
 
 def report(result: dict, figures: dict, base: Path, rows: dict) -> str:
@@ -286,7 +298,9 @@ what SFT can teach about a held-out topic is the answer's form, not its words.
   the reference, and 0 for every pair before DPO). Two sets of pairs over the same questions: the
   rejected reply is another held-out topic's paragraph (neither reply seen in fine-tuning), or a
   train topic's paragraph, which SFT taught the model word for word: there a model that merely
-  recites what it was taught prefers the wrong reply.
+  recites what it was taught prefers the wrong reply. The last row is not held out: it measures
+  the same on a random sample of the pairs DPO trained on, to tell "DPO did not learn" from "what
+  it learned does not carry over to unseen topics".
 
 ## Settings
 
