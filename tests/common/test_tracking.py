@@ -64,7 +64,8 @@ def test_resume_continues_the_event_log_without_repeating_steps(tmp_path, char_d
     resumed = tensorboard_scalars(run.path / "tb")
     assert_same_scalars(resumed, jsonl_scalars(run))
     # resume is exact: the losses TensorBoard shows are the ones of the uninterrupted run
-    assert resumed["loss"] == pytest.approx(first["loss"])
+    assert [s for s, _ in resumed["loss"]] == [s for s, _ in first["loss"]] == [5, 10, 15, 20]
+    assert [v for _, v in resumed["loss"]] == pytest.approx([v for _, v in first["loss"]])
 
 
 def test_a_fresh_run_starts_a_fresh_event_log(tmp_path):

@@ -50,9 +50,9 @@ def run_cli(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
 
 
 def table_rows(out: str) -> list[list[str]]:
-    """The body rows of a rich table, cell by cell."""
-    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines()
-            if line.strip().startswith("│")]
+    """The header row (┃) and body rows (│) of a rich table, cell by cell."""
+    return [[c.strip() for c in re.split("[│┃]", line.strip()[1:-1])] for line in out.splitlines()
+            if line.strip()[:1] in ("│", "┃")]
 
 
 def test_runs_list_shows_every_run_oldest_first(runs_root, capsys, monkeypatch):
@@ -65,7 +65,7 @@ def test_runs_list_shows_every_run_oldest_first(runs_root, capsys, monkeypatch):
     slow_val = min(r["val_loss"] for r in _metrics(runs_root / "slow") if "val_loss" in r)
     assert float(body[0][3]) == pytest.approx(slow_val, rel=1e-3)
     assert float(body[1][3]) < float(body[0][3])  # the higher learning rate learns faster in 20 steps
-    assert all(r[4].endswith("s") for r in body) and body[2][5] == "digits"
+    assert all(r[4].endswith("s") for r in body) and body[2][5] == "…/runs-list0/digits"  # long paths shortened
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", body[0][6])
 
 

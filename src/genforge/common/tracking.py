@@ -58,8 +58,13 @@ class TrackedMetrics(MetricsLog):
 
     def truncate_after(self, step: int) -> None:
         super().truncate_after(step)
-        for path in event_files(self.tb_dir):
-            truncate_event_file(path, step)
+        files = event_files(self.tb_dir)
+        try:
+            for path in files:
+                truncate_event_file(path, step)
+        except ImportError:
+            console.print(f"[yellow]{self.tb_dir} left as it was: tensorboardX is not installed, so its steps "
+                          f"after {step} stay there (pip install 'genforge[track]')[/]")
 
     def log(self, row: dict) -> None:
         super().log(row)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
 from genforge.common.errors import RunError
@@ -91,7 +92,7 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
     for run in find_runs(root):
         try:
             summaries.append(summarize(run))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
             continue  # a recipe.yaml that is not a genforge recipe: not a run
     return sorted(summaries, key=lambda s: s.created)
 
@@ -292,7 +293,7 @@ def _data_uri(path: Path) -> str:
 def _num(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:,.0f}"
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
 
 
 def _duration(seconds: float | None) -> str:

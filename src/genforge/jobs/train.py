@@ -35,6 +35,8 @@ class TrainOutcome:
         if r.tokens:
             lines.append(f"tokens/s: {r.tokens / max(r.wall_time, 1e-9):,.0f}")
         lines += [f"model: {self.run.model_dir}", f"report: {self.run.report_path}"]
+        if (self.run.path / tracking.TB_DIR).is_dir():
+            lines.append(f"tensorboard: tensorboard --logdir {self.run.path / tracking.TB_DIR}")
         return "\n".join(lines)
 
 
