@@ -286,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     qu.set_defaults(func=cmd_quantize)
 
     from genforge.cli_app import add_app_commands
+    from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
+    add_runs_commands(sub)
 
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
     de.add_argument("--out-dir", default="runs")

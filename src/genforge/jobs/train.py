@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from genforge.common import tracking
 from genforge.common.config import Recipe, load_recipe, to_dict
 from genforge.common.errors import ConfigError, DataError, RunError
 from genforge.common.progress import console
@@ -34,6 +35,8 @@ class TrainOutcome:
         if r.tokens:
             lines.append(f"tokens/s: {r.tokens / max(r.wall_time, 1e-9):,.0f}")
         lines += [f"model: {self.run.model_dir}", f"report: {self.run.report_path}"]
+        if (self.run.path / tracking.TB_DIR).is_dir():
+            lines.append(f"tensorboard: tensorboard --logdir {self.run.path / tracking.TB_DIR}")
         return "\n".join(lines)
 
 
@@ -104,6 +107,7 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     result = train(objective, data, cfg, run, device=device, resume=resume)
     update_report(run, "header", _header(recipe, dataset))
     update_report(run, "training", _training_section(recipe, objective, result, device, run))
+    tracking.log_artifacts(run)  # report and plots to MLflow, when the run logs there
     return TrainOutcome(run=run, recipe=recipe, result=result)
 
 

@@ -2,8 +2,9 @@
 
 The loop owns: device and precision, warmup + cosine schedule, gradient accumulation and clipping,
 EMA, periodic eval, atomic checkpoints (last N + best) with exact resume, the progress bar,
-metrics.jsonl and loss plots. A family owns its objective (see objective.py); checkpoint files
-are checkpoint.py's, optimizer stepping and EMA optim.py's.
+metrics.jsonl (mirrored to TensorBoard and MLflow by common/tracking.py) and loss plots. A family
+owns its objective (see objective.py); checkpoint files are checkpoint.py's, optimizer stepping
+and EMA optim.py's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 from genforge.common.config import TrainConfig
 from genforge.common.errors import ConfigError
-from genforge.common.progress import MetricsLog, console, plot_curves, progress_bar
+from genforge.common.progress import console, plot_curves, progress_bar
 from genforge.common.runs import RunDir, atomic_dir
+from genforge.common.tracking import TrackedMetrics
 from genforge.train import checkpoint
 from genforge.train.objective import DataSource, MultiStep, Objective, SingleLoss
 from genforge.train.optim import EMA, Stepper, maybe
@@ -108,7 +110,7 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
     steps = total_steps(cfg, data)
     stepper = Stepper(objective.optimizers(cfg), cfg, device, pick_dtype(cfg.precision, device))
     ema = EMA(objective.modules, cfg.ema_decay) if cfg.ema_decay else None
-    metrics = MetricsLog(run.metrics_path)
+    metrics = TrackedMetrics(run)  # metrics.jsonl, TensorBoard (runs/<name>/tb/) and MLflow when configured
     checkpoint.remove_stale_temps(run)
     start, best, elapsed_before, tokens = 0, math.inf, 0.0, 0
     if resume:
@@ -116,8 +118,8 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
                                                        ema, run, device)
         metrics.truncate_after(start)
         console.print(f"resuming {run.path} from step {start}")
-    elif run.metrics_path.exists():
-        run.metrics_path.unlink()  # a fresh run starts a fresh log
+    else:
+        metrics.reset()  # a fresh run starts fresh logs
 
     def evaluate() -> dict:
         for m in objective.modules.values():
@@ -202,6 +204,7 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
                 console.print(f"time budget of {cfg.time_budget:.0f}s reached at step {done}/{steps}")
                 break
     wall = elapsed_before + time.perf_counter() - t0
+    metrics.close()
     with atomic_dir(run.model_dir) as tmp, maybe(ema and ema.swapped_in(objective.modules)):
         objective.export(tmp)
     rows = run.read_metrics()
