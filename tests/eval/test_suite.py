@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,7 @@ def test_cli_suite_on_a_run_writes_rows_summary_and_report(base_run, tmp_path, c
     report = (base_run / "report.md").read_text()
     assert "## Suite `mini`" in report and "| ROUGE-L F1 |" in report and "## Training" in report
     assert "1 item has no reference perplexity" in report
+    assert "| kind = chat | 1 |" in report and "| kind = plain | 1 |" in report  # the by-label table
     # a rerun replaces its section; the greedy answers are the same
     assert main(["eval", str(base_run), "--suite", str(suite), "--max-new-tokens", "6"]) == 0
     assert (base_run / "report.md").read_text().count("## Suite `mini`") == 1
@@ -137,6 +139,7 @@ def test_compare_and_a_model_folder(base_run, other_model, tmp_path, capsys):  #
     gaps = [abs(d["chrf_a"] - d["chrf_b"]) for d in summary["differing_items"]]
     assert gaps and gaps == sorted(gaps, reverse=True) and gaps[0] > 0
     report = (base_run / "report.md").read_text()
+    assert re.search(r"\| chrF \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \|", report)
     assert f"Compared with `{other_model}`" in report and "### Items that differ most" in report
     assert f"item {summary['differing_items'][0]['index']}:" in report
 
@@ -184,3 +187,5 @@ def test_builtin_pydoc_qa_suite():
     name, items = load_suite("builtin:pydoc-qa")
     assert name == "pydoc-qa" and len(items) == len({i.labels["topic"] for i in items}) > 50
     assert all(i.messages[0]["role"] == "user" and i.reference for i in items)
+    splits = [i.labels["demo_split"] for i in items]  # the fine-tuning demo's topic split
+    assert splits.count("heldout") == 12 and splits.count("dev") == 8

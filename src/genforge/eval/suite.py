@@ -12,7 +12,7 @@ is scored against its reference (eval/text_metrics.py), and the reference's perp
 prompt says how likely the model finds the right answer whatever it generated.
 
 `builtin:pydoc-qa` is a suite from built-in data: one question per CPython docs topic, answered by
-the topic's opening paragraph (the fine-tuning demo's task).
+the topic's opening paragraph (the fine-tuning demo's task), each labelled with the demo's split.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from genforge.common.errors import DataError
 from genforge.common.progress import progress_bar
 from genforge.data.chat_template import render_messages
-from genforge.data.instructions import pydoc_instructions
+from genforge.data.instructions import pydoc_instructions, split_topics
 from genforge.eval.lm import continuation_nll
 from genforge.eval.text_metrics import score_texts
 from genforge.models.generation import SamplingParams, generate_many
@@ -108,7 +108,10 @@ def _parse_item(row: object, where: str) -> SuiteItem:
 
 def builtin_suite(name: str) -> list[SuiteItem]:
     """`pydoc-qa`: one question per CPython docs topic (a seeded pick among its phrasings) ->
-    the topic's opening paragraph; labelled with the topic key."""
+    the topic's opening paragraph; labelled with the topic key and the fine-tuning demo's split of
+    topics (`demo_split`: train, dev or heldout), so a fine-tuned model's figures can be read on
+    the topics it never trained on."""
+    split = {topic: part for part, topics in split_topics().items() for topic in topics}
     if name != "pydoc-qa":
         raise DataError(f"unknown built-in suite builtin:{name}; the built-in suites are "
                         + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES))
@@ -116,7 +119,7 @@ def builtin_suite(name: str) -> list[SuiteItem]:
     for row in pydoc_instructions(seed=0):
         first.setdefault(row["topic"], row)
     return [SuiteItem(f"builtin:{name} item {i + 1}", row["messages"][1]["content"],
-                      messages=[row["messages"][0]], labels={"topic": topic})
+                      messages=[row["messages"][0]], labels={"topic": topic, "demo_split": split[topic]})
             for i, (topic, row) in enumerate(sorted(first.items()))]
 
 

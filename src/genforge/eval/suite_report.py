@@ -105,7 +105,7 @@ def summary_table(summary: dict) -> Table:
     for key, label, fmt in METRICS:
         row = [label, _fmt(fmt, summary["run"]["metrics"].get(key))]
         if b:
-            row += [_fmt(fmt, b["metrics"].get(key)), _fmt("{:+" + fmt[3:], summary["difference"].get(key))]
+            row += [_fmt(fmt, b["metrics"].get(key)), _fmt("{:+" + fmt[2:], summary["difference"].get(key))]
         table.add_row(*row)
     return table
 
@@ -122,7 +122,7 @@ def report_section(summary: dict, results_dir: str) -> str:
         lines += [f"Compared with `{b['model']}` (B) on the same items; A is `{a['model']}`.", "",
                   "| metric | A | B | difference (A - B) |", "|---|---:|---:|---:|"]
         lines += [f"| {label} | {_fmt(fmt, a['metrics'].get(k))} | {_fmt(fmt, b['metrics'].get(k))} | "
-                  f"{_fmt('{:+' + fmt[3:], summary['difference'].get(k))} |" for k, label, fmt in METRICS]
+                  f"{_fmt('{:+' + fmt[2:], summary['difference'].get(k))} |" for k, label, fmt in METRICS]
     else:
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {label} | {_fmt(fmt, a['metrics'].get(k))} |" for k, label, fmt in METRICS]
@@ -141,6 +141,7 @@ def report_section(summary: dict, results_dir: str) -> str:
         notes = [n for n in notes if not n.startswith("0 ")]
         if any(notes):
             lines += ["", f"{side + ': ' if side else ''}" + "; ".join(notes) + "."]
+    lines += label_table(a, b)
     if b:
         lines += ["", "### Items that differ most (by chrF)", ""]
         if not summary["differing_items"]:
@@ -151,6 +152,23 @@ def report_section(summary: dict, results_dir: str) -> str:
                       f"  - B (chrF {d['chrf_b']:.1f}): {d['output_b'][:240]!r}",
                       f"  - reference: {d['reference'][:240]!r}"]
     return "\n".join(lines) + "\n"
+
+
+def label_table(a: dict, b: dict | None, max_values: int = 8) -> list[str]:
+    """Markdown lines: mean chrF and ROUGE-L per value of each label with 2..max_values values
+    (a label on every item alike, or one per item, says nothing as a table)."""
+    keys = [k for k, values in a["by_label"].items() if 2 <= len(values) <= max_values]
+    if not keys:
+        return []
+    head = "| label | items | chrF A | chrF B | ROUGE-L A | ROUGE-L B |" if b else "| label | items | chrF | ROUGE-L |"
+    lines = ["", "### By label", "", head, "|---|---:|" + "---:|" * (4 if b else 2)]
+    for key in keys:
+        for value, m in a["by_label"][key].items():
+            other = b["by_label"][key][value] if b else None
+            cells = [f"{m['chrf']:.2f}"] + ([f"{other['chrf']:.2f}"] if b else []) + [f"{m['rougeL']:.4f}"] + (
+                [f"{other['rougeL']:.4f}"] if b else [])
+            lines.append(f"| {key} = {value} | {m['items']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _jsonl(rows: list[dict]) -> str:

@@ -30,6 +30,7 @@ from genforge.common.errors import ConfigError, RunError
 from genforge.common.progress import console, plot_curves
 from genforge.common.runs import RunDir, atomic_write_text
 from genforge.data.instructions import pydoc_instructions, pydoc_preferences
+from genforge.data.instructions import split_topics as pydoc_split_topics
 from genforge.data.preference import PreferencePair, collate, encode_pairs, to_pair
 from genforge.eval.suite import Settings, SuiteItem, generate_answers
 from genforge.jobs.train import run_loaded_recipe
@@ -59,11 +60,9 @@ learn from DPO on 56 topics which paragraph answers which question."""
 
 
 def split_topics(seed: int = 0, heldout: int = HELDOUT_TOPICS, dev: int = DEV_TOPICS) -> dict[str, list[str]]:
-    """Topic keys of the built-in sets as {"heldout", "dev", "train"}, a seeded shuffle."""
-    keys = sorted({row["topic"] for row in pydoc_instructions()})
-    random.Random(seed).shuffle(keys)
-    return {"heldout": sorted(keys[:heldout]), "dev": sorted(keys[heldout:heldout + dev]),
-            "train": sorted(keys[heldout + dev:])}
+    """Topic keys of the built-in sets as {"heldout", "dev", "train"}, a seeded shuffle (the
+    split lives in data/instructions.py, where the pydoc-qa eval suite labels items with it)."""
+    return pydoc_split_topics(seed, heldout, dev)
 
 
 def split_rows(split: dict[str, list[str]], measure_on: str, seed: int = 0) -> dict[str, list[dict]]:
