@@ -18,7 +18,7 @@ from transformers import (
 
 from genforge.common.errors import GenforgeError
 from genforge.models.fastdecode import HFRunner, LlamaRunner, fast_path_unsupported
-from genforge.models.generation import BatchGenerator, Detokenizer, Sequence, generate
+from genforge.models.generation import BatchGenerator, Detokenizer, Sequence, generate, generate_many
 from genforge.models.sampling import RowSampler, SamplingParams, sample
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "héllo wörld, 日本語 テキスト 😀 emoji",
@@ -153,6 +153,17 @@ def test_batched_greedy_equals_one_at_a_time(model, tok):
     assert not gen.rows
     for i in range(4):
         assert out[i] == alone[i][: 12 - 2 * i]
+
+
+def test_generate_many_queues_prompts_beyond_the_batch_and_keeps_their_order(model, tok):
+    prompts = [tok.encode(t) for t in CORPUS]
+    params = [SamplingParams(max_new_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
+    alone = ["".join(e.text for e in generate(model, tok, p, q)) for p, q in zip(prompts, params)]
+    finished: list[int] = []
+    texts = generate_many(model, tok, prompts, params, max_batch_size=2, on_finish=finished.append)
+    assert texts == alone  # 4 prompts through 2 rows: the last two join as the first two finish
+    assert sorted(finished) == [0, 1, 2, 3] and finished[:2] == [0, 1]  # shorter answers finish first
+    assert generate_many(model, tok, [], []) == []
 
 
 def test_seed_determinism_and_sampler_effects(model, tok):

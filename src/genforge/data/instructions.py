@@ -67,6 +67,15 @@ def pydoc_instructions(seed: int = 0) -> list[dict]:
     return rows
 
 
+def split_topics(seed: int = 0, heldout: int = 12, dev: int = 8) -> dict[str, list[str]]:
+    """Topic keys of the built-in sets as {"heldout", "dev", "train"}, a seeded shuffle: the
+    fine-tuning demo's split (jobs/demo_finetune.py), which the pydoc-qa suite labels its items with."""
+    keys = sorted({row["topic"] for row in pydoc_instructions()})
+    random.Random(seed).shuffle(keys)
+    return {"heldout": sorted(keys[:heldout]), "dev": sorted(keys[heldout:heldout + dev]),
+            "train": sorted(keys[heldout + dev:])}
+
+
 def pydoc_preferences(seed: int = 0) -> list[dict]:
     """Preference rows `{"prompt", "chosen", "rejected", "topic"}`: a question about a topic, its
     opening paragraph (chosen) and another topic's, drawn at random (rejected); every topic in
