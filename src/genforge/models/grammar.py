@@ -80,7 +80,7 @@ class Grammar:
         llg = _llguidance()
         try:
             text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise GenforgeError(f"response_format: json_schema.schema is not a valid JSON schema: {e}",
                                 param="response_format") from None
         return cls(text, tokenizer, source="JSON schema")
