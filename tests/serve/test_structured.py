@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.serve.conftest import MODEL_NAME, Live, serve_in_thread
 
@@ -80,6 +81,19 @@ def test_json_schema_answers_validate_across_seeds_and_temperatures(client):
         check_verdict(choice.message.content)
         texts.append(choice.message.content)
     assert len(set(texts)) > 1  # the grammar constrains the sampler, it does not replace it
+
+
+class Verdict(BaseModel):
+    score: int = Field(ge=1, le=10)
+    reason: str = Field(max_length=10)
+
+
+def test_the_openai_clients_parse_helper_gets_its_pydantic_model(client):
+    """What a judge client writes: `parse(response_format=Model)` sends the model's strict schema."""
+    r = client.chat.completions.parse(model=MODEL_NAME, messages=ASK, response_format=Verdict, seed=12,
+                                      max_tokens=64)
+    verdict = r.choices[0].message.parsed
+    assert isinstance(verdict, Verdict) and 1 <= verdict.score <= 10 and len(verdict.reason) <= 10
 
 
 def test_completions_endpoint_takes_response_format_too(client):
