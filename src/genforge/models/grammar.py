@@ -135,11 +135,17 @@ def grammar_masks(matchers: list[GrammarMatcher], vocab: int) -> torch.Tensor:
         llg.torch.fill_next_token_bitmask(m._m, bitmask, i)
     bits = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(matchers), -1)[:, :min(width, vocab)].bool()
     allowed = bits if width >= vocab else torch.cat([bits, bits.new_zeros(len(matchers), vocab - width)], 1)
-    for i, m in enumerate(matchers):
-        allowed[i, m.grammar._eos[m.grammar._eos < vocab]] = False
-        if m.end_ids.numel() and m.accepting:
-            allowed[i, m.end_ids[m.end_ids < vocab]] = True
-        if not bool(allowed[i].any()):
-            m.dead = True  # Sequence.accept ends the row with an error, whatever is sampled
-            allowed[i] = True
+    # a handful of indexed writes for the whole batch, not a few per row (~40 us a row in a loop)
+    eos = matchers[0].grammar._eos
+    allowed[:, eos[eos < vocab]] = False
+    ends = [(i, m.end_ids) for i, m in enumerate(matchers) if m.end_ids.numel() and m.accepting]
+    if ends:
+        rows = torch.cat([torch.full_like(ids, i) for i, ids in ends])
+        cols = torch.cat([ids for _, ids in ends])
+        keep = cols < vocab
+        allowed[rows[keep], cols[keep]] = True
+    dead = (~allowed.any(-1)).nonzero()[:, 0].tolist()
+    for i in dead:
+        matchers[i].dead = True  # Sequence.accept ends the row with an error, whatever is sampled
+        allowed[i] = True
     return allowed
