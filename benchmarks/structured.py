@@ -6,12 +6,13 @@
 Rows (same model, same BatchGenerator loop that `genforge serve` runs, `--batch` rows, sampled at
 temperature 1 with a seed each, timed by wall clock over a whole batch):
   free               no grammar; EOS ignored, `--tokens` tokens a row
-  json_schema        every row under {"answer": string (maxLength large), "score": integer 1..10}
+  json_schema        every row under {"answer": string of 2000-4000 characters, "score": integer 1..10}
                      (models/grammar.py: one llguidance mask a row a step, applied before sampling)
   half / half        half the rows free, half constrained: the mixed batch a judge shares with chat
 The model: `--preset` with random weights and a 4096-token byte-BPE tokenizer trained on the built-in
-pydoc corpus (the speed of a step does not depend on the weights' values; a random model's string is
-long, so constrained rows run about as long as free ones; their tokens are counted as generated).
+pydoc corpus (the speed of a step does not depend on the weights' values). The answer's minLength keeps
+every constrained row going for all `--tokens` (as free rows do with EOS ignored), so every contender
+runs full batches for the same number of steps: the difference is the per-step cost of the masks.
 Writes benchmarks/results/structured.json (structured_quick.json with --quick) and prints a table.
 """
 
@@ -29,7 +30,7 @@ from _common import cpu_info, fmt, git_commit, md_table, median, versions  # noq
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "score"],
-          "properties": {"answer": {"type": "string", "maxLength": 400},
+          "properties": {"answer": {"type": "string", "minLength": 2000, "maxLength": 4000},
                          "score": {"type": "integer", "minimum": 1, "maximum": 10}}}
 
 

@@ -307,8 +307,11 @@ class BatchSampler:
                 from genforge.models.grammar import grammar_masks
 
                 allowed = grammar_masks([rows[i].grammar for i in constrained], vocab).to(logits.device)
-                idx = torch.tensor(constrained, device=logits.device)
-                logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+                if len(constrained) == n:
+                    logits.masked_fill_(~allowed, float("-inf"))
+                else:
+                    idx = torch.tensor(constrained, device=logits.device)
+                    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
         if bp.all_greedy:
             picks = logits.argmax(-1)
         else:
