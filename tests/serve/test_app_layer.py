@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
@@ -63,6 +64,27 @@ def test_sampled_and_opted_out_requests_bypass_the_cache(cached):
     assert chat(cached, "Tell me a story.", temperature=0.8, seed=3)[0]["x-genforge-cache"] == "hit"
     assert chat(cached, "Tell me a story.", temperature=0.8, seed=3,
                 extra_body={"cache": False})[0]["x-genforge-cache"] == "bypass"
+
+
+def test_a_structured_request_never_gets_a_free_text_answer(cached):
+    """response_format is part of the cache's exact key (serve/pipeline.py): a free-text answer is never
+    served to a request with a schema, while the same schema's answer is."""
+    question = "Rate the answer 'Paris' from 1 to 10."
+    verdict = {"type": "json_schema", "json_schema": {"name": "v", "strict": True, "schema": {
+        "type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["score"], "additionalProperties": False}}}
+    h, free = chat(cached, question, max_tokens=40)
+    assert h["x-genforge-cache"] == "miss"
+    h, structured = chat(cached, question, max_tokens=40, response_format=verdict)
+    assert h["x-genforge-cache"] == "miss"
+    assert 1 <= json.loads(structured.choices[0].message.content)["score"] <= 10
+    h, again = chat(cached, question, max_tokens=40, response_format=verdict)
+    assert h["x-genforge-cache"] == "hit"
+    assert again.choices[0].message.content == structured.choices[0].message.content
+    h, _ = chat(cached, question, max_tokens=40, response_format={"type": "json_object"})
+    assert h["x-genforge-cache"] == "miss"
+    h, plain = chat(cached, question, max_tokens=40, response_format={"type": "text"})  # text: free text's key
+    assert h["x-genforge-cache"] == "hit" and plain.choices[0].message.content == free.choices[0].message.content
 
 
 def test_a_near_hit_found_after_the_engine_started_is_served_from_the_cache(cached):
