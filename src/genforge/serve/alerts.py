@@ -15,8 +15,12 @@ Detectors (both score one signal at a time against that signal's window, in its 
   has been flat (no errors at all: MAD 0) does not turn its first small change into a huge score.
 - `iforest`: scikit-learn's IsolationForest fitted on the window; the score is its anomaly score
   (0.5 ordinary, towards 1 easy to isolate), counted only on the signal's bad side of the median.
-The default is `zscore`: benchmarks/alerts.py replayed a recorded serve stream with an injected
-slowdown through both; see benchmarks/results/alerts.json and the README's "Alerts" section.
+The default is `zscore`, from benchmarks/alerts.py (recorded serve streams with an injected
+slowdown, replayed through both; benchmarks/results/alerts*.json, the README's "Alerts"): on a
++5 ms/iteration slowdown both caught it 10 s after the onset with no false alarm at their default
+thresholds; on a +1.5 ms one the z-score stayed silent while the forest caught 3 of 5 replays only
+at 9 false alarms an hour (none caught at a threshold without false alarms); and a z-score sample
+costs ~0.15 ms against the forest's ~50 ms (it refits per signal per sample).
 
 An anomaly starts after `consecutive` samples over the threshold and clears after as many under
 it. Each start is a WARNING log line, each clear an INFO line, and the state is the gauge
