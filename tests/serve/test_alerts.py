@@ -42,7 +42,9 @@ def test_a_step_in_ttft_is_flagged_and_steady_noise_is_not(detector, n):
     changes = run(tracker, "ttft", step)
     started = [c for c in changes if c.active]
     assert started and started[0].signal == "ttft"
-    assert started[0].t == tracker.spec.consecutive - 1  # flagged at the second slow sample
+    # the z-score flags the second slow sample; the forest's score of a point beyond the window's
+    # range saturates near 0.7-0.8 on 30 samples, so its first slow samples may fall just short
+    assert started[0].t == tracker.spec.consecutive - 1 if detector == "zscore" else started[0].t <= 3
     if detector == "zscore":  # it holds until the slow samples are half the window; the forest soon
         assert tracker.active["ttft"]  # finds a cluster of them no longer easy to isolate (masking)
 
