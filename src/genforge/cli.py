@@ -161,8 +161,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from genforge.serve.options import parse_bytes, resolve_api_keys
     from genforge.serve.server import serve_forever
 
+    alerts = {"enabled": a.alerts, "window": a.alert_window, "interval_s": a.alert_interval,
+              "detector": a.alert_detector}
     app_config = load_app_config(a.config, cache=a.cache, rag=a.rag, guard=a.guard, store=a.store or a.state_dir,
-                                 embedder=a.embedder)
+                                 embedder=a.embedder, alerts=alerts)
     keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
@@ -397,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--state-dir", default=None, metavar="DIR", help="folder of the embedded store")
     ap.add_argument("--embedder", default=None, metavar="DIR",
                     help="a local sentence-transformers folder (default: all-MiniLM-L6-v2, shipped)")
+    al = se.add_argument_group("alerts over the server's own metrics (also the `alerts:` section of --config)")
+    al.add_argument("--alerts", action=argparse.BooleanOptionalAction, default=None,
+                    help="sample throughput, TTFT, queue depth, error rate (cache hit rate) and flag anomalies as "
+                    "genforge:anomaly{signal} and a log line (default: on)")
+    al.add_argument("--alert-interval", type=_positive_float, default=None, metavar="SECONDS",
+                    help="seconds between samples (default 5)")
+    al.add_argument("--alert-window", type=_positive_int, default=None, metavar="N",
+                    help="samples in the rolling window (default 60)")
+    al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
+                    help="robust z-score (default: measured the better one) or IsolationForest")
     se.set_defaults(func=cmd_serve)
 
     an = sub.add_parser("anomaly", help="score images by a VAE run's reconstruction error / ELBO")

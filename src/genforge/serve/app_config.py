@@ -24,6 +24,14 @@
       injection_threshold: null       # null: the trained detector's own threshold
       allowlist: []                   # regexes of text that is never an injection
       banned: []                      # regexes never let out in a response
+    alerts:                           # anomaly alerts over the server's own metrics (serve/alerts.py)
+      enabled: true
+      interval_s: 5                   # seconds between samples
+      window: 60                      # samples the newest one is compared with
+      detector: zscore                # zscore | iforest (benchmarks/alerts.py measured both)
+      zscore_threshold: 6.0
+      iforest_threshold: 0.7
+      consecutive: 2                  # samples over (under) the threshold to start (clear) an anomaly
 
 Steps that change answers (cache, RAG, guard) are off unless turned on here or by a flag. The
 file is checked strictly, like a recipe: an unknown key or a value out of range is one line.
@@ -38,6 +46,7 @@ from pydantic import Field
 
 from genforge.common.config import Spec, from_dict, load_yaml, rng
 from genforge.common.errors import ConfigError
+from genforge.serve.alerts import AlertSpec
 
 GUARD_POLICIES = ["off", "block", "redact", "log"]
 RAG_MODES = ["dense", "bm25", "hybrid"]
@@ -83,6 +92,7 @@ class AppConfig(Spec):
     cache: CacheSpec = Field(default_factory=CacheSpec)
     rag: RagSpec = Field(default_factory=RagSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
+    alerts: AlertSpec = Field(default_factory=AlertSpec)
 
     @property
     def needs_store(self) -> bool:
@@ -94,12 +104,14 @@ class AppConfig(Spec):
 
 
 def load_app_config(path: str | Path | None = None, *, cache: bool | None = None, rag: str | None = None,
-                    guard: str | None = None, store: str | None = None, embedder: str | None = None) -> AppConfig:
-    """The config file (if any) with the command-line flags on top of it (a flag wins)."""
+                    guard: str | None = None, store: str | None = None, embedder: str | None = None,
+                    alerts: dict | None = None) -> AppConfig:
+    """The config file (if any) with the command-line flags on top of it (a flag wins); `alerts`:
+    the --alert* flags that were given, as keys of the alerts section."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"serve config file not found: {path}", param="config")
     tree = load_yaml(path) if path is not None else {}
-    for key in ("cache", "rag", "guard"):
+    for key in ("cache", "rag", "guard", "alerts"):
         tree.setdefault(key, {})
         if not isinstance(tree[key], dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping, got {tree[key]!r}")
@@ -113,6 +125,7 @@ def load_app_config(path: str | Path | None = None, *, cache: bool | None = None
         tree["store"] = store
     if embedder is not None:
         tree["embedder"] = embedder
+    tree["alerts"].update({k: v for k, v in (alerts or {}).items() if v is not None})
     try:
         return from_dict(AppConfig, tree)
     except ConfigError as e:

@@ -18,6 +18,11 @@ never holds a queue place); `submit_many` queues all of a request's sequences or
 step finishes every request it touched with a final event (and wakes their consumers), marks the
 engine unhealthy until a later step (or an idle probe) succeeds, and gives clients a generic
 message with an error id - the exception itself goes to the log only.
+
+Test-only slowdown: GENFORGE_TEST_STEP_DELAY=SECONDS[@START[-END]] makes every scheduler iteration
+sleep SECONDS, from START to END (seconds after the engine starts; a value above 1e9 is a Unix
+time). It exists so that tests and benchmarks/alerts.py can inject a slowdown into a real server;
+unset, it costs one attribute test per iteration.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
+import os
 import threading
 import time
 import uuid
@@ -51,6 +58,24 @@ DECODE_MODES: dict[str, dict] = {
     "eager": {},
     "compiled": {"compile": True, "freeze": True},
 }
+
+
+TEST_DELAY_ENV = "GENFORGE_TEST_STEP_DELAY"
+
+
+def _parse_test_delay(text: str | None) -> tuple[float, float, float] | None:
+    """GENFORGE_TEST_STEP_DELAY's SECONDS[@START[-END]] -> (seconds, start, end); None when unset."""
+    if not text:
+        return None
+    try:
+        delay, _, span = text.partition("@")
+        start, _, end = span.partition("-")
+        out = (float(delay), float(start or 0), float(end) if end else math.inf)
+    except ValueError:
+        raise ConfigError(f"{TEST_DELAY_ENV}={text!r}: expected SECONDS[@START[-END]], e.g. 0.02@60-120") from None
+    if out[0] < 0 or out[2] <= out[1]:
+        raise ConfigError(f"{TEST_DELAY_ENV}={text!r}: the delay must be >= 0 and END after START")
+    return out
 
 
 def decode_options(decode: str) -> dict:
@@ -104,6 +129,7 @@ class Engine:
         self.probe_interval = probe_interval
         self.fault: str | None = None  # error id of the last failed step, until the engine recovers
         self._fault_at = 0.0
+        self._test_delay = _parse_test_delay(os.environ.get(TEST_DELAY_ENV))
 
     @property
     def fast_path(self) -> bool:
@@ -131,6 +157,14 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            if self._test_delay is not None:  # relative times count from now
+                delay, start, end = self._test_delay
+                now = time.time()
+                self._test_delay = (delay, start if start > 1e9 else now + start, end if end > 1e9 else now + end)
+                log.warning("%s: every engine iteration sleeps %g s between %s and %s (a test setting)",
+                            TEST_DELAY_ENV, delay, time.strftime("%H:%M:%S", time.localtime(self._test_delay[1])),
+                            "the end" if math.isinf(end) else
+                            time.strftime("%H:%M:%S", time.localtime(self._test_delay[2])))
             self._thread = threading.Thread(target=self._loop, name="genforge-engine", daemon=True)
             self._thread.start()
 
@@ -315,6 +349,8 @@ class Engine:
             self._deliver(self.gen.step(), touched)
             self.steps += 1
             self.fault = None
+        if self._test_delay is not None and self._test_delay[1] <= time.time() < self._test_delay[2]:
+            time.sleep(self._test_delay[0])
         self.observer.on_step(batch_size=len(self.gen.rows), num_waiting=len(self._waiting),
                               seconds=time.perf_counter() - t0)
 

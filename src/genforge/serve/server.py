@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
+from genforge.serve.alerts import AlertSampler
 from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
@@ -221,18 +222,23 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             if steps is not None:
                 steps.close()
             raise
-    elif adapters:
+    alerts = AlertSampler(metrics, app_config.alerts) if service is not None and app_config.alerts.enabled else None
+    if adapters and service is None:
         raise ConfigError("--adapter: LoRA adapters are served over language models only", param="adapter")
-    elif not Path(model_path).is_dir():
+    if service is None and not Path(model_path).is_dir():
         raise ConfigError(f"model not found: {model_path}", param="model")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if service is not None:
             await service.start()
+        if alerts is not None:
+            alerts.start()
         try:
             yield
         finally:
+            if alerts is not None:
+                alerts.stop()
             # uvicorn calls this after its own drain (--shutdown-timeout): every HTTP request has
             # ended or been cancelled, which cancelled its sequences; a short grace, then abort.
             if service is not None:
@@ -242,7 +248,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
 
     app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
-    app.state.metrics, app.state.service = metrics, service
+    app.state.metrics, app.state.service, app.state.alerts = metrics, service, alerts
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -328,6 +334,13 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
 
     from genforge.serve.options import exposure_warning
 
+    ours = logging.getLogger("genforge")
+    if not ours.handlers:  # uvicorn configures its own loggers only: ours (alerts, engine faults) print like its
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+
     if not Path(model).exists():
         raise ConfigError(f"model not found: {model} (expected a run directory or a Hugging Face model folder)",
                           param="model")
@@ -358,6 +371,11 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                 print(f"warning: the model's context is {service.max_model_len} tokens: retrieved sources are "
                       "added only as far as they fit beside the answer, often not at all (the response then "
                       "has no `sources`)", file=sys.stderr, flush=True)
+    alerts = app.app.state.alerts
+    if alerts is not None:
+        spec = alerts.spec
+        print(f"alerts: detector={spec.detector} threshold={spec.threshold:g} interval={spec.interval_s:g}s "
+              f"window={spec.window} consecutive={spec.consecutive}", flush=True)
     if service is not None and service.adapters is not None:
         print(f"adapters: {', '.join(service.adapters.names)} (at most {service.adapters.max_loaded} in memory)",
               flush=True)
