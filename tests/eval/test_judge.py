@@ -60,7 +60,7 @@ def config(live: Live, tmp_path, **kw) -> JudgeConfig:
 
 
 def chat_calls(live: Live) -> float:
-    return live.metric("genforge:http_requests", endpoint="/v1/chat/completions")
+    return live.metric("genforge:http_requests_total", endpoint="/v1/chat/completions")
 
 
 # ---------------------------------------------------------------- parsing (no server)
@@ -117,7 +117,8 @@ def test_valid_judgments_with_response_format_then_a_rerun_is_served_from_the_ca
 def test_a_judge_answering_without_the_schema_is_retried_then_reported_as_a_failure(judge_server, tmp_path):
     cfg = config(judge_server, tmp_path, response_format="none", attempts=2)
     before = chat_calls(judge_server)
-    summary = judge_items(ITEMS[:2], cfg, tmp_path / "out", mode="pointwise")
+    one_answer = [{k: v for k, v in it.items() if k != "answer_b"} for it in ITEMS[:2]]
+    summary = judge_items(one_answer, cfg, tmp_path / "out", mode="pointwise")
     s = summary["pointwise"]
     # A random model writes no JSON judgment: every attempt is invalid, every judgment fails.
     assert s["failed"] == 2 and s["items_scored"] == 0 and s["invalid_answers"] == 4

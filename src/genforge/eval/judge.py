@@ -326,10 +326,11 @@ class Judge:
                 last = e  # APITimeoutError is an APIConnectionError
             except oa.APIStatusError as e:
                 if e.status_code < 500 and e.status_code not in (408, 409):
-                    hint = (" (a judge that does not support response_format: use --judge-response-format "
-                            "json_object or none)" if "response_format" in str(e.message) else "")
+                    message = e.body.get("message", e.message) if isinstance(e.body, dict) else e.message
+                    hint = (" (for a judge without structured outputs, use --judge-response-format "
+                            "json_object or none)" if "response_format" in str(message) else "")
                     raise JudgeError(f"the judge at {cfg.url} rejected the request ({e.status_code}): "
-                                     f"{e.message}{hint}") from None
+                                     f"{message}{hint}") from None
                 last = e
         if isinstance(last, oa.APITimeoutError):
             why = f"every call timed out after {cfg.timeout:g} s"

@@ -272,3 +272,54 @@ def report_markdown(summary: dict, names: tuple[str, str] = ("A", "B")) -> str:
                          f"{_fmt(d['agreement'])} | {_fmt(d['kappa'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- a suite's results, as `genforge eval` wrote them
+
+
+def question_of(row: dict) -> str:
+    """The question a suite row asked: its prompt, or its chat messages as "role: content" lines."""
+    if row.get("prompt") is not None:
+        return row["prompt"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in row.get("messages") or [])
+
+
+def items_from_results(results_dir: Path) -> list[dict]:
+    """Judge items from results.jsonl (and compared.jsonl, the --compare run's rows) of a suite."""
+    def rows(name: str) -> list[dict] | None:
+        path = results_dir / name
+        if not path.is_file():
+            return None
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    a = rows("results.jsonl")
+    if a is None:
+        raise GenforgeError(f"{results_dir} has no results.jsonl; run `genforge eval RUN --suite FILE` first")
+    b = rows("compared.jsonl")
+    items = []
+    for n, row in enumerate(a):
+        item = {"id": str(row.get("index", n)), "question": question_of(row), "answer": row["output"],
+                "reference": row.get("reference"), "labels": row.get("labels") or {}}
+        if b is not None:
+            item["answer_b"] = b[n]["output"]
+        items.append(item)
+    return items
+
+
+def judge_suite_results(results_dir: str | Path, config: JudgeConfig, mode: str | None = None,
+                        names: tuple[str, str] = ("run", "compared")) -> tuple[dict, str]:
+    """Judge a suite's answers in place: judgments.jsonl, judge.json and judge.md beside results.jsonl.
+
+    The cache lives one level up (RUN/eval/judge_cache.sqlite), outside the suite's folder, which a
+    rerun of the suite replaces whole. Returns (summary, the report section's markdown).
+    """
+    results_dir = Path(results_dir)
+    items = items_from_results(results_dir)
+    has_b = any("answer_b" in it for it in items)
+    mode = mode or ("both" if has_b else "pointwise")
+    if config.cache_path is None:
+        config.cache_path = results_dir.parent / "judge_cache.sqlite"
+    summary = judge_items(items, config, results_dir, mode=mode)
+    markdown = report_markdown(summary, names)
+    atomic_write_text(results_dir / "judge.md", markdown + "\n")
+    return summary, markdown
