@@ -28,7 +28,7 @@ REFUSED = [
     ("logit-bias-chat", CHAT, {"messages": MSGS, "logit_bias": {"1": -100}}, 400, "logit_bias"),
     ("best-of", COMP, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("suffix", COMP, {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
-    ("response-format", CHAT, {"messages": MSGS, "response_format": {"type": "json_object"}}, 400,
+    ("response-format", CHAT, {"messages": MSGS, "response_format": {"type": "yaml"}}, 400,
      "response_format"),
     ("tools", CHAT, {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("tool-choice", CHAT, {"messages": MSGS, "tool_choice": "required"}, 400, "tool_choice"),

@@ -132,7 +132,18 @@ class Sequence:
             text, self.pending = self.pending, ""
             self.finish_reason = "stop"
             return TokenEvent(token, text, logprob, top_text, "stop")
+        grammar = self.sampler.grammar
+        if grammar is not None and (grammar.dead or not grammar.advance(token)):
+            self.finish_reason = "abort"
+            why = ("allows no token of this model's vocabulary here" if grammar.dead
+                   else f"rejected the sampled token ({grammar.error})")
+            return TokenEvent(token, "", logprob, top_text, "abort",
+                              error=f"structured output failed: the response_format grammar {why}")
         text = self._apply_stop(self.detok.step(token))
+        if self.finish_reason is None and grammar is not None and grammar.complete:
+            # the JSON is closed: only an end token could follow, so the row ends now, one step early
+            text, self.pending = text + self.pending, ""
+            self.finish_reason = "stop"
         if self.finish_reason is None and self.length >= self.limit:
             text, self.pending = text + self.pending, ""
             self.finish_reason = "length"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -114,6 +115,8 @@ class SamplingParams:
     min_tokens: int = 0
     seed: int | None = None
     logprobs: int | None = None  # number of top logprobs to return; 0 = only the chosen token's
+    # models.grammar.Grammar: only tokens it allows are sampled (structured output); None = free text
+    grammar: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -198,6 +201,9 @@ class RowSampler:
             ids = torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long, device=device)
             self.seen[ids] = True
         banned = set(params.stop_token_ids) | (eos_ids if not params.ignore_eos else set())
+        # structured output: this row's position in its grammar (models/grammar.py); the tokens
+        # that end the row are allowed only where the grammar accepts
+        self.grammar = params.grammar.matcher(banned) if params.grammar is not None else None
         # min_tokens: until reached, the tokens that would end the request are masked.
         self.min_tokens_ban = torch.tensor(sorted(t for t in banned if t < vocab_size), dtype=torch.long,
                                            device=device)
@@ -211,8 +217,8 @@ class RowSampler:
 
     @property
     def plain(self) -> bool:
-        """No penalty and no min_tokens mask applies to the next token."""
-        return self.counts is None and self.generated >= self.params.min_tokens
+        """No penalty, no min_tokens mask and no grammar applies to the next token."""
+        return self.counts is None and self.generated >= self.params.min_tokens and self.grammar is None
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalties and min_tokens masking on one row's logits (in place)."""
@@ -296,6 +302,13 @@ class BatchSampler:
             logits = logits.clone()
             for i in special:
                 rows[i].process(logits[i])
+            constrained = [i for i in special if rows[i].grammar is not None]
+            if constrained:  # structured output: each such row keeps only what its grammar allows
+                from genforge.models.grammar import grammar_masks
+
+                allowed = grammar_masks([rows[i].grammar for i in constrained], vocab).to(logits.device)
+                idx = torch.tensor(constrained, device=logits.device)
+                logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
         if bp.all_greedy:
             picks = logits.argmax(-1)
         else:

@@ -253,6 +253,7 @@ class AppLayer:
     def _cache_key(self, req: ChatCompletionRequest, messages: list[dict], rag_version: Any
                    ) -> tuple[str, str] | None:
         from genforge.serve.cache import cache_key
+        from genforge.serve.structured import format_key
 
         last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
         if last is None:
@@ -264,6 +265,11 @@ class AppLayer:
                                                  "top_k", "n", "stop", "seed", "presence_penalty",
                                                  "frequency_penalty", "repetition_penalty", "min_tokens",
                                                  "ignore_eos", "stop_token_ids")}
+        # Structured output is keyed, not bypassed: the schema is part of the exact key, so a request
+        # with a response_format only ever gets an answer stored under the same schema (never a free-text
+        # one), and a judge asking the same question under the same schema gets its cached verdict.
+        # None (free text, or {"type": "text"}) leaves the key as it was.
+        sampling["response_format"] = format_key(req.response_format)
         rag_index = self.config.rag.index if self.rag_on else None
         if rag_index is not None:
             sampling["rag"] = {"k": self.config.rag.k, "mode": self.config.rag.mode}

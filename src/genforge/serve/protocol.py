@@ -4,11 +4,15 @@ Requests follow the OpenAI spec field for field; genforge's extensions (top_k,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are extra fields, as vLLM does.
 Unknown fields are ignored rather than rejected, so clients that send newer or vendor-specific
 fields (user, store, metadata, ...) keep working - except OpenAI fields that would change the
-answer and that genforge does not implement (logit_bias, best_of, response_format, tools, ...):
+answer and that genforge does not implement (logit_bias, best_of, tools, ...):
 those are refused with a 400 naming the field unless they carry their default (null or the
 documented no-op value), so a client never gets an answer that silently ignored what it asked.
 Ranges and sizes of everything a client controls live here, so a bad value is a 400 that names
 the field before anything reaches the engine.
+
+`response_format` is OpenAI's: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+"json_schema": {"name", "description", "schema", "strict"}}; serve/structured.py compiles it into the
+grammar that constrains decoding. Any error in its shape is a 400 with param "response_format".
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer
 from pydantic_core import PydanticCustomError
 
 from genforge.models.sampling import SAMPLING_RANGES
@@ -61,6 +65,51 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema` (Structured Outputs)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None  # the grammar is enforced either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow; None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object" or self.json_schema is None or self.json_schema.schema_ is None:
+            return {"type": "object"}
+        return self.json_schema.schema_
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    """Parse `response_format`; every mistake in it is reported on the field itself (param
+    "response_format"), with the inner path in the message."""
+    if value is None:
+        return None
+    try:
+        fmt = ResponseFormat.model_validate(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if where == "type" and err["type"] == "literal_error":
+            msg = (f"unknown type {err['input']!r}; expected 'text', 'json_object' or 'json_schema'"
+                   if isinstance(err["input"], str) else "type must be 'text', 'json_object' or 'json_schema'")
+        else:
+            msg = f"{where}: {err['msg']}" if where else err["msg"]
+        raise PydanticCustomError("response_format", "{msg}", {"msg": msg}) from None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise PydanticCustomError("response_format", 'type "json_schema" needs a "json_schema" object '
+                                  '({"name": ..., "schema": {...}})')
+    return fmt
+
+
 class _SamplingFields(_Request):
     """Fields the two generation endpoints share."""
 
@@ -83,7 +132,7 @@ class _SamplingFields(_Request):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # OpenAI fields genforge does not implement: refused unless at their defaults
     logit_bias: Annotated[Any, _unsupported({})] = None
-    response_format: Annotated[Any, _unsupported({"type": "text"})] = None
+    response_format: Annotated[Any, AfterValidator(_response_format)] = None  # ResponseFormat | None
     tools: Annotated[Any, _unsupported([])] = None
     tool_choice: Annotated[Any, _unsupported("none")] = None
     functions: Annotated[Any, _unsupported([])] = None

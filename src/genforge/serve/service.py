@@ -56,6 +56,7 @@ from genforge.serve.protocol import (
     sse,
 )
 from genforge.serve.streaming import Choice, ChunkEncoder, DeadlineExceeded, event_batches
+from genforge.serve.structured import GrammarCache
 
 # Model-default sampling values the server honours from generation_config.json when a request
 # leaves them out (as vLLM does); everything else in that file is the model's business.
@@ -121,6 +122,8 @@ class LMService:
         if app_layer is not None:
             app_layer.default_temperature = float(self.defaults.get("temperature", 1.0))
         self._token_text: dict[int, str] = {}
+        # response_format -> compiled grammar, compiled in a worker thread and kept by schema
+        self.grammars = GrammarCache(tokenizer, self.engine.gen.vocab_size, self.engine.gen.eos_ids)
         metrics.bind_engine(lambda: self.engine.num_running, lambda: self.engine.num_waiting,
                             self.engine.kv_cache_usage)
 
@@ -196,7 +199,8 @@ class LMService:
         return check_prompt_length(prompt_len, max_tokens, self.max_model_len, prompt_field=prompt_field,
                                    tokens_field=tokens_field)
 
-    def _params(self, req: _SamplingFields, max_new: int, logprobs: int | None, i: int) -> SamplingParams:
+    def _params(self, req: _SamplingFields, max_new: int, logprobs: int | None, i: int,
+                grammar: Any = None) -> SamplingParams:
         def pick(name: str, fallback: Any) -> Any:
             value = getattr(req, name)
             return value if value is not None else self.defaults.get(name, fallback)
@@ -211,14 +215,15 @@ class LMService:
             repetition_penalty=pick("repetition_penalty", 1.0), presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, stop=req.stop_list(),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            seed=seed, logprobs=logprobs)
+            seed=seed, logprobs=logprobs, grammar=grammar)
 
     def _submit(self, prompts: list[list[int]], req: _SamplingFields, max_tokens: int | None,
-                logprobs: int | None, names: dict[str, str]) -> list[Choice]:
-        """Check every prompt first, then queue all sequences: all or none are queued."""
+                logprobs: int | None, names: dict[str, str], grammar: Any = None) -> list[Choice]:
+        """Check every prompt first, then queue all sequences: all or none are queued. `grammar`:
+        the compiled response_format (each sequence gets its own matcher of it)."""
         tokens_field, prompt_field = names.get("max_tokens", "max_tokens"), names.get("prompt", "prompt")
         rooms = [self._room(len(ids), max_tokens, tokens_field, prompt_field) for ids in prompts]
-        items = [(ids, self._params(req, room, logprobs, i)) for ids, room in zip(prompts, rooms)
+        items = [(ids, self._params(req, room, logprobs, i, grammar)) for ids, room in zip(prompts, rooms)
                  for i in range(req.n)]
         adapter = self._adapter_of(getattr(req, "model", None))
         try:
@@ -313,6 +318,7 @@ class LMService:
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model(req.model)
+        grammar = await self.grammars.get(req.response_format)  # a bad schema is a 400 before any work
         raw = req.prompt
         size = len(raw) if isinstance(raw, str) else sum(len(p) if isinstance(p, (str, list)) else 1 for p in raw)
         prompts, texts = await self._offload(size, self._completion_prompts, req)
@@ -326,7 +332,7 @@ class LMService:
             prompts, placeholders = await self.app.guard_prompts(
                 prompts, [t if isinstance(p, str) else None for t, p in zip(texts, self._raw_prompts(req))],
                 self.tokenizer)
-        choices = self._submit(prompts, req, req.max_tokens, req.logprobs, {"prompt": "prompt"})
+        choices = self._submit(prompts, req, req.max_tokens, req.logprobs, {"prompt": "prompt"}, grammar)
         rid, created = new_id("cmpl"), now()
         filters = [guard.output_filter(placeholders) for _ in choices] if guard is not None else None
         if req.stream:
@@ -424,6 +430,7 @@ class LMService:
         self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise GenforgeError("top_logprobs: set logprobs to true to use top_logprobs", param="top_logprobs")
+        grammar = await self.grammars.get(req.response_format)  # a bad schema is a 400 before any work
         prep = None
         messages = req.messages
         if self.app is not None and self.app.active:
@@ -450,7 +457,7 @@ class LMService:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         names = {"prompt": "messages", "max_tokens": tokens_field, "logprobs": "top_logprobs"}
-        choices = self._submit([prompt], req, max_tokens, logprobs, names)
+        choices = self._submit([prompt], req, max_tokens, logprobs, names, grammar)
         if prep is not None:
             # The engine has started on the prompt; nothing reaches the client before the layer's last
             # checks (injection detector, near cache matches) have passed.
