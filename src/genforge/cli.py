@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from genforge.common.errors import GenforgeError
+from genforge.common.errors import ConfigError, GenforgeError
 
 
 def _family(run_path: str) -> str:
@@ -75,6 +75,11 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    if a.suite is not None:
+        return cmd_eval_suite(a)
+    if a.compare is not None:
+        raise ConfigError("--compare scores two runs on a suite: give the suite with --suite FILE.jsonl",
+                          param="compare")
     if _family(a.run) == "lm":
         from genforge.eval.lm import evaluate_run
 
@@ -85,6 +90,22 @@ def cmd_eval(a: argparse.Namespace) -> None:
         result = evaluate_image_run(a.run, num_samples=a.num_samples)
     for k, v in result.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def cmd_eval_suite(a: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from genforge.eval.suite import Settings
+    from genforge.eval.suite_report import evaluate_suite, summary_table
+
+    for path in (a.run, a.compare):
+        if path is not None and (family := _family(path)) != "lm":
+            raise ConfigError(f"--suite evaluates language models; {path} is a {family} run", param="suite")
+    settings = Settings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                        batch_size=a.batch_size)
+    summary = evaluate_suite(a.run, a.suite, compare=a.compare, out=a.out, settings=settings)
+    Console(soft_wrap=True).print(summary_table(summary))
+    print(f"results: {summary['results_dir']}")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -245,10 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run on the validation split it recorded")
-    ev.add_argument("run")
+    ev = sub.add_parser("eval", help="evaluate a run on the validation split it recorded, or on a suite")
+    ev.add_argument("run", help="a run directory, or (with --suite) any HF causal-LM folder")
     ev.add_argument("--max-batches", type=int, default=None)
     ev.add_argument("--num-samples", type=int, default=500, help="image runs: samples for FID/KID")
+    su = ev.add_argument_group("suites: answer prompts and score them against references (BLEU, chrF, ROUGE, "
+                               "exact match, reference perplexity)")
+    su.add_argument("--suite", default=None, metavar="FILE.jsonl", help="one JSON object a line: prompt (or chat "
+                    "messages), reference, optional labels; or builtin:pydoc-qa")
+    su.add_argument("--compare", default=None, metavar="OTHER_RUN", help="answer the same items with this run "
+                    "or model folder too, and report both side by side")
+    su.add_argument("--out", default=None, metavar="DIR", help="where the results go (default RUN/eval; "
+                    "required when RUN is a model folder, not a run)")
+    su.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    su.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
+    su.add_argument("--top-p", type=float, default=1.0)
+    su.add_argument("--seed", type=int, default=0, help="sampling seed (item i uses seed + i)")
+    su.add_argument("--batch-size", type=_positive_int, default=32, help="answers generated at once")
     ev.set_defaults(func=cmd_eval)
 
     ge = sub.add_parser("generate", help="generate text or images from a run")

@@ -88,10 +88,10 @@ def evaluate_run(run_path: str, max_batches: int | None = None, batch_size: int 
 
 
 @torch.inference_mode()
-def continuation_perplexity(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
-    """exp(mean next-token loss) of each continuation given its prompt: how likely the model finds
-    an answer to a prompt (the synthetic-data filter's score). Rows are right-padded in batches,
-    so every real token keeps its position."""
+def continuation_nll(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
+    """Mean next-token loss (nats) of each continuation's tokens given its prompt. Rows are
+    right-padded in batches, so every real token keeps its position; the caller keeps each
+    prompt + continuation within the model's context."""
     device = next(model.parameters()).device
     out: list[float] = []
     for i in range(0, len(pairs), batch_size):
@@ -108,5 +108,11 @@ def continuation_perplexity(model, pairs: list[tuple[list[int], list[int]]], bat
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device), reduction="none")
         counts = (labels[:, 1:] != -100).sum(1).clamp(min=1).to(device)
-        out += [math.exp(min(float(v), 50.0)) for v in nll.sum(1) / counts]
+        out += [float(v) for v in nll.sum(1) / counts]
     return out
+
+
+def continuation_perplexity(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
+    """exp(mean next-token loss) of each continuation given its prompt: how likely the model finds
+    an answer to a prompt (the synthetic-data filter's score)."""
+    return [math.exp(min(v, 50.0)) for v in continuation_nll(model, pairs, batch_size)]

@@ -29,13 +29,11 @@ from genforge.common.config import recipe_from_tree
 from genforge.common.errors import ConfigError, RunError
 from genforge.common.progress import console, plot_curves
 from genforge.common.runs import RunDir, atomic_write_text
-from genforge.data.chat_template import render_messages
 from genforge.data.instructions import pydoc_instructions, pydoc_preferences
 from genforge.data.preference import PreferencePair, collate, encode_pairs, to_pair
+from genforge.eval.suite import Settings, SuiteItem, generate_answers
 from genforge.jobs.train import run_loaded_recipe
-from genforge.models.generation import BatchGenerator
 from genforge.models.lm import context_length, load_lm, model_folder, resolve_chat_template
-from genforge.models.sampling import SamplingParams
 from genforge.train.dpo import reply_logps
 from genforge.train.sft import stop_ids
 
@@ -103,25 +101,13 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@torch.inference_mode()
 def greedy_answers(model: torch.nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 96) -> list[str]:
-    """The model's greedy reply to each question, asked as one user turn with its chat template,
-    generated in one continuous batch, each up to its EOS or `max_new_tokens`."""
-    template = resolve_chat_template(tokenizer)
-    limit = context_length(model)
-    gen = BatchGenerator(model, tokenizer, max_batch_size=len(questions))
-    seqs, texts = [], {}
-    for q in questions:
-        ids = render_messages(tokenizer, template, [{"role": "user", "content": q}], add_generation_prompt=True).ids
-        seqs.append(gen.new_sequence(ids, SamplingParams(max_new_tokens=min(max_new_tokens, limit - len(ids)),
-                                                         temperature=0.0)))
-    events = gen.add(seqs)
-    while True:
-        for seq, ev in events:
-            texts[id(seq)] = texts.get(id(seq), "") + ev.text
-        if all(s.finished for s in seqs):
-            return [texts.get(id(s), "").strip() for s in seqs]
-        events = gen.step()
+    """The model's greedy reply to each question, asked as one user turn with its chat template
+    (as an eval suite asks it), generated in one continuous batch, each up to its EOS or
+    `max_new_tokens`."""
+    items = [SuiteItem(f"question {i}", "", messages=[{"role": "user", "content": q}]) for i, q in enumerate(questions)]
+    return generate_answers(model, tokenizer, items, Settings(max_new_tokens=max_new_tokens,
+                                                              batch_size=max(1, len(items))))
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:

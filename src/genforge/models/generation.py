@@ -8,6 +8,8 @@
                           steps; one batched decode step for all rows; a finished row frees its
                           cache slot at once; `fast_path` says which runner it uses
     generate(...)         the single-sequence path (eval, the CLI) on the same pieces
+    generate_many(...)    many prompts through one BatchGenerator, a waiting prompt taking a row
+                          as soon as one finishes (eval suites, the fine-tuning demo)
 
 `serve.engine.Engine` is a scheduler thread around a BatchGenerator.
 """
@@ -15,7 +17,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +31,8 @@ from genforge.models.kvcache import device_kv_budget, fit_kv_budget, kv_bytes_pe
 from genforge.models.lm import context_length
 from genforge.models.sampling import BatchSampler, RowSampler, SamplingParams
 
-__all__ = ["SamplingParams", "TokenEvent", "Sequence", "BatchGenerator", "generate", "eos_token_ids",
-           "context_length"]
+__all__ = ["SamplingParams", "TokenEvent", "Sequence", "BatchGenerator", "generate", "generate_many",
+           "eos_token_ids", "context_length"]
 
 
 @dataclass
@@ -387,3 +390,34 @@ def generate(model: torch.nn.Module, tokenizer, prompt_ids: list[int], params: S
     """
     gen = BatchGenerator(model, tokenizer, max_batch_size=1, max_model_len=max_model_len)
     yield from gen.generate(prompt_ids, params)
+
+
+def generate_many(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: list[SamplingParams], *,
+                  max_batch_size: int = 32, on_finish: Callable[[int], None] | None = None) -> list[str]:
+    """The generated text for each prompt (in order), with continuous batching: up to
+    `max_batch_size` rows decode together and a waiting prompt joins as soon as a row finishes.
+    `on_finish(i)` is called when prompt i is done (a progress bar's hook). Every prompt must
+    leave room for one new token in the model's context (BatchGenerator.new_sequence checks)."""
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    if not prompts:
+        return []
+    gen = BatchGenerator(model, tokenizer, max_batch_size=min(max_batch_size, len(prompts)))
+    waiting = deque(range(len(prompts)))
+    texts = [""] * len(prompts)
+    row_of: dict[int, int] = {}  # id(Sequence) -> prompt index (the Sequences stay alive in `seqs`)
+    seqs: list[Sequence] = []
+    while waiting or gen.rows:
+        joining = []
+        while waiting and gen.free_slots > len(joining):
+            i = waiting.popleft()
+            seq = gen.new_sequence(prompts[i], params[i])
+            row_of[id(seq)] = i
+            seqs.append(seq)
+            joining.append(seq)
+        for seq, ev in gen.add(joining) + gen.step():
+            i = row_of[id(seq)]
+            texts[i] += ev.text
+            if ev.finish_reason is not None and on_finish is not None:
+                on_finish(i)
+    return texts
