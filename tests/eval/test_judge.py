@@ -176,3 +176,32 @@ def test_an_unreachable_judge_keeps_the_judgments_made_so_far(judge_model, tok, 
     rows = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
     assert [(r["id"], r["ok"], r["cached"]) for r in rows] == [("q0", True, True), ("q1", True, True)]
     assert not (tmp_path / "out" / "judge.json").exists()  # the first run's summary no longer describes them
+
+
+def test_genforge_eval_judges_a_suites_saved_answers_and_exits_2_when_the_judge_is_gone(judge_server, tmp_path,
+                                                                                        capsys):
+    from genforge.cli import main
+
+    suite = tmp_path / "qa.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": it["question"], "reference": it["reference"],
+                                         "labels": {"score": "5"}}) + "\n" for it in ITEMS))
+    results = tmp_path / "out" / "qa"
+    results.mkdir(parents=True)
+    (results / "results.jsonl").write_text("".join(json.dumps(
+        {"index": i, "prompt": it["question"], "reference": it["reference"], "labels": {"score": "5"},
+         "output": it["answer"]}) + "\n" for i, it in enumerate(ITEMS)))
+    args = ["eval", str(tmp_path), "--suite", str(suite), "--out", str(tmp_path / "out"), "--judge-only",
+            "--judge-model", JUDGE_NAME, "--judge-repeats", "2", "--judge-max-tokens", "300"]
+    assert main([*args, "--judge-url", judge_server.v1]) == 0
+    summary = json.loads((results / "judge.json").read_text())
+    assert summary["mode"] == "pointwise" and summary["pointwise"]["items_scored"] == 3
+    assert summary["pointwise"]["labelled"] == 3  # labels.score "5" read as a human score
+    assert "Pointwise (" in (results / "judge.md").read_text()
+    assert (tmp_path / "out" / "judge_cache.sqlite").is_file()  # beside the suite's folder, not in it
+
+    capsys.readouterr()
+    dead = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
+    assert main([*args, "--judge-url", dead, "--judge-retries", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # not the bar
+    assert len(err) == 1 and err[0].startswith("error: the judge at http://127.0.0.1:9/v1 did not answer after 2 "
+                                               "tries: cannot connect")

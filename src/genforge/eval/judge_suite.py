@@ -25,7 +25,7 @@ from pathlib import Path
 
 from genforge.common.errors import GenforgeError
 from genforge.common.progress import progress_bar
-from genforge.common.runs import atomic_write_text
+from genforge.common.runs import RunDir, atomic_write_text, update_report
 from genforge.eval.judge import Judge, JudgeConfig
 
 MODES = ("pointwise", "pairwise", "both")
@@ -307,8 +307,10 @@ def items_from_results(results_dir: Path) -> list[dict]:
 
 
 def judge_suite_results(results_dir: str | Path, config: JudgeConfig, mode: str | None = None,
-                        names: tuple[str, str] = ("run", "compared")) -> tuple[dict, str]:
-    """Judge a suite's answers in place: judgments.jsonl, judge.json and judge.md beside results.jsonl.
+                        names: tuple[str, str] = ("run", "compared"),
+                        report_run: str | Path | None = None) -> tuple[dict, str]:
+    """Judge a suite's answers in place: judgments.jsonl, judge.json and judge.md beside results.jsonl,
+    and a "judge SUITE" section in `report_run`'s report.md when given.
 
     The cache lives one level up (RUN/eval/judge_cache.sqlite), outside the suite's folder, which a
     rerun of the suite replaces whole. Returns (summary, the report section's markdown).
@@ -322,4 +324,6 @@ def judge_suite_results(results_dir: str | Path, config: JudgeConfig, mode: str 
     summary = judge_items(items, config, results_dir, mode=mode)
     markdown = report_markdown(summary, names)
     atomic_write_text(results_dir / "judge.md", markdown + "\n")
+    if report_run is not None:
+        update_report(RunDir(report_run), f"judge {results_dir.name}", f"## Judge on suite `{results_dir.name}`\n\n{markdown}")
     return summary, markdown
