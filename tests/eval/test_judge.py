@@ -34,6 +34,7 @@ SHORT = {"pointwise_rubric": "Score 1-10. JSON.", "pairwise_rubric": "A or B? JS
          "max_tokens": 48, "temperature": 1.0}
 ITEMS = [{"id": f"q{i}", "question": q, "answer": a, "answer_b": b, "reference": "x + 1"}
          for i, (q, a, b) in enumerate([("f(1)?", "2", "3"), ("f(x)?", "x + 1", "x"), ("g?", "no", "yes")])]
+ONE_ANSWER = [{k: v for k, v in it.items() if k != "answer_b"} for it in ITEMS]  # nothing to compare
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def judge_server(judge_model, tok) -> Iterator[Live]:  # noqa: F811
 
 
 def config(live: Live, tmp_path, **kw) -> JudgeConfig:
-    return JudgeConfig(url=live.v1, model=JUDGE_NAME, repeats=1, concurrency=2, cache_path=tmp_path / "cache.sqlite",
-                       **{**SHORT, **kw})
+    return JudgeConfig(**{"url": live.v1, "model": JUDGE_NAME, "repeats": 1, "concurrency": 2,
+                          "cache_path": tmp_path / "cache.sqlite", **SHORT, **kw})
 
 
 def chat_calls(live: Live) -> float:
@@ -117,8 +118,7 @@ def test_valid_judgments_with_response_format_then_a_rerun_is_served_from_the_ca
 def test_a_judge_answering_without_the_schema_is_retried_then_reported_as_a_failure(judge_server, tmp_path):
     cfg = config(judge_server, tmp_path, response_format="none", attempts=2)
     before = chat_calls(judge_server)
-    one_answer = [{k: v for k, v in it.items() if k != "answer_b"} for it in ITEMS[:2]]
-    summary = judge_items(one_answer, cfg, tmp_path / "out", mode="pointwise")
+    summary = judge_items(ONE_ANSWER[:2], cfg, tmp_path / "out", mode="pointwise")
     s = summary["pointwise"]
     # A random model writes no JSON judgment: every attempt is invalid, every judgment fails.
     assert s["failed"] == 2 and s["items_scored"] == 0 and s["invalid_answers"] == 4
@@ -159,7 +159,7 @@ def test_a_timeout_is_retried_with_backoff_then_a_clear_error(judge_server, tmp_
     cfg = config(judge_server, tmp_path, timeout=0.005, retries=2, backoff=0.01, max_tokens=400,
                  reason_max_chars=None)
     with pytest.raises(JudgeUnreachableError, match=r"did not answer after 3 tries: every call timed out after "
-                                                    r"0.005 s.*0 of 1 judgments were made"):
+                                                    r"0.005 s.*0 of 2 judgments were made"):
         judge_items(ITEMS[:1], cfg, tmp_path / "out")
 
 
@@ -168,11 +168,11 @@ def test_an_unreachable_judge_keeps_the_judgments_made_so_far(judge_model, tok, 
 
     with serve_in_thread(create_app(model=judge_model, tokenizer=tok, served_model_name=JUDGE_NAME)) as live:
         cfg = config(live, tmp_path, retries=1, backoff=0.01)
-        judge_items(ITEMS[:2], cfg, tmp_path / "out")  # two items judged (and cached)
+        judge_items(ONE_ANSWER[:2], cfg, tmp_path / "out")  # two items judged (and cached)
     # The judge went away (the server is stopped, its port closed): the suite of three is rerun.
     with pytest.raises(JudgeUnreachableError, match=r"did not answer after 2 tries: cannot connect.*"
                                                     r"2 of 3 judgments were made"):
-        judge_items(ITEMS, cfg, tmp_path / "out")
+        judge_items(ONE_ANSWER, cfg, tmp_path / "out")
     rows = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
     assert [(r["id"], r["ok"], r["cached"]) for r in rows] == [("q0", True, True), ("q1", True, True)]
     assert not (tmp_path / "out" / "judge.json").exists()  # the first run's summary no longer describes them
