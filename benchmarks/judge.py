@@ -73,8 +73,9 @@ def fit_answers(tokenizer, question: str, a: str, b: str, budget: int) -> tuple[
     ids_a, ids_b = tokenizer.encode(a, add_special_tokens=False), tokenizer.encode(b, add_special_tokens=False)
     for n in range(max(len(ids_a), len(ids_b)), 0, -1):
         ca, cb = tokenizer.decode(ids_a[:n]), tokenizer.decode(ids_b[:n])
-        messages = pairwise_messages(RUBRIC, question, ca, cb, None)
-        if len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)) <= budget:
+        messages = pairwise_messages(RUBRIC, question, ca, cb, None, system=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if len(tokenizer(text)["input_ids"]) + 2 <= budget:  # 2: room for a BOS the server may add
             return ca, cb
     raise SystemExit(f"the question {question!r} alone does not fit the judge's {budget}-token prompt budget")
 
@@ -155,7 +156,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--tie-margin", type=float, default=0.05, help="ROUGE-L F1 difference below which the label is a tie")
     p.add_argument("--context", type=int, default=128, help="the judge's context in tokens")
-    p.add_argument("--max-tokens", type=int, default=24, help="tokens for the judge's JSON answer")
+    p.add_argument("--max-tokens", type=int, default=20, help="tokens for the judge's JSON answer")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -178,7 +179,7 @@ def main() -> None:
               else contextlib.nullcontext(args.judge_url)) as url:
             config = JudgeConfig(url=url, model=args.judge_model, repeats=args.repeats, concurrency=args.concurrency,
                                  temperature=args.temperature, max_tokens=args.max_tokens, pairwise_rubric=RUBRIC,
-                                 reason_max_chars=16, cache_path=work / "cache.sqlite")
+                                 system_rubric=False, reason_max_chars=4, cache_path=work / "cache.sqlite")
             summary = judge_items(items, config, work / "out", mode="pairwise")
         wall = time.perf_counter() - t0
     pair = summary["pairwise"]

@@ -205,3 +205,13 @@ def test_genforge_eval_judges_a_suites_saved_answers_and_exits_2_when_the_judge_
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # not the bar
     assert len(err) == 1 and err[0].startswith("error: the judge at http://127.0.0.1:9/v1 did not answer after 2 "
                                                "tries: cannot connect")
+
+
+def test_the_rubric_goes_to_the_system_turn_or_heads_the_user_turn():
+    from genforge.eval.judge import pairwise_messages
+
+    with_system = pairwise_messages("R", "Q", "a", "b", "ref")
+    assert [m["role"] for m in with_system] == ["system", "user"] and with_system[0]["content"] == "R"
+    assert with_system[1]["content"] == "Question:\nQ\n\nReference answer:\nref\n\nAnswer A:\na\n\nAnswer B:\nb"
+    inline = pairwise_messages("R", "Q", "a", "b", None, system=False)
+    assert inline == [{"role": "user", "content": "R\n\nQuestion:\nQ\n\nAnswer A:\na\n\nAnswer B:\nb"}]

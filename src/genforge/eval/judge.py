@@ -84,6 +84,7 @@ class JudgeConfig:
     reason_max_chars: int | None = 200  # maxLength of the reason in the schema (None: unbounded)
     pointwise_rubric: str = POINTWISE_RUBRIC
     pairwise_rubric: str = PAIRWISE_RUBRIC
+    system_rubric: bool = True  # the rubric as a system message (False: at the head of the user turn)
     cache_path: Path | None = None
     # Test-only: the score range the schema sent to the judge allows (None: the rubric's), so a
     # test can let a constrained judge answer out of the rubric and see the answer rejected.
@@ -173,20 +174,30 @@ def parse_judgment(text: str, kind: str, score_range: tuple[int, int] = (1, 10))
 # ---------------------------------------------------------------- prompts
 
 
-def pointwise_messages(rubric: str, question: str, answer: str, reference: str | None) -> list[dict]:
+def _messages(rubric: str, parts: list[str], system: bool) -> list[dict]:
+    # system=False puts the rubric at the head of the user turn: for chat templates without a system
+    # role, and for small contexts, where the system turn's own markup costs tokens.
+    if system:
+        return [{"role": "system", "content": rubric}, {"role": "user", "content": "\n\n".join(parts)}]
+    return [{"role": "user", "content": "\n\n".join([rubric, *parts])}]
+
+
+def pointwise_messages(rubric: str, question: str, answer: str, reference: str | None,
+                       system: bool = True) -> list[dict]:
     parts = [f"Question:\n{question}"]
     if reference:
         parts.append(f"Reference answer:\n{reference}")
     parts.append(f"Answer to grade:\n{answer}")
-    return [{"role": "system", "content": rubric}, {"role": "user", "content": "\n\n".join(parts)}]
+    return _messages(rubric, parts, system)
 
 
-def pairwise_messages(rubric: str, question: str, first: str, second: str, reference: str | None) -> list[dict]:
+def pairwise_messages(rubric: str, question: str, first: str, second: str, reference: str | None,
+                      system: bool = True) -> list[dict]:
     parts = [f"Question:\n{question}"]
     if reference:
         parts.append(f"Reference answer:\n{reference}")
     parts += [f"Answer A:\n{first}", f"Answer B:\n{second}"]
-    return [{"role": "system", "content": rubric}, {"role": "user", "content": "\n\n".join(parts)}]
+    return _messages(rubric, parts, system)
 
 
 # ---------------------------------------------------------------- the cache
@@ -252,7 +263,8 @@ class Judge:
     # -- public: one judgment
 
     def pointwise(self, question: str, answer: str, reference: str | None = None, repeat: int = 0) -> dict:
-        messages = pointwise_messages(self.config.pointwise_rubric, question, answer, reference)
+        messages = pointwise_messages(self.config.pointwise_rubric, question, answer, reference,
+                                      self.config.system_rubric)
         low, high = self.config.schema_score_range or self.config.score_range
         schema = pointwise_schema(low, high, self.config.reason_max_chars)
         return self._judge("pointwise", messages, schema, repeat, order=None)
@@ -260,7 +272,8 @@ class Judge:
     def pairwise(self, question: str, first: str, second: str, reference: str | None = None,
                  repeat: int = 0, order: str = "AB") -> dict:
         """Winner as shown to the judge ("A" = `first`); `order` only names the presentation."""
-        messages = pairwise_messages(self.config.pairwise_rubric, question, first, second, reference)
+        messages = pairwise_messages(self.config.pairwise_rubric, question, first, second, reference,
+                                     self.config.system_rubric)
         return self._judge("pairwise", messages, pairwise_schema(self.config.reason_max_chars), repeat, order=order)
 
     # -- internals
@@ -268,7 +281,7 @@ class Judge:
     def _judge(self, kind: str, messages: list[dict], schema: dict, repeat: int, order: str | None) -> dict:
         cfg = self.config
         key = cache_key(url=cfg.url, model=cfg.model, kind=kind, messages=messages, order=order, repeat=repeat,
-                        rubric=messages[0]["content"], schema=schema, response_format=cfg.response_format,
+                        rubric=self.config.pointwise_rubric if kind == "pointwise" else self.config.pairwise_rubric, schema=schema, response_format=cfg.response_format,
                         temperature=cfg.temperature, max_tokens=cfg.max_tokens, attempts=cfg.attempts)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return {**hit, "cached": True}
