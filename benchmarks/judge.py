@@ -156,7 +156,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--tie-margin", type=float, default=0.05, help="ROUGE-L F1 difference below which the label is a tie")
     p.add_argument("--context", type=int, default=128, help="the judge's context in tokens")
-    p.add_argument("--max-tokens", type=int, default=20, help="tokens for the judge's JSON answer")
+    p.add_argument("--max-tokens", type=int, default=26, help="tokens for the judge's JSON answer")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 

@@ -286,19 +286,26 @@ class Judge:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return {**hit, "cached": True}
         outcome: dict[str, Any] = {"ok": False, "attempts": 0, "invalid": 0, "out_of_rubric": 0, "repaired": False,
-                                   "error": None, "raw": None}
+                                   "error": None, "raw": None, "rejected": []}
         for attempt in range(cfg.attempts):
-            text = self._complete(messages, schema, kind, seed=repeat * 1000 + attempt)
+            text, finish = self._complete(messages, schema, kind, seed=repeat * 1000 + attempt)
             outcome["attempts"], outcome["raw"] = attempt + 1, text
             try:
-                judgment, repaired = parse_judgment(text, kind, cfg.score_range)
+                try:
+                    judgment, repaired = parse_judgment(text, kind, cfg.score_range)
+                except InvalidJudgment as e:
+                    if finish == "length":  # say why: the JSON was cut, not malformed
+                        raise type(e)(f"{e} (cut at max_tokens={cfg.max_tokens}: raise it)") from None
+                    raise
             except OutOfRubric as e:
                 outcome["out_of_rubric"] += 1
                 outcome["error"] = str(e)
+                outcome["rejected"].append(text)
                 continue
             except InvalidJudgment as e:
                 outcome["invalid"] += 1
                 outcome["error"] = str(e)
+                outcome["rejected"].append(text)  # kept: what the judge said is the evidence
                 continue
             outcome.update(judgment, ok=True, repaired=repaired, error=None)
             if self.cache is not None:
@@ -317,8 +324,9 @@ class Judge:
             body["response_format"] = {"type": "json_object"}
         return body
 
-    def _complete(self, messages: list[dict], schema: dict, kind: str, seed: int) -> str:
-        """The judge's answer text; transport failures retried with exponential backoff and jitter."""
+    def _complete(self, messages: list[dict], schema: dict, kind: str, seed: int) -> tuple[str, str | None]:
+        """The judge's answer text and finish reason; transport failures retried with exponential
+        backoff and jitter."""
         oa, cfg = self._openai, self.config
         body = self._request(messages, schema, kind, seed)
         last: Exception | None = None
@@ -328,8 +336,8 @@ class Judge:
             with self._count:
                 self.http_calls += 1
             try:
-                response = self.client.chat.completions.create(**body)
-                return response.choices[0].message.content or ""
+                choice = self.client.chat.completions.create(**body).choices[0]
+                return choice.message.content or "", choice.finish_reason
             except oa.NotFoundError as e:
                 raise self._missing_model(e) from None
             except oa.AuthenticationError:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,7 +82,7 @@ def run_tasks(judge: Judge, items: list[dict], tasks: list[Task]) -> tuple[list[
         futures = {pool.submit(ask, judge, items[t.item], t): n for n, t in enumerate(tasks)}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
                 if f.cancelled():
                     continue
