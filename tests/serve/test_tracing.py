@@ -60,7 +60,7 @@ def _children(spans, parent) -> list[str]:
 def test_a_chat_request_is_one_trace_with_a_span_per_step(traced):
     server, receiver = traced
     raw = _client(server).chat.completions.with_raw_response.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": "How do I read a file, asks ada@example.com?"}],
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Write to john.doe@example.com about the bug."}],
         max_tokens=8, temperature=0, extra_headers={"x-request-id": "client-req-1"})
     assert raw.headers["x-request-id"] == "client-req-1"
     usage = raw.parse().usage

@@ -240,8 +240,10 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                 if service.app is not None:
                     service.app.close()
 
+    # FastAPI's own OpenTelemetry spans start a second root per request (from the headers, not the
+    # current span): the gate's root span (serve/gate.py) is the one, with the steps under it.
     app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
+                  openapi_url="/openapi.json", telemetry={"tracing": False})
     app.state.metrics, app.state.service = metrics, service
     _install_error_handlers(app)
 
