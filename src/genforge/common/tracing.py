@@ -32,6 +32,7 @@ MODES = ("off", "console", "otlp")
 SERVICE_NAME = "genforge"
 
 _tracer: Any = None  # an SDK tracer once set up; None: tracing is off
+_provider: Any = None
 _offset_ns = 0  # time.time_ns() - time.perf_counter_ns(): perf_counter stamps -> span times
 
 
@@ -52,7 +53,7 @@ def enabled() -> bool:
 
 def setup_tracing(mode: str | None, *, service_name: str = SERVICE_NAME) -> None:
     """Trace this process to `mode`'s exporter (see the module docstring); "off"/None: do nothing."""
-    global _tracer, _offset_ns
+    global _tracer, _provider, _offset_ns
     if mode in (None, "off"):
         return
     if mode not in MODES:
@@ -77,8 +78,15 @@ def setup_tracing(mode: str | None, *, service_name: str = SERVICE_NAME) -> None
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    _tracer = provider.get_tracer("genforge")
+    _tracer, _provider = provider.get_tracer("genforge"), provider
     _offset_ns = time.time_ns() - time.perf_counter_ns()
+
+
+def flush(timeout_s: float = 10.0) -> None:
+    """Export every span ended so far. A server calls it as it shuts down: uvicorn ends the process
+    by raising the SIGTERM it caught again, so exit handlers (the provider's own flush) never run."""
+    if _provider is not None:
+        _provider.force_flush(int(timeout_s * 1000))
 
 
 def span(name: str, attributes: dict[str, Any] | None = None) -> Any:

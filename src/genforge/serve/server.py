@@ -13,6 +13,7 @@ an error id, the log gets the traceback under that id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -27,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genforge.common import tracing
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
 from genforge.serve.app_config import AppConfig, default_state_dir
@@ -239,6 +241,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                 await service.shutdown(timeout=1.0)
                 if service.app is not None:
                     service.app.close()
+            await asyncio.to_thread(tracing.flush)  # the spans of the last requests, before the process ends
 
     # FastAPI's own OpenTelemetry spans start a second root per request (from the headers, not the
     # current span): the gate's root span (serve/gate.py) is the one, with the steps under it.
