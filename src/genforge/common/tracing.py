@@ -23,6 +23,7 @@ request ends, so tracing adds nothing per token.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -66,7 +67,7 @@ def setup_tracing(mode: str | None, *, service_name: str = SERVICE_NAME) -> None
     except ImportError:
         raise ConfigError("--trace needs OpenTelemetry's SDK: pip install 'genforge[trace]'", param="trace") from None
     if mode == "console":
-        exporter = ConsoleSpanExporter(formatter=lambda s: s.to_json(indent=None) + "\n")
+        exporter = ConsoleSpanExporter(out=sys.stdout, formatter=lambda s: s.to_json(indent=None) + "\n")
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
