@@ -68,8 +68,10 @@ def _is_image_input(path: str) -> bool:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    from genforge.common.tracing import setup_tracing
     from genforge.jobs.train import run_recipe
 
+    setup_tracing(a.trace)
     result = run_recipe(a.recipe, overrides=a.set, resume=a.resume)
     print(result.summary())
 
@@ -210,7 +212,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   limit_concurrency=a.limit_concurrency, header_timeout=a.header_timeout,
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
                   root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
-                  http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters)
+                  http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters,
+                  trace=a.trace)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -262,6 +265,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _trace_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--trace", choices=["off", "console", "otlp"], default="off",
+                        help=f"OpenTelemetry spans of {what}: console (JSON lines on stdout) or otlp (to "
+                        "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, default http://localhost:4318); service.name genforge")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genforge", description="data -> train -> eval -> serve for generative models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    _trace_flag(tr, "data, step, eval and checkpoint")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run on the validation split it recorded, or on a suite")
@@ -430,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="event loop (uvicorn's option; auto: uvloop when installed)")
     se.add_argument("--enforce-eager", action="store_true",
                     help="the same as --decode eager (vLLM's flag name)")
+    _trace_flag(se, "each request's steps (auth ... decode ... respond)")
     ad = se.add_argument_group("LoRA adapters over the model (each served under its name in `model`)")
     ad.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                     help="a peft LoRA folder served as model NAME (repeatable)")

@@ -3,6 +3,11 @@
     auth (every route but PUBLIC_PATHS) -> concurrency limit -> body read (size cap, time limit)
     -> JSON nesting depth -> the app;   HTTP metrics, error counts and the client-side TTFT on the way out
 
+Every request gets an id (the client's `x-request-id` when safe, else a fresh one; serve/tracing.py),
+returned in its response headers, errors included; and, when tracing is on, a root span with the
+auth, validate (body read through pydantic's validation) and respond (first response byte to last)
+spans under it.
+
 The route is judged by the path the router will match (the request path without the ASGI
 `root_path`), so mounting the app under a prefix or serving it with `--root-path` cannot move a
 route out of the auth check: anything that is not exactly a public path needs the key, unknown
@@ -18,9 +23,11 @@ import re
 import time
 from typing import Any
 
+from genforge.common import tracing
 from genforge.common.errors import AuthError
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import error_body
+from genforge.serve.tracing import REQUEST_ID_HEADER, request_id_of, request_id_var
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no key
 ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/images/generations",
@@ -38,6 +45,9 @@ RETRY_AFTER_S = 1  # what a 503 asks clients to wait; the queue drains in about 
 ARRIVAL = "genforge.arrival"
 FIRST_TOKEN = "genforge.first_token"  # "pending" before the body write that shows the first token
 ERROR_KIND = "genforge.error_kind"  # overrides the kind derived from the status
+REQUEST_ID = "genforge.request_id"
+VALIDATE_FROM = "genforge.validate_from"  # perf_counter when the body read began (POST)
+VALIDATED = "genforge.validated"  # set by the route once pydantic accepted the body
 
 _ERROR_KINDS = {400: "invalid_request", 401: "auth", 404: "not_found", 405: "invalid_request",
                 408: "timeout", 413: "too_large", 422: "invalid_request", 499: "client_disconnected",
@@ -52,6 +62,14 @@ def route_path(scope: dict) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         path = path[len(root):]
     return path or "/"
+
+
+def validated(scope: dict) -> None:
+    """Called by a route on entry: the request passed every check; its validate span ends now."""
+    started = scope.get(VALIDATE_FROM)
+    if started is not None and tracing.enabled():
+        scope[VALIDATED] = True
+        tracing.record_span("validate", started, time.perf_counter())
 
 
 def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -93,14 +111,18 @@ class Gate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 0
+        start, status, responded = time.perf_counter(), 0, None
         scope[ARRIVAL] = start
         metrics = self.metrics
+        rid = scope[REQUEST_ID] = request_id_of(scope["headers"])
+        rid_header = (REQUEST_ID_HEADER, rid.encode())
+        token = request_id_var.set(rid)  # this request's task: its log lines carry the id
 
         async def send_(message: dict) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], time.perf_counter()
+                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
             await send(message)
             if message["type"] == "http.response.body" and scope.get(FIRST_TOKEN) == "pending":
                 # stamped after the write returned: the token is on its way to the client now
@@ -108,14 +130,50 @@ class Gate:
                 metrics.observe_ttft(time.perf_counter() - start)
 
         path = route_path(scope)
-        try:
-            await self._handle(scope, path, receive, send_)
-        finally:
-            # 499 (nginx's "client closed request"): the client left before any response started.
-            final = status or 499
-            metrics.observe_http(path if path in ENDPOINTS else "other", final, time.perf_counter() - start)
-            if final >= 400:
-                metrics.observe_error(scope.get(ERROR_KIND) or _ERROR_KINDS.get(final, f"http_{final}"))
+        endpoint = path if path in ENDPOINTS else "other"
+        method = scope["method"]
+        with tracing.server_span(f"{method} {path}" if path in ENDPOINTS else method, scope["headers"],
+                                 {"http.request.method": method, "url.path": path,
+                                  "genforge.request_id": rid}) as root:
+            try:
+                await self._handle(scope, path, receive, send_)
+            finally:
+                request_id_var.reset(token)
+                # 499 (nginx's "client closed request"): the client left before any response started.
+                final = status or 499
+                end = time.perf_counter()
+                metrics.observe_http(endpoint, final, end - start)
+                kind = None
+                if final >= 400:
+                    kind = scope.get(ERROR_KIND) or _ERROR_KINDS.get(final, f"http_{final}")
+                    metrics.observe_error(kind)
+                if root is not None:
+                    self._end_trace(root, scope, path, final, kind, responded, end)
+
+    @staticmethod
+    def _end_trace(root: Any, scope: dict, path: str, status: int, kind: str | None, responded: float | None,
+                   end: float) -> None:
+        if status >= 400 and scope.get(VALIDATE_FROM) is not None and not scope.get(VALIDATED):
+            # refused before the route (body too large or too deep, pydantic's 400): validation failed
+            tracing.record_span("validate", scope[VALIDATE_FROM], responded or end, error=f"HTTP {status}")
+        if responded is not None:
+            tracing.record_span("respond", responded, end, {"http.response.status_code": status})
+        attrs: dict[str, Any] = {"http.response.status_code": status}
+        if path in ENDPOINTS:
+            attrs["http.route"] = path
+        if kind is not None:
+            attrs["error.type"] = kind
+        # as OTel's HTTP conventions say for a server: a 4xx is the client's error, not the span's
+        tracing.annotate(root, attrs, error=f"HTTP {status}" if status >= 500 else None)
+
+    def _checked(self, scope: dict) -> bool:
+        if not tracing.enabled():
+            return self._authorized(scope)
+        started = time.perf_counter()
+        ok = self._authorized(scope)
+        tracing.record_span("auth", started, time.perf_counter(), {"genforge.auth.ok": ok},
+                            error=None if ok else "invalid or missing API key")
+        return ok
 
     def _authorized(self, scope: dict) -> bool:
         auth = b""
@@ -130,7 +188,7 @@ class Gate:
 
     async def _handle(self, scope: dict, path: str, receive: Any, send: Any) -> None:
         public = path in PUBLIC_PATHS
-        if self.keys and not public and not self._authorized(scope):
+        if self.keys and not public and not self._checked(scope):
             err = AuthError("invalid or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
             return await send_json(send, 401, err.to_openai(), [(b"www-authenticate", b"Bearer")])
         if public or self.limit is None:
@@ -147,6 +205,7 @@ class Gate:
 
     async def _admitted(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["method"] in ("POST", "PUT", "PATCH"):
+            scope[VALIDATE_FROM] = time.perf_counter()
             receive = await self._read_body(scope, receive, send)
             if receive is None:
                 return

@@ -17,17 +17,19 @@ in a process of their own by default (serve/layer_steps.py says why), called thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from genforge.common import tracing
 from genforge.common.errors import NotFoundError
 from genforge.common.store import StoreUnavailable
 from genforge.serve.app_config import AppConfig
@@ -132,7 +134,20 @@ class AppLayer:
             return fn(messages, **kw)
         return await asyncio.to_thread(functools.partial(fn, messages, **kw))
 
-    def _timed(self, step: str, started: float) -> None:
+    @contextlib.contextmanager
+    def _step(self, step: str, *, count_failures: bool = True) -> Iterator[None]:
+        """One step: its latency metric (also when it fails, unless `count_failures` is off) and its span."""
+        started = time.perf_counter()
+        with tracing.span(step):
+            try:
+                yield
+            except BaseException:
+                if count_failures:
+                    self._observe(step, started)
+                raise
+        self._observe(step, started)
+
+    def _observe(self, step: str, started: float) -> None:
         self.metrics.step_latency.labels(self.served_name, step).observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------ before the engine
@@ -151,29 +166,24 @@ class AppLayer:
         out = Prepared(messages=messages, _layer=self)
         if not self.active:
             return out
-        started = time.perf_counter()
-        try:
+        with self._step("prepare"):  # everything the layer does before the engine may start
             return await self._prepare(req, out, fits, speculate)
-        finally:
-            self._timed("prepare", started)  # everything the layer does before the engine may start
 
     async def _prepare(self, req: ChatCompletionRequest, out: Prepared, fits: Callable[[list[dict]], bool] | None,
                        speculate: bool) -> Prepared:
         messages = out.messages
         defer = speculate and not self.rag_on
         if self.guard is not None:
-            t = time.perf_counter()
             try:
-                if defer:  # the rules and PII here (no embedding): the detector's part is left to settle
-                    result = replace(await self._offload(self.guard.check_input, messages, detector=False),
-                                     detector_pending=True)
-                else:
-                    result = await self.steps.call("check_input", messages, None, True)
+                with self._step("guard_input"):
+                    if defer:  # the rules and PII here (no embedding): the detector's part is left to settle
+                        result = replace(await self._offload(self.guard.check_input, messages, detector=False),
+                                         detector_pending=True)
+                    else:
+                        result = await self.steps.call("check_input", messages, None, True)
             except Exception:
                 self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
                 raise
-            finally:
-                self._timed("guard_input", t)
             out.guard, out.messages = result, result.redacted
             if result.action != "allowed":
                 self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
@@ -194,34 +204,31 @@ class AppLayer:
         guard = prep.guard is not None and prep.guard.detector_pending
         if not guard and prep.cache != "pending":
             return
-        t = time.perf_counter()
-        judged = asyncio.ensure_future(self._finish_guard(prep)) if guard else None
-        try:
-            if prep.cache == "pending":
-                await self._lookup(prep)
-                if prep.hit is not None and prep.hit.exact and judged is not None:
-                    # The same text under the same key passed the detector when its answer was stored.
-                    if judged.done() and not judged.cancelled():
-                        judged.exception()  # retrieved: a verdict no longer needed is not a logged error
+        with self._step("settle", count_failures=False):
+            judged = asyncio.ensure_future(self._finish_guard(prep)) if guard else None
+            try:
+                if prep.cache == "pending":
+                    await self._lookup(prep)
+                    if prep.hit is not None and prep.hit.exact and judged is not None:
+                        # The same text under the same key passed the detector when its answer was stored.
+                        if judged.done() and not judged.cancelled():
+                            judged.exception()  # retrieved: a verdict no longer needed is not a logged error
+                        judged.cancel()
+                        judged = None
+                if judged is not None:
+                    await judged
+            finally:
+                if judged is not None and not judged.done():
                     judged.cancel()
-                    judged = None
-            if judged is not None:
-                await judged
-        finally:
-            if judged is not None and not judged.done():
-                judged.cancel()
-        self._timed("settle", t)
 
     async def _finish_guard(self, prep: Prepared) -> None:
-        t = time.perf_counter()
         logged = prep.guard.action == "logged"
         try:
-            prep.guard = await self.steps.call("finish_input", prep.guard)
+            with self._step("guard_input"):
+                prep.guard = await self.steps.call("finish_input", prep.guard)
         except Exception:
             self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
             raise
-        finally:
-            self._timed("guard_input", t)
         if prep.guard.action == "logged" and not logged:
             self.metrics.guard_actions.labels(self.served_name, "input", "logged").inc()
 
@@ -236,14 +243,12 @@ class AppLayer:
         out = []
         for ids, text in zip(prompts, texts):
             text = tokenizer.decode(ids) if text is None else text
-            t = time.perf_counter()
             try:
-                result = await self.steps.call("check_input", text, placeholders)
+                with self._step("guard_input"):
+                    result = await self.steps.call("check_input", text, placeholders)
             except Exception:
                 self.metrics.guard_actions.labels(self.served_name, "input", "blocked").inc()
                 raise
-            finally:
-                self._timed("guard_input", t)
             if result.action != "allowed":
                 self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
             placeholders = result.placeholders  # numbered in the steps' copy: the next prompt goes on from it
@@ -298,11 +303,10 @@ class AppLayer:
 
     async def _lookup(self, out: Prepared) -> None:
         """Look `out`'s turn up: the exact text, else near matches (one call to the steps)."""
-        t = time.perf_counter()
-        out.hit, rejected = await self.steps.call("lookup", out.key, out.turn)
-        if rejected:
-            self.metrics.cache_rejections.labels(self.served_name).inc(rejected)
-        self._timed("cache_lookup", t)
+        with self._step("cache_lookup", count_failures=False):
+            out.hit, rejected = await self.steps.call("lookup", out.key, out.turn)
+            if rejected:
+                self.metrics.cache_rejections.labels(self.served_name).inc(rejected)
         out.cache = "hit" if out.hit is not None else "miss"
         self.metrics.cache_lookups.labels(self.served_name, out.cache).inc()
 
@@ -313,9 +317,8 @@ class AppLayer:
         question = _text(out.messages[last].get("content"))
         if not question.strip():
             return
-        t = time.perf_counter()
-        found = await self.steps.call("search", question, self.config.rag.k, self.config.rag.mode)
-        self._timed("retrieve", t)
+        with self._step("retrieve", count_failures=False):
+            found = await self.steps.call("search", question, self.config.rag.k, self.config.rag.mode)
 
         def with_sources(n: int) -> list[dict]:
             blocks = []
@@ -348,16 +351,14 @@ class AppLayer:
         stored = {"choices": [{"index": c.index, "content": c.message.content, "finish_reason": c.finish_reason}
                               for c in response.choices],
                   "usage": response.usage.model_dump(), "sources": response.sources}
-        t = time.perf_counter()
         try:
-            await self.steps.call("put", prepared.key, prepared.turn, stored)
+            with self._step("cache_put"):
+                await self.steps.call("put", prepared.key, prepared.turn, stored)
         except StoreUnavailable as e:
             # The answer exists (and, streamed, has been sent but for its end): a store that went down
             # after the lookup costs this cache entry, not the response. The put was one transaction.
             log.warning("answer not cached: %s", e.message)
             return
-        finally:
-            self._timed("cache_put", t)
 
     def observe_output(self, filters: list[Any] | None) -> None:
         """Count a response whose text the output guard changed (or, under `log`, would have)."""

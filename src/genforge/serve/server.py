@@ -13,6 +13,7 @@ an error id, the log gets the traceback under that id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -27,12 +28,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genforge.common import tracing
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
 from genforge.serve.alerts import AlertSampler
 from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
-from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate
+from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate, validated
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
 from genforge.serve.layer_process import LayerProcess
 from genforge.serve.layer_steps import LocalSteps
@@ -245,9 +247,12 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                 await service.shutdown(timeout=1.0)
                 if service.app is not None:
                     service.app.close()
+            await asyncio.to_thread(tracing.flush)  # the spans of the last requests, before the process ends
 
+    # FastAPI's own OpenTelemetry spans start a second root per request (from the headers, not the
+    # current span): the gate's root span (serve/gate.py) is the one, with the steps under it.
     app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
+                  openapi_url="/openapi.json", telemetry={"tracing": False})
     app.state.metrics, app.state.service, app.state.alerts = metrics, service, alerts
     _install_error_handlers(app)
 
@@ -278,10 +283,12 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     if service is not None:
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Response:
+            validated(request.scope)
             return await service.completions(body, request)
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+            validated(request.scope)
             return await service.chat(body, request)
 
         app.include_router(embeddings_router(shared_embedder))
@@ -327,12 +334,15 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
                   root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None,
                   http: str = "auto", loop: str = "auto", adapters: dict[str, Path] | None = None,
-                  max_loaded_adapters: int = DEFAULT_MAX_LOADED) -> None:
+                  max_loaded_adapters: int = DEFAULT_MAX_LOADED, trace: str = "off") -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
-    finish for at most `shutdown_timeout` seconds, cancel the rest and exit."""
+    finish for at most `shutdown_timeout` seconds, cancel the rest and exit. `trace`: off, console or
+    otlp (common/tracing.py); every log line of a request names its x-request-id either way."""
     import uvicorn
 
+    from genforge.common.tracing import setup_tracing
     from genforge.serve.options import exposure_warning
+    from genforge.serve.tracing import log_request_ids
 
     ours = logging.getLogger("genforge")
     if not ours.handlers:  # uvicorn configures its own loggers only: ours (alerts, engine faults) print like its
@@ -348,6 +358,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                         ("--body-timeout", body_timeout), ("--keep-alive", keep_alive)):
         if not value > 0:
             raise ConfigError(f"{flag} {value}: must be > 0 seconds", param=flag[2:].replace("-", "_"))
+    setup_tracing(trace)
+    log_request_ids()
     warning = exposure_warning(host, list(api_keys or []))
     if warning:
         print(warning, file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from genforge.common import tracing
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
 from genforge.models.generation import context_length
 from genforge.models.sampling import SamplingParams, check_prompt_length
@@ -57,6 +58,7 @@ from genforge.serve.protocol import (
 )
 from genforge.serve.streaming import Choice, ChunkEncoder, DeadlineExceeded, event_batches
 from genforge.serve.structured import GrammarCache
+from genforge.serve.tracing import generation_attributes, trace_generation
 
 # Model-default sampling values the server honours from generation_config.json when a request
 # leaves them out (as vLLM does); everything else in that file is the model's business.
@@ -234,13 +236,22 @@ class LMService:
             self.metrics.observe_adapter_request(adapter or self.served_name)
         for ids in prompts:
             self.metrics.observe_prompt(len(ids))
-        return [Choice(k, k // req.n, stream) for k, stream in enumerate(streams)]
+        choices = [Choice(k, k // req.n, stream) for k, stream in enumerate(streams)]
+        if tracing.enabled():
+            attrs = generation_attributes("chat" if prompt_field == "messages" else "text_completion", req,
+                                          self._shown(req))
+            choices[0].trace = attrs
+        return choices
 
     @staticmethod
-    def _cancel_unfinished(choices: list[Choice]) -> None:
+    def _end(choices: list[Choice]) -> None:
+        """The request is done with its sequences: cancel the unfinished ones, trace the engine's part."""
         for c in choices:
             if c.finish_reason is None:
                 c.stream.cancel()
+        if choices and choices[0].trace is not None:
+            attrs, choices[0].trace = choices[0].trace, None  # once, whichever path ends the request
+            trace_generation(choices, attrs)
 
     async def _collect(self, request: Request, choices: list[Choice], want_logprobs: bool) -> Response | None:
         """Run all choices to the end: None when done, else the response to give (client gone,
@@ -266,7 +277,7 @@ class LMService:
         finally:
             work.cancel()
             gone.cancel()
-            self._cancel_unfinished(choices)
+            self._end(choices)
 
     @staticmethod
     def _usage(prompts: list[list[int]], choices: list[Choice]) -> UsageInfo:
@@ -342,15 +353,15 @@ class LMService:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
             return failure
+        generated = ["".join(c.parts) for c in choices]
+        if filters is not None:
+            with tracing.span("guard_output"):
+                generated = [f.feed(text) + f.flush() for f, text in zip(filters, generated)]
+                self.app.observe_output(filters)
         out = []
-        for c in choices:
+        for c, text in zip(choices, generated):
             head = texts[c.prompt_index] if req.echo else ""
             lp = completion_logprobs(c.logprobs, len(head)) if want_lp else None
-            text = "".join(c.parts)
-            if filters is not None:
-                text = filters[c.index].feed(text) + filters[c.index].flush()
-                if c.index == len(choices) - 1:
-                    self.app.observe_output(filters)
             out.append(CompletionChoice(index=c.index, text=head + text, logprobs=lp, finish_reason=c.finish_reason))
         return self._json(request, CompletionResponse(id=rid, created=created, model=self._shown(req),
                                                       choices=out, usage=self._usage(prompts, choices)), choices)
@@ -385,6 +396,7 @@ class LMService:
         """The token events of a stream, as SSE text: everything that arrived together in one write.
         Ends early on an engine error (an error event) or the deadline (an error event); unfinished
         choices are cancelled however it ends. The caller adds usage and [DONE]."""
+        started = time.perf_counter()
         try:
             if head:
                 yield "".join(head)
@@ -420,9 +432,11 @@ class LMService:
                 c.error = c.error or "deadline"
             yield sse(self._timeout_body())
         finally:
-            self._cancel_unfinished(choices)
+            self._end(choices)
             if filters is not None:
                 self.app.observe_output(filters)
+                # the filter ran on each chunk as it streamed: its span is the stream's
+                tracing.record_span("guard_output", started, time.perf_counter(), {"genforge.streamed": True})
 
     # ------------------------------------------------------------ /v1/chat/completions
 
@@ -464,10 +478,10 @@ class LMService:
             try:
                 await self.app.settle(prep)
             except BaseException:
-                self._cancel_unfinished(choices)
+                self._end(choices)
                 raise
             if prep.hit is not None:
-                self._cancel_unfinished(choices)
+                self._end(choices)
                 return replay_chat(prep, req, self._shown(req), request)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
@@ -479,8 +493,9 @@ class LMService:
             return failure
         texts = ["".join(c.parts) for c in choices]
         if prep is not None and (filters := [prep.output_filter() for _ in choices])[0] is not None:
-            texts = [f.feed(t) + f.flush() for f, t in zip(filters, texts)]
-            self.app.observe_output(filters)
+            with tracing.span("guard_output"):
+                texts = [f.feed(t) + f.flush() for f, t in zip(filters, texts)]
+                self.app.observe_output(filters)
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=text),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason) for c, text in zip(choices, texts)]

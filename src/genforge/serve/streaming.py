@@ -37,6 +37,7 @@ class Choice:
         self.sent_first = False
         self.held, self.held_n = "", 0  # text of tokens not yet sent (stream interval)
         self.shown: list[str] = []  # the text the client was sent (after the output guard)
+        self.trace: dict | None = None  # the request's span attributes while tracing (serve/tracing.py)
 
     def release(self, text: str, final: bool, interval: int) -> str | None:
         """The text to send now, or None to hold it: with `interval` N > 1 a stream sends one chunk

@@ -2,9 +2,12 @@
 
 The loop owns: device and precision, warmup + cosine schedule, gradient accumulation and clipping,
 EMA, periodic eval, atomic checkpoints (last N + best) with exact resume, the progress bar,
-metrics.jsonl (mirrored to TensorBoard and MLflow by common/tracking.py) and loss plots. A family
-owns its objective (see objective.py); checkpoint files are checkpoint.py's, optimizer stepping
-and EMA optim.py's.
+metrics.jsonl (mirrored to TensorBoard and MLflow by common/tracking.py) and loss plots; with
+`genforge train --trace`, OpenTelemetry spans of the run, its data loading, steps, evals and
+checkpoints (common/tracing.py; no-ops otherwise). Every step is traced: a span costs microseconds
+against a step's milliseconds, and the exporter's batch queue bounds memory on long runs (it drops
+spans rather than grow). A family owns its objective (see objective.py); checkpoint files are
+checkpoint.py's, optimizer stepping and EMA optim.py's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from genforge.common.config import TrainConfig
 from genforge.common.errors import ConfigError
 from genforge.common.progress import console, plot_curves, progress_bar
 from genforge.common.runs import RunDir, atomic_dir
+from genforge.common.tracing import span
 from genforge.common.tracking import TrackedMetrics
 from genforge.train import checkpoint
 from genforge.train.objective import DataSource, MultiStep, Objective, SingleLoss
@@ -87,7 +91,7 @@ class TrainResult:
 def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir, *,
           device: torch.device, resume: bool = False) -> TrainResult:
     """Train `objective` on `data` into `run`; with `resume`, continue from its latest checkpoint."""
-    with _denormals_flushed(device.type == "cpu"):
+    with _denormals_flushed(device.type == "cpu"), span("train", {"genforge.run": run.path.name}):
         return _train(objective, data, cfg, run, device=device, resume=resume)
 
 
@@ -147,19 +151,23 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
             lr = lr_at(step, cfg, steps)
             stepper.set_lr(lr)
             row: dict[str, float] = {}
-            if isinstance(objective, MultiStep):
-                row = objective.step(to_device(data.train_batch(step), device), stepper)
-            else:
-                assert isinstance(objective, SingleLoss)
-                for micro in range(cfg.grad_accum):
-                    batch = to_device(data.train_batch(step * cfg.grad_accum + micro), device)
-                    with stepper.autocast():
-                        loss, stats = objective.loss(batch)
-                    stepper.backward(loss / cfg.grad_accum)
-                    for k, v in stats.items():
-                        row[k] = row.get(k, 0.0) + float(v) / cfg.grad_accum
-                row["grad_norm"] = stepper.step(0)
-            stepper.end_step()
+            with span("step", {"genforge.step": step + 1}):
+                if isinstance(objective, MultiStep):
+                    with span("data"):
+                        batch = to_device(data.train_batch(step), device)
+                    row = objective.step(batch, stepper)
+                else:
+                    assert isinstance(objective, SingleLoss)
+                    for micro in range(cfg.grad_accum):
+                        with span("data"):
+                            batch = to_device(data.train_batch(step * cfg.grad_accum + micro), device)
+                        with stepper.autocast():
+                            loss, stats = objective.loss(batch)
+                        stepper.backward(loss / cfg.grad_accum)
+                        for k, v in stats.items():
+                            row[k] = row.get(k, 0.0) + float(v) / cfg.grad_accum
+                    row["grad_norm"] = stepper.step(0)
+                stepper.end_step()
             if ema is not None:
                 ema.update(objective.modules)
             done = step + 1
@@ -181,7 +189,8 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
                 bar.update(task, info=info + (f" tok/s={tps:,.0f}" if data.tokens_per_batch else ""))
             is_best = False
             if _due(done, cfg.eval_every, last):
-                last_val = evaluate()
+                with span("eval", {"genforge.step": done}):
+                    last_val = evaluate()
                 metrics.log({"step": done, **last_val})
                 bar.console.print(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
                 is_best = last_val.get("val_loss", math.inf) < best
@@ -195,9 +204,10 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
                 meta = {"step": done, "signature": objective.signature(), "train": checkpoint.training_recipe(cfg),
                         "best_val_loss": best, "elapsed": elapsed_before + time.perf_counter() - t0,
                         "tokens": tokens}
-                for name in [f"step-{done}"] * periodic + ["best"] * is_best:
-                    checkpoint.save(run, name, tensors, meta)
-                checkpoint.prune(run, cfg.keep_last)
+                with span("checkpoint", {"genforge.step": done}):
+                    for name in [f"step-{done}"] * periodic + ["best"] * is_best:
+                        checkpoint.save(run, name, tensors, meta)
+                    checkpoint.prune(run, cfg.keep_last)
             bar.update(task, completed=done)
             if timed_out and done < steps:
                 stopped_early = True
