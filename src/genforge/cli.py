@@ -12,23 +12,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from genforge.common.errors import ConfigError, GenforgeError
-
-
-def _family(run_path: str) -> str:
-    """'lm', 'vae', 'gan', 'diffusion', ... for a run dir ('lm' for a fine-tuned LM too); 'lm' for a
-    plain HF model folder."""
-    from genforge.common.runs import RunDir
-
-    run = RunDir(run_path)
-    if run.recipe_path.is_file():
-        from genforge.common.config import IMAGE_FAMILIES
-
-        family = str(run.read_recipe().get("family", "lm"))
-        return family if family in IMAGE_FAMILIES else "lm"
-    if not run.path.exists():
-        raise GenforgeError(f"not found: {run_path} (expected a run directory or a model folder)")
-    return "lm"
+from genforge.cli_args import (
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_family,
+    trace_flag,
+)
+from genforge.common.errors import GenforgeError
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
@@ -76,77 +67,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(result.summary())
 
 
-def cmd_eval(a: argparse.Namespace) -> None:
-    if a.suite is not None:
-        return cmd_eval_suite(a)
-    if a.compare is not None:
-        raise ConfigError("--compare scores two runs on a suite: give the suite with --suite FILE.jsonl",
-                          param="compare")
-    if _family(a.run) == "lm":
-        from genforge.eval.lm import evaluate_run
-
-        result = evaluate_run(a.run, max_batches=a.max_batches)
-    else:
-        from genforge.jobs.image_eval import evaluate_image_run
-
-        result = evaluate_image_run(a.run, num_samples=a.num_samples)
-    for k, v in result.items():
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-
-
-def cmd_eval_suite(a: argparse.Namespace) -> None:
-    from rich.console import Console
-
-    from genforge.eval.suite import Settings
-    from genforge.eval.suite_report import evaluate_suite, summary_table
-
-    for path in (a.run, a.compare):
-        if path is not None and (family := _family(path)) != "lm":
-            raise ConfigError(f"--suite evaluates language models; {path} is a {family} run", param="suite")
-    settings = Settings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                        batch_size=a.batch_size)
-    judge = _judge_config(a)
-    if a.judge_only:
-        if judge is None:
-            raise ConfigError("--judge-only judges a suite's saved answers: give --judge-url and --judge-model",
-                              param="judge_only")
-        from genforge.eval.suite import load_suite
-
-        results_dir = Path(a.out or Path(a.run) / "eval") / load_suite(a.suite)[0]
-    else:
-        summary = evaluate_suite(a.run, a.suite, compare=a.compare, out=a.out, settings=settings)
-        Console(soft_wrap=True).print(summary_table(summary))
-        print(f"results: {summary['results_dir']}")
-        results_dir = Path(summary["results_dir"])
-    if judge is not None:
-        from genforge.eval.judge_suite import judge_suite_results
-
-        report_run = a.run if a.out is None and (Path(a.run) / "recipe.yaml").is_file() else None
-        _, markdown = judge_suite_results(results_dir, judge, a.judge_mode, names=(a.run, a.compare or "B"),
-                                          report_run=report_run)
-        print(markdown)
-        print(f"judgments: {results_dir / 'judgments.jsonl'}")
-
-
-def _judge_config(a: argparse.Namespace):
-    """The JudgeConfig the --judge-* options describe, or None without --judge-url."""
-    if a.judge_url is None:
-        if a.judge_model is not None:
-            raise ConfigError("--judge-model needs --judge-url (the judge's OpenAI-compatible base URL)",
-                              param="judge_url")
-        return None
-    if a.judge_model is None:
-        raise ConfigError("--judge-url needs --judge-model (the model name the judge serves)", param="judge_model")
-    from genforge.eval.judge import JudgeConfig
-
-    return JudgeConfig(url=a.judge_url, model=a.judge_model, key_env=a.judge_key_env, repeats=a.judge_repeats,
-                       concurrency=a.judge_concurrency, timeout=a.judge_timeout, retries=a.judge_retries,
-                       temperature=a.judge_temperature, max_tokens=a.judge_max_tokens,
-                       response_format=a.judge_response_format)
-
-
 def cmd_generate(a: argparse.Namespace) -> None:
-    if _family(a.run) == "lm":
+    if run_family(a.run) == "lm":
         if a.prompt is None:
             raise GenforgeError("generate: --prompt is required for a language model")
         from genforge.jobs.textgen import generate_to_terminal
@@ -234,43 +156,6 @@ def cmd_augment(a: argparse.Namespace) -> None:
         print(f"{k}: {v}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
-
-
-def _trace_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--trace", choices=["off", "console", "otlp"], default="off",
-                        help=f"OpenTelemetry spans of {what}: console (JSON lines on stdout) or otlp (to "
-                        "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, default http://localhost:4318); service.name genforge")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genforge", description="data -> train -> eval -> serve for generative models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -294,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--teacher", required=True, help="a run or HF model folder")
     sy.add_argument("--prompts", required=True, help=".jsonl with `prompt` or `messages`, or one prompt per line")
     sy.add_argument("--out", required=True, help="new .jsonl file of chat rows (stats beside it)")
-    sy.add_argument("--n-per-prompt", type=_positive_int, default=1, help="answers sampled per prompt")
-    sy.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    sy.add_argument("--n-per-prompt", type=positive_int, default=1, help="answers sampled per prompt")
+    sy.add_argument("--max-new-tokens", type=positive_int, default=128)
     sy.add_argument("--temperature", type=float, default=0.8)
     sy.add_argument("--top-p", type=float, default=0.95)
     sy.add_argument("--seed", type=int, default=0)
@@ -303,52 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--max-chars", type=int, default=None, help="drop answers longer than this")
     sy.add_argument("--max-perplexity", type=float, default=None,
                     help="drop answers the teacher itself finds less likely than this perplexity")
-    sy.add_argument("--batch-size", type=_positive_int, default=16, help="sequences generated together")
+    sy.add_argument("--batch-size", type=positive_int, default=16, help="sequences generated together")
     sy.set_defaults(func=cmd_data_synth)
 
     tr = sub.add_parser("train", help="train a recipe through the one training loop")
     tr.add_argument("recipe")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    _trace_flag(tr, "data, step, eval and checkpoint")
+    trace_flag(tr, "data, step, eval and checkpoint")
     tr.set_defaults(func=cmd_train)
-
-    ev = sub.add_parser("eval", help="evaluate a run on the validation split it recorded, or on a suite")
-    ev.add_argument("run", help="a run directory, or (with --suite) any HF causal-LM folder")
-    ev.add_argument("--max-batches", type=int, default=None)
-    ev.add_argument("--num-samples", type=int, default=500, help="image runs: samples for FID/KID")
-    su = ev.add_argument_group("suites: answer prompts and score them against references (BLEU, chrF, ROUGE, "
-                               "exact match, reference perplexity)")
-    su.add_argument("--suite", default=None, metavar="FILE.jsonl", help="one JSON object a line: prompt (or chat "
-                    "messages), reference, optional labels; or builtin:pydoc-qa")
-    su.add_argument("--compare", default=None, metavar="OTHER_RUN", help="answer the same items with this run "
-                    "or model folder too, and report both side by side")
-    su.add_argument("--out", default=None, metavar="DIR", help="where the results go (default RUN/eval; "
-                    "required when RUN is a model folder, not a run)")
-    su.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    su.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
-    su.add_argument("--top-p", type=float, default=1.0)
-    su.add_argument("--seed", type=int, default=0, help="sampling seed (item i uses seed + i)")
-    su.add_argument("--batch-size", type=_positive_int, default=32, help="answers generated at once")
-    ju = ev.add_argument_group("LLM-as-a-judge over a suite's answers (any OpenAI-compatible endpoint)")
-    ju.add_argument("--judge-url", default=None, help="the judge's base URL, e.g. http://127.0.0.1:8000/v1")
-    ju.add_argument("--judge-model", default=None, help="the model name the judge serves")
-    ju.add_argument("--judge-key-env", default="GENFORGE_JUDGE_API_KEY", metavar="VAR",
-                    help="environment variable holding the judge's API key (never a key on the command line)")
-    ju.add_argument("--judge-mode", choices=["pointwise", "pairwise", "both"], default=None,
-                    help="pointwise 1-10 scores, pairwise A/B in both orders, or both (default: both with "
-                         "--compare, else pointwise)")
-    ju.add_argument("--judge-repeats", type=_positive_int, default=3, help="judgments per item (spread reported)")
-    ju.add_argument("--judge-concurrency", type=_positive_int, default=4, help="requests in flight at once")
-    ju.add_argument("--judge-timeout", type=float, default=60.0, help="seconds for one judge request")
-    ju.add_argument("--judge-retries", type=int, default=4, help="retries of a failed request (backoff doubles)")
-    ju.add_argument("--judge-temperature", type=float, default=0.7)
-    ju.add_argument("--judge-max-tokens", type=_positive_int, default=128)
-    ju.add_argument("--judge-response-format", choices=["json_schema", "json_object", "none"], default="json_schema",
-                    help="how strict JSON is asked for (json_schema: OpenAI Structured Outputs)")
-    ju.add_argument("--judge-only", action="store_true",
-                    help="judge the answers already saved for this suite (no generation)")
-    ev.set_defaults(func=cmd_eval)
 
     ge = sub.add_parser("generate", help="generate text or images from a run")
     ge.add_argument("run")
@@ -379,15 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("run")
     qu.add_argument("--method", required=True, help="int8-dynamic (CPU), int8-weight, int4-weight (CUDA)")
     qu.add_argument("--out", required=True, help="new folder for the quantized model")
-    qu.add_argument("--eval-batches", type=_positive_int, default=20,
+    qu.add_argument("--eval-batches", type=positive_int, default=20,
                     help="validation batches for the perplexity comparison")
-    qu.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens per row of the speed test")
+    qu.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per row of the speed test")
     qu.set_defaults(func=cmd_quantize)
 
     from genforge.cli_app import add_app_commands
+    from genforge.cli_eval import add_eval_command
     from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
+    add_eval_command(sub)
     add_runs_commands(sub)
 
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
@@ -404,11 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--served-model-name", default=None)
-    se.add_argument("--max-model-len", type=_positive_int, default=None,
+    se.add_argument("--max-model-len", type=positive_int, default=None,
                     help="context per sequence (default: the model's)")
     se.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    se.add_argument("--max-batch-size", type=_positive_int, default=32, help="sequences decoded together")
-    se.add_argument("--max-queue", type=_positive_int, default=256,
+    se.add_argument("--max-batch-size", type=positive_int, default=32, help="sequences decoded together")
+    se.add_argument("--max-queue", type=positive_int, default=256,
                     help="sequences waiting for a batch slot (more: 503; one request's prompts x n above it: 400)")
     se.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                     help="memory budget of the KV cache, e.g. 512MiB, 2GiB or bytes")
@@ -416,19 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accepted key (repeatable; visible in the process list: prefer --api-key-file)")
     se.add_argument("--api-key-file", default=None, metavar="PATH", help="file with one accepted key per line")
     se.add_argument("--root-path", default="", help="path prefix when served behind a proxy (ASGI root_path)")
-    se.add_argument("--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
+    se.add_argument("--request-timeout", type=non_negative_float, default=600.0, metavar="SECONDS",
                     help="deadline per request from arrival, queue + generation (504 after it; 0 = none)")
-    se.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+    se.add_argument("--shutdown-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                     help="on SIGTERM, how long requests in flight may finish before they are cancelled")
-    se.add_argument("--limit-concurrency", type=_positive_int, default=None, metavar="N",
+    se.add_argument("--limit-concurrency", type=positive_int, default=None, metavar="N",
                     help="HTTP requests in flight at once (503 above; /health and /metrics exempt)")
-    se.add_argument("--stream-interval", type=_positive_int, default=1, metavar="N",
+    se.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
                     help="tokens per streamed chunk (1: every token; more: fewer socket writes per token)")
-    se.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+    se.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                     help="time for a request's headers to arrive")
-    se.add_argument("--body-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+    se.add_argument("--body-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                     help="time for a request's body to arrive")
-    se.add_argument("--keep-alive", type=_positive_float, default=5.0, metavar="SECONDS",
+    se.add_argument("--keep-alive", type=positive_float, default=5.0, metavar="SECONDS",
                     help="idle time before a keep-alive connection is closed")
     se.add_argument("--decode", choices=["prepacked", "eager", "compiled"], default="prepacked",
                     help="how the decode step runs: prepacked (default: eager with the weights kept once, in "
@@ -440,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="event loop (uvicorn's option; auto: uvloop when installed)")
     se.add_argument("--enforce-eager", action="store_true",
                     help="the same as --decode eager (vLLM's flag name)")
-    _trace_flag(se, "each request's steps (auth ... decode ... respond)")
+    trace_flag(se, "each request's steps (auth ... decode ... respond)")
     ad = se.add_argument_group("LoRA adapters over the model (each served under its name in `model`)")
     ad.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                     help="a peft LoRA folder served as model NAME (repeatable)")
     ad.add_argument("--adapters-dir", default=None, metavar="DIR",
                     help="serve every adapter folder in DIR under its folder's name (e.g. RUN/adapters)")
-    ad.add_argument("--max-loaded-adapters", type=_positive_int, default=4, metavar="N",
+    ad.add_argument("--max-loaded-adapters", type=positive_int, default=4, metavar="N",
                     help="adapters kept in memory; the others are read from disk when asked for, evicting the "
                     "least recently used idle one")
     ap = se.add_argument_group("application layer (each off unless turned on here or in --config)")
@@ -467,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--alerts", action=argparse.BooleanOptionalAction, default=None,
                     help="sample throughput, TTFT, queue depth, error rate (cache hit rate) and flag anomalies as "
                     "genforge:anomaly{signal} and a log line (default: on)")
-    al.add_argument("--alert-interval", type=_positive_float, default=None, metavar="SECONDS",
+    al.add_argument("--alert-interval", type=positive_float, default=None, metavar="SECONDS",
                     help="seconds between samples (default 5)")
-    al.add_argument("--alert-window", type=_positive_int, default=None, metavar="N",
+    al.add_argument("--alert-window", type=positive_int, default=None, metavar="N",
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
