@@ -1,6 +1,6 @@
 import pytest
 
-from genforge.common.runs import RunDir, atomic_dir, update_report
+from genforge.common.runs import RunDir, atomic_dir, atomic_write_text, update_report
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -32,3 +32,11 @@ def test_checkpoints_sorted_numerically(tmp_path):
         (run.checkpoints_dir / f"step-{n}").mkdir(parents=True)
     (run.checkpoints_dir / ".step-5.tmp-abc").mkdir()
     assert [p.name for p in run.checkpoints()] == ["step-2", "step-10", "step-100"]
+
+
+def test_atomic_write_text_leaves_a_file_others_can_read(tmp_path):
+    path = tmp_path / "report.md"
+    atomic_write_text(path, "# report\n")
+    assert path.read_text() == "# report\n"
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temp file left

@@ -61,6 +61,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; reports and recipes are for others to read too
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

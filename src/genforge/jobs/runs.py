@@ -220,6 +220,7 @@ def _plot_overlay(names: Sequence[str], metrics: Sequence[list[dict]], keys: Seq
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, out)
     finally:
         plt.close(fig)
