@@ -5,17 +5,18 @@ that loads and generates; exact resume; caption dropout; recipe mistakes named."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+from genforge.cli import main
 from genforge.common.config import recipe_from_tree
 from genforge.common.errors import ConfigError, DataError
+from genforge.common.runs import RunDir
 from genforge.data.images import prepare_image_dataset
 from genforge.jobs.train import run_loaded_recipe
 from genforge.train.latent_diffusion import CAPTIONS_FILE
@@ -47,22 +48,31 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
-def _recipe(name: str, dataset: Path, out: Path, steps: int, model: dict | None = None, **train):
-    return recipe_from_tree({"name": name, "family": "latent-diffusion", "dataset": str(dataset), "out_dir": str(out),
-                             "model": {**MODEL, **(model or {})}, "train": {**TRAIN, "max_steps": steps, **train}})
+def _tree(name: str, dataset: Path, out: Path, steps: int, model: dict | None = None, **train) -> dict:
+    return {"name": name, "family": "latent-diffusion", "dataset": str(dataset), "out_dir": str(out),
+            "model": {**MODEL, **(model or {})}, "train": {**TRAIN, "max_steps": steps, **train}}
+
+
+def _recipe(*args, **kwargs):
+    return recipe_from_tree(_tree(*args, **kwargs))
 
 
 @pytest.fixture(scope="module")
-def ldm_run(digits: Path, tmp_path_factory):
-    return run_loaded_recipe(_recipe("ldm", digits, tmp_path_factory.mktemp("runs"), 8, ema_decay=0.9))
+def ldm_run(digits: Path, tmp_path_factory) -> RunDir:
+    """The tiny recipe through `genforge train`, as a user runs it."""
+    out = tmp_path_factory.mktemp("runs")
+    recipe = out / "ldm.yaml"
+    recipe.write_text(yaml.safe_dump(_tree("ldm", digits, out, 8, ema_decay=0.9), allow_unicode=True), encoding="utf-8")
+    assert main(["train", str(recipe)]) == 0
+    return RunDir(out / "ldm")
 
 
-def test_trains_vae_first_then_the_unet_and_saves_a_pipeline(ldm_run):
-    run = ldm_run.run
+def test_trains_vae_first_then_the_unet_and_saves_a_pipeline(ldm_run: RunDir):
+    run = ldm_run
     losses = [r["loss"] for r in run.read_metrics() if "loss" in r]
     assert losses and all(np.isfinite(losses))
     # the VAE phase is a run of its own, through the same loop
-    vae_rows = RunDirRows(run.path / "vae")
+    vae_rows = RunDir(run.path / "vae").read_metrics()
     assert vae_rows and all("recon" in r for r in vae_rows if "loss" in r)
     vae = AutoencoderKL.from_pretrained(run.path / "vae" / "model")
     meta = json.loads((run.model_dir / "genforge.json").read_text(encoding="utf-8"))
@@ -83,28 +93,22 @@ def test_trains_vae_first_then_the_unet_and_saves_a_pipeline(ldm_run):
     assert (run.samples_dir / "prompts.png").is_file() and (run.plots_dir / "loss.png").is_file()
 
 
-def RunDirRows(path: Path) -> list[dict]:
-    from genforge.common.runs import RunDir
-
-    return RunDir(path).read_metrics()
-
-
 def test_resume_is_exact_and_reuses_the_vae_phase(ldm_run, digits: Path, tmp_path: Path):
     run_loaded_recipe(_recipe("b", digits, tmp_path, 8, ema_decay=0.9, time_budget=1e-6))  # stops after step 1
     vae_file = tmp_path / "b" / "vae" / "model" / "diffusion_pytorch_model.safetensors"
     stamp = vae_file.stat().st_mtime_ns
     resumed = run_loaded_recipe(_recipe("b", digits, tmp_path, 8, ema_decay=0.9), resume=True)
     assert resumed.result.steps == 8 and vae_file.stat().st_mtime_ns == stamp  # the VAE was not retrained
-    a = StableDiffusionPipeline.from_pretrained(ldm_run.run.model_dir).unet.state_dict()
+    a = StableDiffusionPipeline.from_pretrained(ldm_run.model_dir).unet.state_dict()
     b = StableDiffusionPipeline.from_pretrained(resumed.run.model_dir).unet.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
 def test_a_trained_vae_is_loaded_by_path(ldm_run, digits: Path, tmp_path: Path):
-    out = run_loaded_recipe(_recipe("load", digits, tmp_path, 2, model={"vae": str(ldm_run.run.path)}))
+    out = run_loaded_recipe(_recipe("load", digits, tmp_path, 2, model={"vae": str(ldm_run.path)}))
     assert not (out.run.path / "vae").exists()
-    a = AutoencoderKL.from_pretrained(ldm_run.run.model_dir / "vae")
+    a = AutoencoderKL.from_pretrained(ldm_run.model_dir / "vae")
     b = AutoencoderKL.from_pretrained(out.run.model_dir / "vae")
     assert torch.equal(a.decoder.conv_out.weight, b.decoder.conv_out.weight)
 
@@ -148,6 +152,14 @@ def test_text_cache_and_caption_dropout(digits: Path, tmp_path: Path, monkeypatc
 def test_bad_recipe_values_are_config_errors(digits: Path, tmp_path: Path, model: dict, message: str):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run_loaded_recipe(_recipe("bad", digits, tmp_path, 2, model=model))
+
+
+def test_the_cli_names_a_bad_value_on_one_line(digits: Path, tmp_path: Path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(_tree("bad", digits, tmp_path, 2, model={"caption_dropout": 1.0})))
+    assert main(["train", str(recipe)]) == 2
+    assert "model.caption_dropout: 1.0 would never show the model a caption" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_dataset_without_captions_is_refused(tmp_path: Path):
