@@ -172,3 +172,16 @@ def test_a_dataset_without_captions_is_refused(tmp_path: Path):
     (ds / CAPTIONS_FILE).write_text("\n".join(lines[:5] + lines[6:]), encoding="utf-8")
     with pytest.raises(DataError, match="first: index 5"):
         run_loaded_recipe(_recipe("nocap", ds, tmp_path, 2))
+
+
+def test_captions_the_encoder_cannot_read_are_warned_about_with_their_share():
+    from transformers import AutoTokenizer
+
+    from genforge.models.latent_diffusion import default_text_encoder_path
+    from genforge.train.latent_diffusion import _unknown_token_share
+
+    tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path())
+    assert _unknown_token_share(tokenizer, ["a handwritten seven", "the digit 7"]) == 0.0
+    # all-MiniLM-L6-v2's vocabulary lacks 七 (seven), 数 and 字 (digit): 3 of the 5 tokens
+    with pytest.warns(UserWarning, match=r"60.0% of caption tokens are unknown .* '数字七'"):
+        assert _unknown_token_share(tokenizer, ["数字七", "一二"]) == pytest.approx(0.6)
