@@ -38,18 +38,18 @@ FAMILY = "latent-diffusion"
 class AutoencoderSpec(Spec):
     """`model.vae:` as settings: a small AutoencoderKL this run trains first (see train/latent_diffusion.py)."""
 
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])  # n levels: factor 2^(n-1)
+    block_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 32])  # n levels: factor 2^(n-1)
     latent_channels: int = rng(4, min=1, max=16)
     layers_per_block: int = rng(1, min=1, max=4)
     norm_groups: int = rng(8, min=1)
     kl_weight: float = rng(1e-4, min=0, help="weight of the KL term against the per-pixel squared error")
-    steps: int = rng(500, min=1, help="optimizer steps of the VAE phase")
+    steps: int = rng(400, min=1, help="optimizer steps of the VAE phase")
     lr: float = rng(2e-3, min=0, min_exclusive=True, max=10)
     batch_size: int | None = rng(None, min=1, help="default: train.batch_size")
 
     def check(self) -> None:
         if not self.block_out_channels:
-            raise ConfigError("model.vae.block_out_channels: give at least one level, e.g. [32, 64, 64]")
+            raise ConfigError("model.vae.block_out_channels: give at least one level, e.g. [16, 32, 32]")
         for i, c in enumerate(self.block_out_channels):
             if c < 1 or c % self.norm_groups:
                 raise ConfigError(f"model.vae.block_out_channels[{i}]: {c} must be a positive multiple of "
@@ -68,7 +68,7 @@ class LatentDiffusionSpec(Spec):
     text_encoder: str | None = rng(None, help="local BERT/CLIP text folder; default: all-MiniLM-L6-v2")
     max_tokens: int = rng(32, min=4, max=512, help="captions are padded/truncated to this many tokens")
     caption_dropout: float = rng(0.1, min=0, max=1, help="share of captions replaced by '' (for guidance)")
-    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = rng(1, min=1, max=4)
     attention_head_dim: int = rng(8, min=1)
     norm_groups: int = rng(8, min=1)
@@ -82,7 +82,7 @@ class LatentDiffusionSpec(Spec):
 
     def check(self) -> None:
         if not self.block_out_channels:
-            raise ConfigError("model.block_out_channels: give at least one level, e.g. [64, 128]")
+            raise ConfigError("model.block_out_channels: give at least one level, e.g. [32, 64]")
         for i, c in enumerate(self.block_out_channels):
             if c < 1 or c % self.norm_groups or c % self.attention_head_dim:
                 raise ConfigError(f"model.block_out_channels[{i}]: {c} must be a positive multiple of "

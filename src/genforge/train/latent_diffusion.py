@@ -130,6 +130,13 @@ def _unknown_token_share(tokenizer, captions: list[str]) -> float:
     return share
 
 
+def _unknown_note(tokenizer, prompt: str) -> str:
+    """" (3 of 6 tokens unknown to the text encoder)" for a prompt the encoder cannot fully read."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bad = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
+    return f" ({bad} of {len(ids)} tokens unknown to the text encoder)" if bad else ""
+
+
 class CaptionedLatents:
     """The loop's DataSource: batch i holds latent posteriors and one caption per image, both a pure
     function of i (the image order is ImageBatches' seeded epochs)."""
@@ -146,6 +153,7 @@ class CaptionedLatents:
 
     def train_batch(self, index: int) -> dict:
         idx = self.order.indices(index).tolist()
+        # an int tuple hashes the same in every process (only str/bytes hashing is salted)
         g = torch.Generator().manual_seed(hash((self.seed, index, 2)) & (2**63 - 1))
         picks = torch.randint(0, 2**31, (len(idx),), generator=g).tolist()
         caps = [self.captions[i][p % len(self.captions[i])] for i, p in zip(idx, picks)]
@@ -226,7 +234,7 @@ class LatentDiffusionObjective(SingleLoss):
         grid = save_image_grid(torch.cat(rows) * 2 - 1, self.run.samples_dir / "prompts.png", nrow=per_prompt,
                                scale=3)
         f = self.figures
-        prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(s.sample_prompts))
+        prompts = "\n".join(f"{i + 1}. {p}{_unknown_note(self.tokenizer, p)}" for i, p in enumerate(s.sample_prompts))
         update_report(self.run, "text-to-image", (
             f"## Text-to-image samples\n\nOne row per prompt, guidance {s.sample_guidance:g}, "
             f"{s.sample_steps} DDIM steps, seed 0 (`StableDiffusionPipeline` from `model/`):\n\n{prompts}\n\n"
