@@ -14,7 +14,7 @@ import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from genforge.cli import main
-from genforge.common.config import recipe_from_tree
+from genforge.common.config import from_dict, recipe_from_tree
 from genforge.common.errors import ConfigError, DataError
 from genforge.common.runs import RunDir
 from genforge.data.images import prepare_image_dataset
@@ -185,3 +185,12 @@ def test_captions_the_encoder_cannot_read_are_warned_about_with_their_share():
     # all-MiniLM-L6-v2's vocabulary lacks 七 (seven), 数 and 字 (digit): 3 of the 5 tokens
     with pytest.warns(UserWarning, match=r"60.0% of caption tokens are unknown .* '数字七'"):
         assert _unknown_token_share(tokenizer, ["数字七", "一二"]) == pytest.approx(0.6)
+
+
+def test_the_shipped_recipe_is_valid():
+    from genforge.common.config import load_recipe
+    from genforge.models.latent_diffusion import LatentDiffusionSpec
+
+    recipe = load_recipe(Path(__file__).parents[2] / "configs" / "latent-diffusion.yaml")
+    spec = from_dict(LatentDiffusionSpec, recipe.model, "model")
+    assert recipe.family == "latent-diffusion" and spec.vae_settings().factor == 4 and spec.text_encoder is None
