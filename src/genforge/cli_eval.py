@@ -6,6 +6,7 @@ Kept apart from cli.py, like cli_app.py and cli_runs.py; `build_parser` there ca
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from genforge.cli_args import positive_int, run_family
@@ -42,15 +43,17 @@ def cmd_eval_suite(a: argparse.Namespace) -> None:
     settings = Settings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                         batch_size=a.batch_size)
     judge = _judge_config(a)
+    rag = _rag_settings(a)
     if a.judge_only:
         if judge is None:
             raise ConfigError("--judge-only judges a suite's saved answers: give --judge-url and --judge-model",
                               param="judge_only")
         from genforge.eval.suite import load_suite
 
-        results_dir = Path(a.out or Path(a.run) / "eval") / load_suite(a.suite)[0]
+        name = load_suite(a.suite)[0] + (f"-rag-{re.sub(r'[^A-Za-z0-9._-]+', '-', rag.index)}" if rag else "")
+        results_dir = Path(a.out or Path(a.run) / "eval") / name
     else:
-        summary = evaluate_suite(a.run, a.suite, compare=a.compare, out=a.out, settings=settings)
+        summary = evaluate_suite(a.run, a.suite, compare=a.compare, out=a.out, settings=settings, rag=rag)
         Console(soft_wrap=True).print(summary_table(summary))
         print(f"results: {summary['results_dir']}")
         results_dir = Path(summary["results_dir"])
@@ -62,6 +65,18 @@ def cmd_eval_suite(a: argparse.Namespace) -> None:
                                           report_run=report_run)
         print(markdown)
         print(f"judgments: {results_dir / 'judgments.jsonl'}")
+
+
+def _rag_settings(a: argparse.Namespace):
+    """The RagSettings the --rag* options describe, or None without --rag."""
+    if a.rag is None:
+        if a.rag_store is not None or a.rag_mode is not None:
+            raise ConfigError("--rag-store and --rag-mode need --rag INDEX (the index to retrieve from)", param="rag")
+        return None
+    from genforge.eval.rag import RagSettings
+    from genforge.serve.app_config import default_state_dir
+
+    return RagSettings(index=a.rag, store=a.rag_store or str(default_state_dir()), k=a.rag_k, mode=a.rag_mode)
 
 
 def _judge_config(a: argparse.Namespace):
@@ -99,14 +114,23 @@ def add_eval_command(sub) -> None:
     su.add_argument("--top-p", type=float, default=1.0)
     su.add_argument("--seed", type=int, default=0, help="sampling seed (item i uses seed + i)")
     su.add_argument("--batch-size", type=positive_int, default=32, help="answers generated at once")
+    rg = ev.add_argument_group("retrieval: answer with sources from an index, as `genforge serve --rag` does, and "
+                               "score the retrieval (items labelled with their `source` or pydoc `topic`)")
+    rg.add_argument("--rag", default=None, metavar="INDEX", help="an index built by `genforge rag ingest`")
+    rg.add_argument("--rag-store", default=None, metavar="STORE", help="postgresql://... or a folder (default: "
+                    "~/.cache/genforge/serve-state, as genforge rag and serve)")
+    rg.add_argument("--rag-k", type=positive_int, default=4, help="sources retrieved per question (as serve's rag.k)")
+    rg.add_argument("--rag-mode", choices=["dense", "bm25", "hybrid"], default=None,
+                    help="default: the mode `genforge rag eval` measured best for the index")
     ju = ev.add_argument_group("LLM-as-a-judge over a suite's answers (any OpenAI-compatible endpoint)")
     ju.add_argument("--judge-url", default=None, help="the judge's base URL, e.g. http://127.0.0.1:8000/v1")
     ju.add_argument("--judge-model", default=None, help="the model name the judge serves")
     ju.add_argument("--judge-key-env", default="GENFORGE_JUDGE_API_KEY", metavar="VAR",
                     help="environment variable holding the judge's API key (never a key on the command line)")
-    ju.add_argument("--judge-mode", choices=["pointwise", "pairwise", "both"], default=None,
-                    help="pointwise 1-10 scores, pairwise A/B in both orders, or both (default: both with "
-                         "--compare, else pointwise)")
+    ju.add_argument("--judge-mode", choices=["pointwise", "pairwise", "both", "faithfulness"], default=None,
+                    help="pointwise 1-10 scores, pairwise A/B in both orders, both, or faithfulness only "
+                         "(default: both with --compare, else pointwise; answers made with --rag are also judged "
+                         "for faithfulness: supported claims / claims)")
     ju.add_argument("--judge-repeats", type=positive_int, default=3, help="judgments per item (spread reported)")
     ju.add_argument("--judge-concurrency", type=positive_int, default=4, help="requests in flight at once")
     ju.add_argument("--judge-timeout", type=float, default=60.0, help="seconds for one judge request")

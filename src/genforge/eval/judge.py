@@ -41,6 +41,12 @@ PAIRWISE_RUBRIC = (
     "which they are shown says nothing about their quality. Say \"tie\" only when neither is better. "
     'Reply with a JSON object only: {"winner": "A" | "B" | "tie", "reason": "<one sentence>"}.')
 
+FAITHFULNESS_RUBRIC = (
+    "You check an answer against the numbered sources it was written from. List the factual claims the answer "
+    "makes (short, at most 8) and mark each supported only when the sources state it. An answer that makes no "
+    "claim (it says the sources do not hold the answer, or says nothing) has no claims. "
+    'Reply with a JSON object only: {"claims": [{"claim": "<claim>", "supported": true | false}]}.')
+
 WINNERS = ("A", "B", "tie")
 RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
@@ -84,6 +90,8 @@ class JudgeConfig:
     reason_max_chars: int | None = 200  # maxLength of the reason in the schema (None: unbounded)
     pointwise_rubric: str = POINTWISE_RUBRIC
     pairwise_rubric: str = PAIRWISE_RUBRIC
+    faithfulness_rubric: str = FAITHFULNESS_RUBRIC
+    max_claims: int = 8  # claims one faithfulness judgment may list
     system_rubric: bool = True  # the rubric as a system message (False: at the head of the user turn)
     cache_path: Path | None = None
     # Test-only: the score range the schema sent to the judge allows (None: the rubric's), so a
@@ -121,6 +129,13 @@ def pairwise_schema(reason_max_chars: int | None = None) -> dict:
                            "reason": _reason(reason_max_chars)}}
 
 
+def faithfulness_schema(max_claims: int, claim_max_chars: int | None = None) -> dict:
+    claim = {"type": "object", "additionalProperties": False, "required": ["claim", "supported"],
+             "properties": {"claim": _reason(claim_max_chars), "supported": {"type": "boolean"}}}
+    return {"type": "object", "additionalProperties": False, "required": ["claims"],
+            "properties": {"claims": {"type": "array", "items": claim, "maxItems": max_claims}}}
+
+
 # ---------------------------------------------------------------- parsing the judge's answer
 
 
@@ -151,6 +166,8 @@ def parse_judgment(text: str, kind: str, score_range: tuple[int, int] = (1, 10))
         obj, repaired = first_json_object(text), True
     if not isinstance(obj, dict):
         raise InvalidJudgment(f"no JSON object in the judge's answer: {text[:120]!r}")
+    if kind == "faithfulness":
+        return _claims(obj), repaired
     reason = obj.get("reason")
     if not isinstance(reason, str):
         raise InvalidJudgment(f"the judgment has no string 'reason': {obj!r}"[:200])
@@ -169,6 +186,20 @@ def parse_judgment(text: str, kind: str, score_range: tuple[int, int] = (1, 10))
     if match is None:
         raise InvalidJudgment(f"the judgment's 'winner' is not one of A, B, tie: {winner!r}")
     return {"winner": match, "reason": reason}, repaired
+
+
+def _claims(obj: dict) -> dict:
+    """A faithfulness judgment: the claims, how many the sources support, and their ratio (None for
+    an answer that makes no claim: nothing to be faithful or unfaithful about)."""
+    claims = obj.get("claims")
+    if not isinstance(claims, list):
+        raise InvalidJudgment(f"the judgment has no 'claims' list: {obj!r}"[:200])
+    for c in claims:
+        if not (isinstance(c, dict) and isinstance(c.get("claim"), str) and isinstance(c.get("supported"), bool)):
+            raise InvalidJudgment(f"a claim is not {{\"claim\": str, \"supported\": bool}}: {c!r}"[:200])
+    supported = sum(c["supported"] for c in claims)
+    return {"claims": [{"claim": c["claim"], "supported": c["supported"]} for c in claims], "supported": supported,
+            "total": len(claims), "faithfulness": supported / len(claims) if claims else None}
 
 
 # ---------------------------------------------------------------- prompts
@@ -197,6 +228,12 @@ def pairwise_messages(rubric: str, question: str, first: str, second: str, refer
     if reference:
         parts.append(f"Reference answer:\n{reference}")
     parts += [f"Answer A:\n{first}", f"Answer B:\n{second}"]
+    return _messages(rubric, parts, system)
+
+
+def faithfulness_messages(rubric: str, question: str, answer: str, sources: list[str],
+                          system: bool = True) -> list[dict]:
+    parts = [f"Question:\n{question}", "Sources:\n" + "\n\n".join(sources), f"Answer to check:\n{answer}"]
     return _messages(rubric, parts, system)
 
 
@@ -275,6 +312,14 @@ class Judge:
         messages = pairwise_messages(self.config.pairwise_rubric, question, first, second, reference,
                                      self.config.system_rubric)
         return self._judge("pairwise", messages, pairwise_schema(self.config.reason_max_chars), repeat, order=order)
+
+    def faithfulness(self, question: str, answer: str, sources: list[str], repeat: int = 0) -> dict:
+        """The answer's claims, each marked supported or not by `sources` (the text the answer's
+        prompt held, numbered as the prompt numbered it)."""
+        messages = faithfulness_messages(self.config.faithfulness_rubric, question, answer, sources,
+                                         self.config.system_rubric)
+        schema = faithfulness_schema(self.config.max_claims, self.config.reason_max_chars)
+        return self._judge("faithfulness", messages, schema, repeat, order=None)
 
     # -- internals
 
