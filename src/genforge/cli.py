@@ -42,8 +42,6 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
             print(f"  {k}: " + ", ".join(f"{sk} {sv:,}" if isinstance(sv, int) else f"{sk} {sv}" for sk, sv in v.items()))
         elif not isinstance(v, (dict, list)):
             print(f"  {k}: {v}")
-    for attribute, edges in stats.get("caption_attribute_edges", {}).items():
-        print(f"  {attribute} tertile edges (train split): " + ", ".join(f"{e:.3f}" for e in edges))
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:

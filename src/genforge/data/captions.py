@@ -1,5 +1,5 @@
-"""Captions for image datasets: the built-in captioned digits, a user's captions.jsonl, and the
-attributes (stroke thickness, slant, size) measured from the pixels.
+"""Captions for image datasets: the built-in captioned digits (with attributes measured from the
+pixels: stroke thickness, slant, size) and a user's captions.jsonl.
 
 A captioned dataset folder is an image dataset folder (data/images.py) plus `captions.jsonl`, one
 row per image in images.npy order:
@@ -10,8 +10,9 @@ row per image in images.npy order:
 
 Training samples a caption from `captions`; `heldout_captions` are written with phrasing templates
 (`HELDOUT_TEMPLATES`, English and Chinese) that no training caption uses, for evaluation. The
-measuring functions work on any uint8 images with the digits' polarity (ink bright on dark), so
-eval bins generated images with the edges saved in stats.json (`caption_attribute_edges`).
+attributes are measured by data/attributes.py (re-exported here) on any uint8 images with ink bright
+on dark, so eval bins generated images with the edges saved in stats.json (`caption_attribute_edges`,
+per class: pass the prompted class to `attribute_bins`).
 """
 
 from __future__ import annotations
@@ -26,101 +27,18 @@ from pathlib import Path
 import numpy as np
 
 from genforge.common.errors import DataError
+from genforge.data.attributes import (
+    ATTRIBUTE_LEVELS,
+    Edges,
+    attribute_bins,
+    measure_attributes,
+    tertile_edges,
+)
 
 __all__ = ["ATTRIBUTE_LEVELS", "HELDOUT_TEMPLATES", "TRAIN_TEMPLATES", "attribute_bins", "caption_for",
            "check_caption_vocabulary", "digit_caption_rows", "digit_captions", "folder_captions",
            "load_captions", "measure_attributes", "read_caption_file", "tertile_edges",
            "unknown_token_share"]
-
-# Levels in increasing order of the measure; bins are tertiles of the training split.
-ATTRIBUTE_LEVELS: dict[str, tuple[str, str, str]] = {
-    "thickness": ("thin", "medium", "thick"),
-    "slant": ("left", "upright", "right"),
-    "size": ("small", "medium", "large"),
-}
-INK_THRESHOLD = 128  # a pixel is ink at half intensity or more
-
-# ------------------------------------------------------------------------------------- measuring
-
-
-def measure_attributes(images_uint8: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image float64 measures of uint8 images (N x 1 x H x W, N x H x W, or N x 3 x H x W as grey).
-
-    thickness: stroke width in pixels, 4 * mean distance-to-background over the ink - 2 (exact for a
-               straight band of even width w, w + 1/w for odd w).
-    slant:     shear of the ink, cov(x, y) / var(y) with y pointing up: dx/dy of the strokes' lean,
-               > 0 when the top leans right, 0 upright.
-    size:      the ink's extent as a fraction of the image side: the geometric mean of its height and
-               width, each the span between the 2% and 98% quantiles of the ink's mass along that
-               axis divided by 0.96 (= the bounding box for evenly spread ink, but not thrown by a
-               stray pixel). Not the height alone: the digits are all scaled to the full height.
-    An image with no ink measures 0 on all three.
-    """
-    from scipy import ndimage
-
-    x = np.asarray(images_uint8)
-    if x.dtype != np.uint8:
-        raise DataError(f"measure_attributes wants uint8 images (0..255, ink bright), got {x.dtype}; "
-                        "convert [-1, 1] floats with genforge.data.images.to_uint8")
-    if x.ndim == 4:
-        x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
-    if x.ndim != 3:
-        raise DataError(f"measure_attributes wants N x C x H x W or N x H x W images, got shape {x.shape}")
-    n, h, w = x.shape
-    ink = x >= INK_THRESHOLD
-    weight = np.where(ink, x / 255.0, 0.0)
-    mass = weight.sum(axis=(1, 2))
-    has_ink = mass > 0
-    safe = np.where(has_ink, mass, 1.0)
-
-    thickness = np.zeros(n)
-    for i in np.flatnonzero(has_ink):
-        # padded so ink touching the border still has background beside it
-        dist = ndimage.distance_transform_edt(np.pad(ink[i], 1))
-        thickness[i] = 4.0 * dist.sum() / ink[i].sum() - 2.0
-
-    ys = (h - 1) / 2.0 - np.arange(h, dtype=np.float64)  # up is positive
-    xs = np.arange(w, dtype=np.float64) - (w - 1) / 2.0
-    row_mass, col_mass = weight.sum(axis=2), weight.sum(axis=1)
-    my = (row_mass @ ys) / safe
-    mx = (col_mass @ xs) / safe
-    dy = ys[None, :] - my[:, None]
-    dx = xs[None, :] - mx[:, None]
-    var_y = (row_mass * dy**2).sum(axis=1) / safe
-    cov_xy = np.einsum("nhw,nh,nw->n", weight, dy, dx) / safe
-    slant = np.where(var_y > 1e-9, cov_xy / np.maximum(var_y, 1e-9), 0.0)
-
-    size = np.zeros(n)
-    for i in np.flatnonzero(has_ink):
-        size[i] = np.sqrt(_extent(row_mass[i], mass[i]) * _extent(col_mass[i], mass[i]) / (h * w))
-    return {"thickness": thickness, "slant": np.where(has_ink, slant, 0.0), "size": size}
-
-
-def _extent(profile: np.ndarray, mass: float) -> float:
-    """Span between the 2% and 98% quantiles of a mass profile, / 0.96, in pixels (each pixel's mass
-    spread evenly over it, so the span is continuous, not a whole number of pixels)."""
-    cdf = np.concatenate([[0.0], np.cumsum(profile)]) / mass
-    lo, hi = np.interp([0.02, 0.98], cdf, np.arange(len(profile) + 1, dtype=np.float64))
-    return float(hi - lo) / 0.96
-
-
-def tertile_edges(measures: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, list[float]]:
-    """The 1/3 and 2/3 quantiles of each measure (over `mask`, e.g. the training split)."""
-    return {k: [float(q) for q in np.quantile(v if mask is None else v[mask], [1 / 3, 2 / 3])]
-            for k, v in measures.items()}
-
-
-def attribute_bins(measures: dict[str, np.ndarray], edges: dict[str, Sequence[float]]) -> dict[str, list[str]]:
-    """Level names per image: below or at the first edge -> low, at or below the second -> middle."""
-    out = {}
-    for name, cuts in edges.items():
-        if name not in ATTRIBUTE_LEVELS:
-            raise DataError(f"unknown attribute {name!r} (known: {', '.join(ATTRIBUTE_LEVELS)})")
-        levels = ATTRIBUTE_LEVELS[name]
-        idx = np.searchsorted(np.asarray(cuts, dtype=np.float64), np.asarray(measures[name]), side="left")
-        out[name] = [levels[int(i)] for i in idx]
-    return out
-
 
 # ------------------------------------------------------------------------------------- phrasing
 
@@ -250,9 +168,9 @@ CAPTIONS_PER_IMAGE = {"train": {"en": 4, "zh": 2}, "heldout": {"en": 2, "zh": 2}
 
 
 def digit_caption_rows(labels: np.ndarray, classes: list[str], measures: dict[str, np.ndarray],
-                       edges: dict[str, list[float]], seed: int) -> list[dict]:
+                       edges: Edges, seed: int) -> list[dict]:
     """Rows of captions.jsonl for a labelled image set whose attributes were measured (seeded)."""
-    bins = attribute_bins(measures, edges)
+    bins = attribute_bins(measures, edges, [classes[y] for y in labels.tolist()])
     pools = {(kind, lang): [t for t in templates if is_chinese(t) == (lang == "zh")]
              for kind, templates in (("train", TRAIN_TEMPLATES), ("heldout", HELDOUT_TEMPLATES))
              for lang in ("en", "zh")}
@@ -271,10 +189,15 @@ def digit_caption_rows(labels: np.ndarray, classes: list[str], measures: dict[st
 def digit_captions(images: np.ndarray, labels: np.ndarray, classes: list[str], split: np.ndarray, seed: int
                    ) -> tuple[list[dict], dict]:
     """captions.jsonl rows and stats.json entries for builtin:digits-captions: measure, bin by the
-    training split's tertiles, caption."""
+    training split's tertiles per class, caption.
+
+    Per class because the measures depend on the digit's shape (every 7 leans right by the shear of
+    its stroke, every 1 is thick by the distance transform): with one set of edges 100% of the sevens
+    were "right" and 92% of the ones "thick", so the attribute would say little beyond the class.
+    """
     # rounded before binning, so the levels are exactly those of the measures written to captions.jsonl
     measures = {k: np.round(v, 6) for k, v in measure_attributes(images).items()}
-    edges = tertile_edges(measures, split == 0)
+    edges = tertile_edges(measures, split == 0, [classes[y] for y in labels.tolist()])
     rows = digit_caption_rows(labels, classes, measures, edges, seed)
     counts = {name: {a: {lv: sum(1 for r, s in zip(rows, split) if s == v and r["attributes"][a] == lv)
                          for lv in levels} for a, levels in ATTRIBUTE_LEVELS.items()}
@@ -283,7 +206,8 @@ def digit_captions(images: np.ndarray, labels: np.ndarray, classes: list[str], s
         "captions": {"source": "builtin", "per_image": CAPTIONS_PER_IMAGE,
                      "train_templates": len(TRAIN_TEMPLATES), "heldout_templates": len(HELDOUT_TEMPLATES),
                      "languages": ["en", "zh"], "vocabulary": check_caption_vocabulary(rows)},
-        "caption_attribute_edges": edges,
+        "caption_attribute_edges": edges,  # {attribute: {class: [e1, e2]}}
+        "caption_attribute_binning": "tertiles of the train split, per class",
         "caption_attribute_levels": {a: list(v) for a, v in ATTRIBUTE_LEVELS.items()},
         "caption_attribute_counts": counts,
     }
