@@ -19,14 +19,17 @@ from genforge.cli_args import (
     run_family,
     trace_flag,
 )
-from genforge.common.errors import GenforgeError
+from genforge.common.errors import ConfigError, GenforgeError
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     if a.input.startswith("builtin:digits") or _is_image_input(a.input):
         from genforge.data.images import prepare_image_dataset
 
-        stats = prepare_image_dataset(a.input, a.out, val_fraction=a.val_fraction, size=a.size, seed=a.seed)
+        stats = prepare_image_dataset(a.input, a.out, val_fraction=a.val_fraction, size=a.size, seed=a.seed,
+                                      captions=a.captions)
+    elif a.captions is not None:
+        raise ConfigError(f"--captions is for a folder of images; {a.input} is not one")
     else:
         from genforge.data.tokens import prepare_text_dataset
 
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="clean, tokenize and shard text, or index images")
-    prep.add_argument("input", help="file, folder, builtin:pydoc or builtin:digits")
+    prep.add_argument("input", help="file, folder, builtin:pydoc, builtin:digits or builtin:digits-captions")
     prep.add_argument("--out", required=True)
     prep.add_argument("--tokenizer", choices=["byte-bpe", "char"], default="byte-bpe")
     prep.add_argument("--vocab-size", type=int, default=4096)
@@ -174,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-chars", type=int, default=None)
     prep.add_argument("--size", type=int, default=None, help="images: resize to SIZE x SIZE")
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--captions", default=None, metavar="JSONL", help="images: a caption per image, one "
+                      'line each: {"file": "relative/path.png", "caption": "..."} (or "captions": [...])')
     prep.set_defaults(func=cmd_data_prepare)
     sy = data.add_parser("synth", help="SFT conversations answered by a teacher model, deduplicated and filtered")
     sy.add_argument("--teacher", required=True, help="a run or HF model folder")
