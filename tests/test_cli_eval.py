@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from genforge.cli import main
-from tests.eval.test_judge import JUDGE_NAME, chat_calls, judge_model, judge_server  # noqa: F401
+from tests.eval.test_judge import JUDGE_NAME, judge_model  # noqa: F401  (judge_model: a fixture)
+from tests.eval.test_judge_rubric import counted_judge  # noqa: F401  (a fixture: genforge serve as the judge)
 from tests.serve.conftest import tok  # noqa: F401  (a fixture)
 from tests.train.test_sft import base_run  # noqa: F401  (the module fixture: 3 steps of a tiny char LM)
 
@@ -31,8 +32,9 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_one_command_generates_then_judges_and_a_judge_only_rerun_costs_nothing(base_run, judge_server,  # noqa: F811
+def test_one_command_generates_then_judges_and_a_judge_only_rerun_costs_nothing(base_run, counted_judge,  # noqa: F811
                                                                                  tmp_path, capsys):
+    judge_server, served = counted_judge
     suite = write(tmp_path / "qa.jsonl", "".join(json.dumps(it) + "\n" for it in ITEMS))
     rubric = write(tmp_path / "rubric.txt", RUBRIC + "\n")
 
@@ -41,7 +43,7 @@ def test_one_command_generates_then_judges_and_a_judge_only_rerun_costs_nothing(
                 "--judge-url", judge_server.v1, "--judge-model", JUDGE_NAME, "--judge-repeats", "2",
                 "--judge-rubric", str(rubric), "--judge-scores", "1-5", "--judge-max-tokens", "300", *extra]
 
-    before = chat_calls(judge_server)
+    before = served.calls
     assert main(args(rubric)) == 0
     out = capsys.readouterr().out
     folder = base_run / "eval" / "qa"
@@ -54,12 +56,12 @@ def test_one_command_generates_then_judges_and_a_judge_only_rerun_costs_nothing(
     assert len(judgments) == 6 and all(j["ok"] and not j["cached"] and 1 <= j["score"] <= 5 for j in judgments)
     assert sorted({(j["id"], j["repeat"]) for j in judgments}) == [(i, r) for i in ("0", "1", "2") for r in (0, 1)]
     summary = json.loads((folder / "judge.json").read_text())
-    assert summary["http_calls"] == 6 == chat_calls(judge_server) - before
+    assert summary["http_calls"] == 6 == served.calls - before
     assert summary["judge"]["score_range"] == [1, 5] and summary["judge"]["pointwise_rubric"] == RUBRIC
     point = summary["pointwise"]
     assert point["items_scored"] == 3 and point["labelled"] == 2 and point["failed"] == 0
-    mean = sum(j["score"] for j in judgments) / 6
-    assert point["mean_score"] == pytest.approx(mean)  # every item judged twice: the item means' mean
+    mean = point["mean_score"]
+    assert mean == pytest.approx(sum(j["score"] for j in judgments) / 6)  # every item judged twice
     report = (base_run / "report.md").read_text()
     section = report.split("## Judge on suite `qa`", 1)[1]
     assert "## Suite `qa`" in report and "scores 1-5" in section and "6 HTTP calls" in section
@@ -73,7 +75,7 @@ def test_one_command_generates_then_judges_and_a_judge_only_rerun_costs_nothing(
     assert main(args(rubric, "--judge-only")) == 0
     out = capsys.readouterr().out
     again = json.loads((folder / "judge.json").read_text())
-    assert again["http_calls"] == 0 and chat_calls(judge_server) - before == 6
+    assert again["http_calls"] == 0 and served.calls - before == 6
     assert again["pointwise"]["cached"] == 6 and again["pointwise"]["mean_score"] == point["mean_score"]
     assert "0 HTTP calls" in out and "suite qa" not in out  # nothing generated
     assert jsonl(folder / "results.jsonl") == rows
@@ -83,7 +85,7 @@ def test_one_command_generates_then_judges_and_a_judge_only_rerun_costs_nothing(
     other = write(tmp_path / "other.txt", "Grade 1-5 strictly. JSON.")
     assert main(args(other, "--judge-only")) == 0
     assert json.loads((folder / "judge.json").read_text())["http_calls"] == 6
-    assert chat_calls(judge_server) - before == 12
+    assert served.calls - before == 12
 
 
 def test_rubric_options_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, capsys):

@@ -4,14 +4,40 @@ random tiny Llama, which answers in range only because the schema constrains its
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from genforge.common.errors import ConfigError
 from genforge.eval.judge import Judge, JudgeConfig, load_rubric
-from tests.eval.test_judge import JUDGE_NAME, chat_calls, config, judge_model, judge_server  # noqa: F401
-from tests.serve.conftest import tok  # noqa: F401  (a fixture)
+from tests.eval.test_judge import JUDGE_NAME, config, judge_model  # noqa: F401  (judge_model: a fixture)
+from tests.serve.conftest import Live, serve_in_thread, tok  # noqa: F401  (tok: a fixture)
 
 FIVE = "Score 1-5. JSON."
+
+
+class ChatCounter:
+    """ASGI wrapper counting chat completion requests as they arrive. genforge serve's own
+    http_requests metric counts a request once its response has been sent, so a client reading
+    /metrics right after its last answer can see the count one short."""
+
+    def __init__(self, app):
+        self.app, self.calls = app, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
+            self.calls += 1
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def counted_judge(judge_model, tok) -> Iterator[tuple[Live, ChatCounter]]:  # noqa: F811
+    """genforge serve as the judge (real uvicorn, real port), with its chat requests counted."""
+    from genforge.serve.server import create_app
+
+    counter = ChatCounter(create_app(model=judge_model, tokenizer=tok, served_model_name=JUDGE_NAME))
+    with serve_in_thread(counter) as live:
+        yield live, counter
 
 
 def test_load_rubric_strips_the_text_and_names_the_flag_when_the_file_is_missing_or_empty(tmp_path):
@@ -37,7 +63,8 @@ def test_a_score_range_other_than_1_10_needs_a_rubric_that_asks_for_it():
     assert JudgeConfig(url="http://x/v1", model="m", score_range=(1, 5), pointwise_rubric=FIVE).score_range == (1, 5)
 
 
-def test_a_custom_range_bounds_the_schema_and_rejects_scores_outside_it(judge_server, tmp_path):  # noqa: F811
+def test_a_custom_range_bounds_the_schema_and_rejects_scores_outside_it(counted_judge, tmp_path):
+    judge_server, _ = counted_judge
     # In range: the schema sent says 1-5, so every constrained answer is a valid 1-5 score.
     judge = Judge(config(judge_server, tmp_path, pointwise_rubric=FIVE, score_range=(1, 5), repeats=1))
     try:
@@ -56,16 +83,17 @@ def test_a_custom_range_bounds_the_schema_and_rejects_scores_outside_it(judge_se
     assert not o["ok"] and o["out_of_rubric"] == 2 and "outside the rubric's 1-5" in o["error"]
 
 
-def test_a_changed_rubric_or_range_asks_the_judge_again_and_the_old_judgments_stay_cached(judge_server,  # noqa: F811
-                                                                                           tmp_path):
+def test_a_changed_rubric_or_range_asks_the_judge_again_and_the_old_judgments_stay_cached(counted_judge, tmp_path):
+    judge_server, served = counted_judge
+
     def calls(**kw) -> tuple[int, list[dict]]:
-        before = chat_calls(judge_server)
+        before = served.calls
         judge = Judge(config(judge_server, tmp_path, **kw))  # one cache file for all of them
         try:
             outcomes = [judge.pointwise("q?", a) for a in ("yes", "no")]
         finally:
             judge.close()
-        assert judge.http_calls == chat_calls(judge_server) - before
+        assert judge.http_calls == served.calls - before
         return judge.http_calls, outcomes
 
     first, outcomes = calls(pointwise_rubric=FIVE, score_range=(1, 5))
