@@ -85,6 +85,9 @@ def _judge_config(a: argparse.Namespace):
         if a.judge_model is not None:
             raise ConfigError("--judge-model needs --judge-url (the judge's OpenAI-compatible base URL)",
                               param="judge_url")
+        if given := [flag for flag, v in (("--judge-rubric", a.judge_rubric), ("--judge-pairwise-rubric",
+                     a.judge_pairwise_rubric)) if v is not None]:
+            raise ConfigError(f"{given[0]} is for the judge: give --judge-url and --judge-model too", param="judge_url")
         return None
     if a.judge_model is None:
         raise ConfigError("--judge-url needs --judge-model (the model name the judge serves)", param="judge_model")
@@ -93,7 +96,33 @@ def _judge_config(a: argparse.Namespace):
     return JudgeConfig(url=a.judge_url, model=a.judge_model, key_env=a.judge_key_env, repeats=a.judge_repeats,
                        concurrency=a.judge_concurrency, timeout=a.judge_timeout, retries=a.judge_retries,
                        temperature=a.judge_temperature, max_tokens=a.judge_max_tokens,
-                       response_format=a.judge_response_format)
+                       response_format=a.judge_response_format, **_rubric_options(a))
+
+
+def _rubric_options(a: argparse.Namespace) -> dict:
+    """JudgeConfig fields from --judge-rubric, --judge-pairwise-rubric, --judge-scores, --[no-]judge-system-rubric
+    (only those given: the rest keep JudgeConfig's defaults)."""
+    from genforge.eval.judge import load_rubric
+
+    options: dict = {"score_range": a.judge_scores}
+    if a.judge_rubric is not None:
+        options["pointwise_rubric"] = load_rubric(a.judge_rubric, "--judge-rubric")
+    if a.judge_pairwise_rubric is not None:
+        options["pairwise_rubric"] = load_rubric(a.judge_pairwise_rubric, "--judge-pairwise-rubric")
+    if a.judge_system_rubric is not None:
+        options["system_rubric"] = a.judge_system_rubric
+    return options
+
+
+def score_range(text: str) -> tuple[int, int]:
+    """'1-5' -> (1, 5): the integer scores a pointwise rubric asks for, low < high."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score range: give LOW-HIGH, e.g. 1-5")
+    low, high = int(match[1]), int(match[2])
+    if low >= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty score range: give LOW-HIGH with LOW < HIGH")
+    return low, high
 
 
 def add_eval_command(sub) -> None:
@@ -128,7 +157,7 @@ def add_eval_command(sub) -> None:
     ju.add_argument("--judge-key-env", default="GENFORGE_JUDGE_API_KEY", metavar="VAR",
                     help="environment variable holding the judge's API key (never a key on the command line)")
     ju.add_argument("--judge-mode", choices=["pointwise", "pairwise", "both", "faithfulness"], default=None,
-                    help="pointwise 1-10 scores, pairwise A/B in both orders, both, or faithfulness only "
+                    help="pointwise scores, pairwise A/B in both orders, both, or faithfulness only "
                          "(default: both with --compare, else pointwise; answers made with --rag are also judged "
                          "for faithfulness: supported claims / claims)")
     ju.add_argument("--judge-repeats", type=positive_int, default=3, help="judgments per item (spread reported)")
@@ -139,6 +168,18 @@ def add_eval_command(sub) -> None:
     ju.add_argument("--judge-max-tokens", type=positive_int, default=128)
     ju.add_argument("--judge-response-format", choices=["json_schema", "json_object", "none"], default="json_schema",
                     help="how strict JSON is asked for (json_schema: OpenAI Structured Outputs)")
+    ju.add_argument("--judge-rubric", default=None, metavar="FILE",
+                    help="your own pointwise rubric (a text file) instead of the built-in 1-10 one; end it by asking "
+                         'for {"score": <integer>, "reason": "..."} and give its scale with --judge-scores')
+    ju.add_argument("--judge-pairwise-rubric", default=None, metavar="FILE",
+                    help='your own pairwise rubric (a text file); end it by asking for {"winner": "A" | "B" | '
+                         '"tie", "reason": "..."}')
+    ju.add_argument("--judge-scores", type=score_range, default=(1, 10), metavar="LOW-HIGH",
+                    help="the integer scores the pointwise rubric asks for (default 1-10); a score outside them "
+                         "is rejected, never clipped")
+    ju.add_argument("--judge-system-rubric", action=argparse.BooleanOptionalAction, default=None,
+                    help="send the rubric as a system turn (the default) or, with --no-judge-system-rubric, at the "
+                         "head of the user turn (chat templates without a system role; small contexts)")
     ju.add_argument("--judge-only", action="store_true",
                     help="judge the answers already saved for this suite (no generation)")
     ev.set_defaults(func=cmd_eval)

@@ -272,7 +272,8 @@ def judge_items(items: list[dict], config: JudgeConfig, out_dir: str | Path, mod
                           f"{out_dir / 'judgments.jsonl'} and cached in {config.cache_path})")
     summary: dict = {"judge": {k: v for k, v in asdict(config).items()
                                if k in ("url", "model", "repeats", "temperature", "max_tokens", "attempts",
-                                        "response_format", "score_range")},
+                                        "response_format", "score_range", "system_rubric", "pointwise_rubric",
+                                        "pairwise_rubric")},
                      "mode": mode, "http_calls": judge.http_calls}
     if mode in ("pointwise", "both"):
         _, summary["pointwise"] = summarize_pointwise(items, rows, "a")
