@@ -96,6 +96,7 @@ def text_images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int
     pipe = t2i.load_pipeline(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     long_prompt = t2i.read_meta(run_dir).get("text_encoder", {}).get("long_prompt", "truncate")
     side = t2i.image_size(pipe)
+    max_steps = int(pipe.scheduler.config.num_train_timesteps)
     slot = GenerationSlot(max_queue)
     router = APIRouter()
 
@@ -115,6 +116,9 @@ def text_images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int
         check_size(req.size, side)
         used, negative, revised = prompts(req)
         steps = req.num_inference_steps or t2i.DEFAULT_STEPS
+        if steps > max_steps:
+            raise GenforgeError(f"num_inference_steps: {steps} is out of range (1..{max_steps})",
+                                param="num_inference_steps")
         kw: dict[str, Any] = {"negative_prompt": negative, "num_samples": req.n, "steps": steps,
                               "guidance": t2i.DEFAULT_GUIDANCE if req.guidance_scale is None else req.guidance_scale,
                               "seed": secrets.randbelow(2**31) if req.seed is None else req.seed}
