@@ -61,6 +61,7 @@ def make_tiny_text_to_image(run: Path) -> Path:
     torch.manual_seed(0)
     encoder_dir = default_embedder_path()
     encoder = BertModel.from_pretrained(encoder_dir, add_pooling_layer=False).eval()
+    encoder.config.use_attention_mask = True  # as the latent-diffusion family saves it (padding masked out)
     tokenizer = BertTokenizerFast.from_pretrained(encoder_dir, model_max_length=T2I_MAX_TOKENS)
     unet = UNet2DConditionModel(
         sample_size=T2I_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genforge.common.errors import DataError, GenforgeError, RunError
+from genforge.common.errors import DataError, GenforgeError
 from genforge.models import text_to_image as t2i
 from tests.conftest import T2I_MAX_TOKENS, T2I_SIZE
 
@@ -40,7 +40,7 @@ def test_detects_and_loads_the_run_and_its_model_folder(t2i_run, t2i_pipe, tmp_p
     assert (t2i.image_size(t2i_pipe), t2i.image_channels(t2i_pipe)) == (T2I_SIZE, 1)
     (tmp_path / "genforge.json").write_text(json.dumps({"family": "diffusion"}))
     assert not t2i.is_text_to_image(tmp_path) and not t2i.is_text_to_image(tmp_path / "missing")
-    with pytest.raises(RunError, match="not a text-to-image model"):
+    with pytest.raises(GenforgeError, match="not a text-to-image model"):
         t2i.load_pipeline(tmp_path)
 
 

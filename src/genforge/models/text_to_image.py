@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from genforge.common.errors import ConfigError, DataError, GenforgeError, RunError
+from genforge.common.errors import ConfigError, DataError, GenforgeError
+from genforge.models.latent_diffusion import FAMILY, META_FILE, load_text_to_image
 
-FAMILY = "latent-diffusion"
-META_FILE = "genforge.json"
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
 MAX_GUIDANCE = 20.0
@@ -69,26 +68,11 @@ def is_text_to_image(path: str | Path) -> bool:
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    """The StableDiffusionPipeline of a latent-diffusion run or model folder, in eval mode, quiet."""
-    try:
-        from genforge.models.latent_diffusion import load_text_to_image
-    except ModuleNotFoundError as e:  # the ldm branch's loader; this fallback goes once it is merged
-        if e.name != "genforge.models.latent_diffusion":
-            raise
-        load_text_to_image = _load_with_diffusers
-    pipe = load_text_to_image(model_folder(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def _load_with_diffusers(folder: Path) -> Any:
-    if not (folder / "model_index.json").is_file() or not is_text_to_image(folder):
-        raise RunError(f"{folder}: not a text-to-image model (expected model_index.json and a genforge.json "
-                       f"with family {FAMILY!r}); train one with `genforge train configs/latent-diffusion.yaml`")
-    from diffusers import StableDiffusionPipeline
-
+    """The StableDiffusionPipeline of a latent-diffusion run or model folder (models/latent_diffusion.py
+    loads it), in eval mode, without progress bars or the loaders' notes."""
     with _quiet():
-        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        pipe = load_text_to_image(model_folder(path), device=device)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
