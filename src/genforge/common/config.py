@@ -251,7 +251,8 @@ class Recipe(Spec):
     """One runnable job: a family, its dataset, its model and the loop settings."""
 
     name: str
-    family: str = rng(choices=["lm", "vae", "gan", "diffusion", "classifier", "sft", "dpo", "distill"])
+    family: str = rng(choices=["lm", "vae", "gan", "diffusion", "latent-diffusion", "classifier", "sft", "dpo",
+                               "distill"])
     dataset: str = rng(help="path of a dataset folder written by `genforge data prepare`; for sft a .jsonl "
                        "file of conversations or builtin:pydoc-instructions; for dpo a .jsonl file of "
                        "preference pairs or builtin:pydoc-preferences; for distill either kind of sft's or lm's")

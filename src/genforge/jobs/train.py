@@ -66,7 +66,8 @@ def _dataset_identity(recipe: Recipe) -> dict:
 def build_family(recipe: Recipe, device: torch.device) -> tuple[Objective, DataSource]:
     """The family's module under genforge/train/ builds its objective and data. Imported here, not at
     the top: importing every family (diffusers among them) cost a fine-tuning run 46 MiB of RSS."""
-    return importlib.import_module(f"genforge.train.{recipe.family}").build(recipe, device)
+    module = recipe.family.replace("-", "_")  # latent-diffusion -> genforge.train.latent_diffusion
+    return importlib.import_module(f"genforge.train.{module}").build(recipe, device)
 
 
 def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> TrainOutcome:
