@@ -19,10 +19,15 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if a.compare is not None:
         raise ConfigError("--compare scores two runs on a suite: give the suite with --suite FILE.jsonl",
                           param="compare")
-    if run_family(a.run) == "lm":
+    family = run_family(a.run)
+    if family == "lm":
         from genforge.eval.lm import evaluate_run
 
         result = evaluate_run(a.run, max_batches=a.max_batches)
+    elif family == "latent-diffusion":
+        from genforge.jobs.text_image_eval import evaluate_text_image_run
+
+        result = evaluate_text_image_run(a.run, num_fid=min(a.num_samples, 300))
     else:
         from genforge.jobs.image_eval import evaluate_image_run
 
