@@ -41,6 +41,64 @@ def make_tiny_recipe(tmp_path: Path, dataset: Path, name: str = "r", **train) ->
     return p
 
 
+# --- a tiny text-to-image model (contract 3 of issue 11): random UNet and VAE, the real MiniLM encoder ---
+
+T2I_SIZE = 16  # 16 x 16 x 1 images; a 4 x 8 x 8 latent
+T2I_MAX_TOKENS = 16
+
+
+def make_tiny_text_to_image(run: Path) -> Path:
+    """A latent-diffusion run folder: RUN/recipe.yaml and RUN/model/ (a StableDiffusionPipeline with a
+    random 1-channel AutoencoderKL and UNet2DConditionModel, all-MiniLM-L6-v2 as text encoder, DDIM)
+    plus genforge.json. ~0.5 s to build and save; untrained, so tests check mechanics, not pictures."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import BertModel, BertTokenizerFast
+
+    from genforge.models.embeddings import default_embedder_path
+
+    torch.manual_seed(0)
+    encoder_dir = default_embedder_path()
+    encoder = BertModel.from_pretrained(encoder_dir, add_pooling_layer=False).eval()
+    encoder.config.use_attention_mask = True  # as the latent-diffusion family saves it (padding masked out)
+    tokenizer = BertTokenizerFast.from_pretrained(encoder_dir, model_max_length=T2I_MAX_TOKENS)
+    unet = UNet2DConditionModel(
+        sample_size=T2I_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=encoder.config.hidden_size, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=T2I_SIZE)
+    with torch.no_grad():  # a near-deterministic posterior (log-variance -20), as a trained VAE's is nearly
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -20.0
+    scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    model = run / "model"
+    pipe.save_pretrained(model)
+    meta = {"family": "latent-diffusion", "image_size": T2I_SIZE, "channels": 1, "classes": [str(i) for i in range(10)],
+            "dataset": {}, "text_encoder": {"source": str(encoder_dir), "max_tokens": T2I_MAX_TOKENS},
+            "vae_scaling_factor": vae.config.scaling_factor}
+    (model / "genforge.json").write_text(json.dumps(meta), encoding="utf-8")
+    (run / "recipe.yaml").write_text("name: tiny-t2i\nfamily: latent-diffusion\n", encoding="utf-8")
+    return run
+
+
+@pytest.fixture(scope="session")
+def t2i_run(tmp_path_factory) -> Path:
+    """A tiny random text-to-image run (see make_tiny_text_to_image), built once per session."""
+    return make_tiny_text_to_image(tmp_path_factory.mktemp("t2i") / "tiny-t2i")
+
+
+@pytest.fixture(scope="session")
+def t2i_pipe(t2i_run):
+    from genforge.models.text_to_image import load_pipeline
+
+    return load_pipeline(t2i_run)
+
+
 # --- PostgreSQL + pgvector (tests/pg.py): one server per session, a fresh database per test ---
 
 @pytest.fixture(scope="session")

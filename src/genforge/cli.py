@@ -19,14 +19,17 @@ from genforge.cli_args import (
     run_family,
     trace_flag,
 )
-from genforge.common.errors import GenforgeError
+from genforge.common.errors import ConfigError, GenforgeError
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     if a.input.startswith("builtin:digits") or _is_image_input(a.input):
         from genforge.data.images import prepare_image_dataset
 
-        stats = prepare_image_dataset(a.input, a.out, val_fraction=a.val_fraction, size=a.size, seed=a.seed)
+        stats = prepare_image_dataset(a.input, a.out, val_fraction=a.val_fraction, size=a.size, seed=a.seed,
+                                      captions=a.captions)
+    elif a.captions is not None:
+        raise ConfigError(f"--captions is for a folder of images; {a.input} is not one")
     else:
         from genforge.data.tokens import prepare_text_dataset
 
@@ -68,6 +71,15 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from genforge.models.text_to_image import is_text_to_image
+
+    if is_text_to_image(a.run):
+        _generate_from_text(a)
+        return
+    for flag, value in (("--negative-prompt", a.negative_prompt), ("--init-image", a.init_image),
+                        ("--strength", a.strength), ("--mask", a.mask)):
+        if value is not None:
+            raise GenforgeError(f"generate: {flag} is for text-to-image (latent-diffusion) runs only")
     if run_family(a.run) == "lm":
         if a.prompt is None:
             raise GenforgeError("generate: --prompt is required for a language model")
@@ -82,6 +94,26 @@ def cmd_generate(a: argparse.Namespace) -> None:
         out = generate_grid(a.run, num_samples=a.num_samples, class_label=a.class_label, guidance=a.guidance,
                             steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out)
         print(f"wrote {out}")
+
+
+def _generate_from_text(a: argparse.Namespace) -> None:
+    if a.prompt is None:
+        raise GenforgeError("generate: --prompt is required for a text-to-image run (\"\" for unconditional)")
+    if a.class_label is not None:
+        raise GenforgeError("generate: --class is for class-conditional runs; a text-to-image run takes --prompt")
+    if a.sampler != "ddim":
+        raise GenforgeError("generate: --sampler: a text-to-image run samples with its saved scheduler; leave it out")
+    from genforge.jobs.imagegen_text import generate_from_text
+
+    result = generate_from_text(a.run, a.prompt, negative_prompt=a.negative_prompt, num_samples=a.num_samples,
+                                guidance=a.guidance, steps=a.steps, seed=a.seed, init_image=a.init_image,
+                                strength=a.strength, mask=a.mask, out=a.out)
+    print(f"wrote {result['grid']}")
+    if result["edit"] is not None:
+        print(f"wrote {result['edit']} (input | mask | outputs)")
+    if "vae_round_trip_error" in result:
+        print(f"unmasked pixels copied from the input; the VAE round trip there would have been "
+              f"{result['vae_round_trip_error']:.2f} / 255 mean absolute error")
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
@@ -162,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="clean, tokenize and shard text, or index images")
-    prep.add_argument("input", help="file, folder, builtin:pydoc or builtin:digits")
+    prep.add_argument("input", help="file, folder, builtin:pydoc, builtin:digits or builtin:digits-captions")
     prep.add_argument("--out", required=True)
     prep.add_argument("--tokenizer", choices=["byte-bpe", "char"], default="byte-bpe")
     prep.add_argument("--vocab-size", type=int, default=4096)
@@ -174,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-chars", type=int, default=None)
     prep.add_argument("--size", type=int, default=None, help="images: resize to SIZE x SIZE")
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--captions", default=None, metavar="JSONL", help="images: a caption per image, one "
+                      'line each: {"file": "relative/path.png", "caption": "..."} (or "captions": [...])')
     prep.set_defaults(func=cmd_data_prepare)
     sy = data.add_parser("synth", help="SFT conversations answered by a teacher model, deduplicated and filtered")
     sy.add_argument("--teacher", required=True, help="a run or HF model folder")
@@ -214,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--steps", type=int, default=None)
     ge.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     ge.add_argument("--out", default=None, help="image runs: PNG grid path")
+    ge.add_argument("--negative-prompt", default=None, help="text-to-image runs: what to steer away from")
+    ge.add_argument("--init-image", default=None, metavar="IMG",
+                    help="text-to-image runs: edit this image (image-to-image, or inpainting with --mask)")
+    ge.add_argument("--strength", type=float, default=None,
+                    help="with --init-image: how far from it, in (0, 1] (default 0.6; 1.0 with --mask)")
+    ge.add_argument("--mask", default=None, metavar="MASK.png",
+                    help="with --init-image: inpainting; white (or fully transparent) pixels are regenerated, "
+                    "the rest kept exactly")
     ge.set_defaults(func=cmd_generate)
 
     mg = sub.add_parser("merge", help="fold a run's LoRA adapter into its base: a plain Hugging Face folder")

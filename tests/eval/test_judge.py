@@ -9,6 +9,7 @@ response_format it writes noise, which is exactly the badly answering judge the 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -60,8 +61,18 @@ def config(live: Live, tmp_path, **kw) -> JudgeConfig:
                           "cache_path": tmp_path / "cache.sqlite", **SHORT, **kw})
 
 
-def chat_calls(live: Live) -> float:
-    return live.metric("genforge:http_requests_total", endpoint="/v1/chat/completions")
+def chat_calls(live: Live, settle_s: float = 2.0) -> float:
+    """Chat requests the server counted. It counts one after its response is sent, so a client that
+    just got its last answer may read the metric a moment early: wait until the count holds still."""
+    value = live.metric("genforge:http_requests_total", endpoint="/v1/chat/completions")
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        again = live.metric("genforge:http_requests_total", endpoint="/v1/chat/completions")
+        if again == value:
+            return value
+        value = again
+    return value
 
 
 # ---------------------------------------------------------------- parsing (no server)

@@ -11,9 +11,9 @@ import pytest
 
 from genforge.common.errors import ConfigError, NotFoundError
 from genforge.common.store import open_store
+from genforge.data.retriever import Retriever
 from genforge.jobs.rag import evaluate, ingest, query
-from genforge.models.embeddings import Embedder
-from genforge.serve.rag import Retriever, load_cross_encoder
+from genforge.models.embeddings import Embedder, load_cross_encoder
 
 # The hand-written PDF maker lives beside the readers' tests; tests/ is not a package, so load it by path.
 _spec = importlib.util.spec_from_file_location("_docs_tests", Path(__file__).parents[1] / "data" / "test_documents.py")

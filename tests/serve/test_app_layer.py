@@ -305,8 +305,7 @@ def test_serve_reranks_with_a_configured_cross_encoder(lm, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from genforge.jobs.rag import ingest
-    from genforge.models.embeddings import default_embedder_path
-    from genforge.serve.rag import load_cross_encoder
+    from genforge.models.embeddings import default_embedder_path, load_cross_encoder
 
     folder = tmp_path / "reranker"
     AutoModelForSequenceClassification.from_pretrained(default_embedder_path(), num_labels=1).save_pretrained(folder)

@@ -210,7 +210,7 @@ RESUME_MAY_CHANGE = frozenset({"time_budget", "eval_every", "eval_batches", "log
 
 # The families whose runs hold an image model; every other family's run holds a causal LM (pre-trained,
 # fine-tuned, aligned or distilled), which serve, eval and generate treat alike.
-IMAGE_FAMILIES = ("vae", "gan", "diffusion", "classifier")
+IMAGE_FAMILIES = ("vae", "gan", "diffusion", "classifier", "latent-diffusion")
 
 
 class TrainConfig(Spec):

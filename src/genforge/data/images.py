@@ -7,6 +7,7 @@ A prepared dataset folder holds
     classes.json  class names; index = label
     split.npy     int8, N: 0 = train, 1 = val (stratified per class, seeded)
     stats.json    counts per split and class, size, channels, content_hash, source, skipped files
+    captions.jsonl  (captioned sets only: builtin:digits-captions or --captions; see data/captions.py)
 
 `ImageDataset` reads it back as float images in [-1, 1]; `ImageBatches` is the training loop's
 DataSource; `ImageDataConfig` is the recipe's `data:` section for every image family.
@@ -31,13 +32,17 @@ from genforge.common.config import Spec, from_dict, rng
 from genforge.common.errors import ConfigError, DataError
 from genforge.common.runs import atomic_dir
 from genforge.data.augment import AugmentConfig, augment_batch
+from genforge.data.captions import digit_captions, folder_captions
 
 __all__ = ["AugmentConfig", "ImageBatches", "ImageDataConfig", "ImageDataset", "augment_batch",
            "load_image_data", "looks_like_image_input", "prepare_image_dataset", "read_image_folder",
            "save_image_grid", "to_uint8"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-BUILTINS = ("builtin:digits",)
+BUILTINS = ("builtin:digits", "builtin:digits-captions")
+# builtin:digits-captions defaults to 32 x 32: a factor-4 latent autoencoder makes that an 8 x 8 latent,
+# small enough to train on CPU, while the 8 x 8 originals would leave a 2 x 2 latent.
+CAPTIONED_DIGITS_SIZE = 32
 _TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".html")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 SPLITS = {"train": 0, "val": 1}
@@ -153,7 +158,7 @@ def read_image_folder(folder: str | Path, *, size: int | None = None, channels: 
         arr = np.asarray(im, dtype=np.uint8)
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
         labels.append(label)
-    info = {"skipped": skipped, "converted": converted, "mode": mode,
+    info = {"skipped": skipped, "converted": converted, "mode": mode, "files": [f for _, _, f in loaded],
             "sizes_found": {f"{w}x{h}": n for (w, h), n in sizes.most_common()}}
     return np.stack(arrays), np.asarray(labels, dtype=np.int64), classes, info
 
@@ -198,17 +203,21 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.
     return split
 
 
-def _content_hash(images: np.ndarray, labels: np.ndarray, classes: list[str], split: np.ndarray) -> str:
+def _content_hash(images: np.ndarray, labels: np.ndarray, classes: list[str], split: np.ndarray,
+                  captions: str | None = None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"shape": list(images.shape), "classes": classes}).encode())
     for arr in (images, labels, split):
         h.update(np.ascontiguousarray(arr).tobytes())
+    if captions is not None:  # uncaptioned sets keep the hash they always had
+        h.update(captions.encode("utf-8"))
     return h.hexdigest()[:16]
 
 
 def prepare_image_dataset(input: str, out: str | Path, *, val_fraction: float = 0.1, size: int | None = None,
-                          seed: int = 0) -> dict:
-    """Write an image dataset folder at `out` from a folder of images or `builtin:digits`.
+                          seed: int = 0, captions: str | Path | None = None) -> dict:
+    """Write an image dataset folder at `out` from a folder of images, `builtin:digits` or
+    `builtin:digits-captions`; `captions` (a folder's captions.jsonl) makes it a captioned set.
 
     Everything is read and checked before anything is written; `out` is replaced in one rename,
     so an error leaves an existing dataset as it was.
@@ -225,6 +234,11 @@ def prepare_image_dataset(input: str, out: str | Path, *, val_fraction: float = 
     if input.startswith("builtin:"):
         if input not in BUILTINS:
             raise DataError(f"unknown built-in image set {input!r} (available: {', '.join(BUILTINS)})")
+        if captions is not None:
+            raise ConfigError(f"--captions is for a folder of images; {input} has no files to caption "
+                              "(builtin:digits-captions brings its own captions)")
+        if input == "builtin:digits-captions" and size is None:
+            size = CAPTIONED_DIGITS_SIZE
         images, labels, classes = _load_digits(size)
         source = input
     else:
@@ -233,6 +247,14 @@ def prepare_image_dataset(input: str, out: str | Path, *, val_fraction: float = 
         images, labels, classes, info = read_image_folder(input, size=size)
         source = str(Path(input).resolve())
     split = _stratified_split(labels, val_fraction, seed)
+    caption_rows, caption_stats = None, {}
+    if input == "builtin:digits-captions":
+        caption_rows, caption_stats = digit_captions(images, labels, classes, split, seed)
+    elif captions is not None:
+        caption_rows, caption_stats = folder_captions(captions, input, info["files"],
+                                                      [s["file"] for s in info["skipped"]])
+    caption_text = None if caption_rows is None else "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in caption_rows)
     n, c, h, w = images.shape
     counts = {name: {cls: int(((labels == i) & (split == v)).sum()) for i, cls in enumerate(classes)}
               for name, v in SPLITS.items()}
@@ -241,17 +263,19 @@ def prepare_image_dataset(input: str, out: str | Path, *, val_fraction: float = 
         "train_images": int((split == 0).sum()), "val_images": int((split == 1).sum()),
         "num_classes": len(classes), "size": h if h == w else [h, w], "height": h, "width": w,
         "channels": c, "dtype": "uint8", "layout": "NCHW", "value_range": [0, 255],
-        "content_hash": _content_hash(images, labels, classes, split),
+        "content_hash": _content_hash(images, labels, classes, split, caption_text),
         "classes": classes, "class_counts": counts, "val_fraction": val_fraction, "seed": seed,
         "resized_to": size, "converted": info.get("converted", 0), "skipped_files": len(info["skipped"]),
-        "skipped": info["skipped"],
+        "skipped": info["skipped"], **caption_stats,
     }
     with atomic_dir(out) as tmp:
         np.save(tmp / "images.npy", images)
         np.save(tmp / "labels.npy", labels)
         np.save(tmp / "split.npy", split)
         (tmp / "classes.json").write_text(json.dumps(classes), encoding="utf-8")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        if caption_text is not None:
+            (tmp / "captions.jsonl").write_text(caption_text, encoding="utf-8")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
     return stats
 
 

@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,13 @@ PAIRWISE_RUBRIC = (
     "which they are shown says nothing about their quality. Say \"tie\" only when neither is better. "
     'Reply with a JSON object only: {"winner": "A" | "B" | "tie", "reason": "<one sentence>"}.')
 
+FAITHFULNESS_RUBRIC = (
+    "You check an answer against the numbered sources it was written from. List the factual claims the answer "
+    "makes (short, at most 8) and mark each supported only when the sources state it. An answer that makes no "
+    "claim (it says the sources do not hold the answer, or says nothing) has no claims. "
+    'Reply with a JSON object only: {"claims": [{"claim": "<claim>", "supported": true | false}]}.')
+
+DEFAULT_SCORES = (1, 10)  # what POINTWISE_RUBRIC asks for
 WINNERS = ("A", "B", "tie")
 RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
@@ -78,12 +86,15 @@ class JudgeConfig:
     timeout: float = 60.0  # seconds for one HTTP call
     retries: int = 4  # transport retries of one call (connection errors, timeouts, 429, 5xx)
     backoff: float = 0.5  # seconds before the first transport retry, doubled after each
+    retry_after_max: float = 10.0  # at most this long for a 429/503's Retry-After (else the backoff)
     attempts: int = 3  # answers asked for one judgment while the judge answers badly
     response_format: str = "json_schema"
-    score_range: tuple[int, int] = (1, 10)  # the rubric's scores
+    score_range: tuple[int, int] = DEFAULT_SCORES  # the scores the pointwise rubric asks for
     reason_max_chars: int | None = 200  # maxLength of the reason in the schema (None: unbounded)
     pointwise_rubric: str = POINTWISE_RUBRIC
     pairwise_rubric: str = PAIRWISE_RUBRIC
+    faithfulness_rubric: str = FAITHFULNESS_RUBRIC
+    max_claims: int = 8  # claims one faithfulness judgment may list
     system_rubric: bool = True  # the rubric as a system message (False: at the head of the user turn)
     cache_path: Path | None = None
     # Test-only: the score range the schema sent to the judge allows (None: the rubric's), so a
@@ -102,6 +113,51 @@ class JudgeConfig:
         low, high = self.score_range
         if low >= high:
             raise ConfigError(f"judge score range {low}-{high} is empty; give low < high")
+        for name in ("pointwise_rubric", "pairwise_rubric", "faithfulness_rubric"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"the judge's {name.replace('_', ' ')} is empty; give the rubric's text")
+        # The default rubric names its scale in words: another range would contradict it.
+        if self.pointwise_rubric == POINTWISE_RUBRIC and tuple(self.score_range) != DEFAULT_SCORES:
+            raise ConfigError(f"the default pointwise rubric asks for scores 1-10, not {low}-{high}; give your own "
+                              f"rubric that asks for {low}-{high} (--judge-rubric FILE)", param="judge_scores")
+
+
+def load_rubric(path: str | Path, flag: str = "--judge-rubric") -> str:
+    """A rubric's text from a file (UTF-8, surrounding whitespace dropped); ConfigError naming `flag`
+    when the file is missing, unreadable or empty."""
+    param = flag.lstrip("-").replace("-", "_")
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file; give a text file holding the judge's rubric",
+                          param=param) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read it as UTF-8 text ({e})", param=param) from None
+    if not text:
+        raise ConfigError(f"{flag} {path} is empty; write the rubric the judge should follow in it", param=param)
+    return text
+
+
+def retry_after(response: Any, cap: float) -> float | None:
+    """Seconds a 429/503 asks the client to wait (`retry-after-ms`, or `Retry-After` in seconds or as
+    an HTTP date), at most `cap`; None when it asks nothing readable."""
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    seconds: float | None = None
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            seconds = float(ms) / 1000
+        elif (value := headers.get("retry-after")) is not None:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return None
+    if seconds is None or seconds != seconds:  # nan
+        return None
+    return min(max(seconds, 0.0), cap)
 
 
 def _reason(max_chars: int | None) -> dict:
@@ -119,6 +175,13 @@ def pairwise_schema(reason_max_chars: int | None = None) -> dict:
     return {"type": "object", "additionalProperties": False, "required": ["winner", "reason"],
             "properties": {"winner": {"type": "string", "enum": list(WINNERS)},
                            "reason": _reason(reason_max_chars)}}
+
+
+def faithfulness_schema(max_claims: int, claim_max_chars: int | None = None) -> dict:
+    claim = {"type": "object", "additionalProperties": False, "required": ["claim", "supported"],
+             "properties": {"claim": _reason(claim_max_chars), "supported": {"type": "boolean"}}}
+    return {"type": "object", "additionalProperties": False, "required": ["claims"],
+            "properties": {"claims": {"type": "array", "items": claim, "maxItems": max_claims}}}
 
 
 # ---------------------------------------------------------------- parsing the judge's answer
@@ -151,6 +214,8 @@ def parse_judgment(text: str, kind: str, score_range: tuple[int, int] = (1, 10))
         obj, repaired = first_json_object(text), True
     if not isinstance(obj, dict):
         raise InvalidJudgment(f"no JSON object in the judge's answer: {text[:120]!r}")
+    if kind == "faithfulness":
+        return _claims(obj), repaired
     reason = obj.get("reason")
     if not isinstance(reason, str):
         raise InvalidJudgment(f"the judgment has no string 'reason': {obj!r}"[:200])
@@ -169,6 +234,20 @@ def parse_judgment(text: str, kind: str, score_range: tuple[int, int] = (1, 10))
     if match is None:
         raise InvalidJudgment(f"the judgment's 'winner' is not one of A, B, tie: {winner!r}")
     return {"winner": match, "reason": reason}, repaired
+
+
+def _claims(obj: dict) -> dict:
+    """A faithfulness judgment: the claims, how many the sources support, and their ratio (None for
+    an answer that makes no claim: nothing to be faithful or unfaithful about)."""
+    claims = obj.get("claims")
+    if not isinstance(claims, list):
+        raise InvalidJudgment(f"the judgment has no 'claims' list: {obj!r}"[:200])
+    for c in claims:
+        if not (isinstance(c, dict) and isinstance(c.get("claim"), str) and isinstance(c.get("supported"), bool)):
+            raise InvalidJudgment(f"a claim is not {{\"claim\": str, \"supported\": bool}}: {c!r}"[:200])
+    supported = sum(c["supported"] for c in claims)
+    return {"claims": [{"claim": c["claim"], "supported": c["supported"]} for c in claims], "supported": supported,
+            "total": len(claims), "faithfulness": supported / len(claims) if claims else None}
 
 
 # ---------------------------------------------------------------- prompts
@@ -197,6 +276,12 @@ def pairwise_messages(rubric: str, question: str, first: str, second: str, refer
     if reference:
         parts.append(f"Reference answer:\n{reference}")
     parts += [f"Answer A:\n{first}", f"Answer B:\n{second}"]
+    return _messages(rubric, parts, system)
+
+
+def faithfulness_messages(rubric: str, question: str, answer: str, sources: list[str],
+                          system: bool = True) -> list[dict]:
+    parts = [f"Question:\n{question}", "Sources:\n" + "\n\n".join(sources), f"Answer to check:\n{answer}"]
     return _messages(rubric, parts, system)
 
 
@@ -276,13 +361,22 @@ class Judge:
                                      self.config.system_rubric)
         return self._judge("pairwise", messages, pairwise_schema(self.config.reason_max_chars), repeat, order=order)
 
+    def faithfulness(self, question: str, answer: str, sources: list[str], repeat: int = 0) -> dict:
+        """The answer's claims, each marked supported or not by `sources` (the text the answer's
+        prompt held, numbered as the prompt numbered it)."""
+        messages = faithfulness_messages(self.config.faithfulness_rubric, question, answer, sources,
+                                         self.config.system_rubric)
+        schema = faithfulness_schema(self.config.max_claims, self.config.reason_max_chars)
+        return self._judge("faithfulness", messages, schema, repeat, order=None)
+
     # -- internals
 
     def _judge(self, kind: str, messages: list[dict], schema: dict, repeat: int, order: str | None) -> dict:
         cfg = self.config
         key = cache_key(url=cfg.url, model=cfg.model, kind=kind, messages=messages, order=order, repeat=repeat,
-                        rubric=self.config.pointwise_rubric if kind == "pointwise" else self.config.pairwise_rubric, schema=schema, response_format=cfg.response_format,
-                        temperature=cfg.temperature, max_tokens=cfg.max_tokens, attempts=cfg.attempts)
+                        rubric=getattr(cfg, f"{kind}_rubric"), schema=schema, response_format=cfg.response_format,
+                        temperature=cfg.temperature, max_tokens=cfg.max_tokens, attempts=cfg.attempts,
+                        scores=list(cfg.score_range) if kind == "pointwise" else None)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return {**hit, "cached": True}
         outcome: dict[str, Any] = {"ok": False, "attempts": 0, "invalid": 0, "out_of_rubric": 0, "repaired": False,
@@ -326,13 +420,14 @@ class Judge:
 
     def _complete(self, messages: list[dict], schema: dict, kind: str, seed: int) -> tuple[str, str | None]:
         """The judge's answer text and finish reason; transport failures retried with exponential
-        backoff and jitter."""
+        backoff and jitter, or after the wait a 429/503's Retry-After asks for (bounded)."""
         oa, cfg = self._openai, self.config
         body = self._request(messages, schema, kind, seed)
         last: Exception | None = None
         for retry in range(cfg.retries + 1):
             if retry:
-                time.sleep(cfg.backoff * 2 ** (retry - 1) * (1 + random.random() / 4))
+                asked = retry_after(getattr(last, "response", None), cfg.retry_after_max)
+                time.sleep(asked if asked is not None else cfg.backoff * 2 ** (retry - 1) * (1 + random.random() / 4))
             with self._count:
                 self.http_calls += 1
             try:

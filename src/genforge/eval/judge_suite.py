@@ -1,4 +1,5 @@
-"""Judging a suite's answers: pointwise scores and pairwise A/B in both orders, over repeats.
+"""Judging a suite's answers: pointwise scores, pairwise A/B in both orders, and (for answers made
+with --rag) faithfulness to the sources the prompt held, over repeats.
 
 An item is {"id", "question", "answer", optional "answer_b" (the compared run's answer),
 "reference", "labels"}. Pointwise: each answer scored `repeats` times; an item's score is the mean,
@@ -7,7 +8,9 @@ repeat's decision is a win only when both orders name the same answer, else a ti
 decision is the majority over repeats (a tie when none). Position consistency is the share of
 (item, repeat) pairs whose decision survives the swap; the same figures from the first order alone
 show what judging in both orders changes. Cohen's kappa against the items' human labels
-(labels.score, labels.preferred = "A" / "B" / "tie") when the suite has them.
+(labels.score, labels.preferred = "A" / "B" / "tie") when the suite has them. Faithfulness: the
+judge lists an answer's claims and marks each supported by the sources or not; an item's figure is
+supported / claims (mean over repeats), an answer with no claim counts apart.
 
 Results go to `<out_dir>/judgments.jsonl` (every judgment) and `<out_dir>/judge.json` (summary);
 when the judge becomes unreachable the judgments made so far are still written (and cached), and
@@ -28,26 +31,30 @@ from genforge.common.progress import progress_bar
 from genforge.common.runs import RunDir, atomic_write_text, update_report
 from genforge.eval.judge import Judge, JudgeConfig
 
-MODES = ("pointwise", "pairwise", "both")
+MODES = ("pointwise", "pairwise", "both", "faithfulness")
 SWAP = {"A": "B", "B": "A", "tie": "tie"}
 
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # pointwise | pairwise
+    kind: str  # pointwise | pairwise | faithfulness
     item: int  # index into the items
     repeat: int
-    side: str = "a"  # pointwise: which answer ("a" the run's, "b" the compared run's)
+    side: str = "a"  # pointwise, faithfulness: which answer ("a" the run's, "b" the compared run's)
     order: str | None = None  # pairwise: "AB" (the run's answer shown first) or "BA"
 
 
 def plan(items: list[dict], mode: str, repeats: int) -> list[Task]:
-    """Every judgment to ask, repeat-major so an interrupted run has every item at least once."""
+    """Every judgment to ask, repeat-major so an interrupted run has every item at least once.
+    Answers given sources (--rag) are also judged for faithfulness in every mode."""
     pairwise = mode in ("pairwise", "both")
     pointwise = mode in ("pointwise", "both")
     tasks = []
     for r in range(repeats):
         for i, item in enumerate(items):
+            for side in ("a", "b"):
+                if item.get(f"sources_{side}"):
+                    tasks.append(Task("faithfulness", i, r, side=side))
             if pointwise:
                 tasks.append(Task("pointwise", i, r, side="a"))
                 if item.get("answer_b") is not None:
@@ -61,6 +68,10 @@ def ask(judge: Judge, item: dict, task: Task) -> dict:
     """One judgment as a result row; a pairwise winner is mapped back to the items' A/B."""
     q, ref = item["question"], item.get("reference")
     row = {"id": item["id"], "kind": task.kind, "repeat": task.repeat}
+    if task.kind == "faithfulness":
+        answer = item["answer"] if task.side == "a" else item["answer_b"]
+        return {**row, "side": task.side, **judge.faithfulness(q, answer, item[f"sources_{task.side}"],
+                                                               repeat=task.repeat)}
     if task.kind == "pointwise":
         answer = item["answer"] if task.side == "a" else item["answer_b"]
         return {**row, "side": task.side, **judge.pointwise(q, answer, ref, repeat=task.repeat)}
@@ -150,6 +161,32 @@ def summarize_pointwise(items: list[dict], rows: list[dict], side: str = "a") ->
     return per_item, summary
 
 
+def summarize_faithfulness(items: list[dict], rows: list[dict], side: str = "a") -> tuple[dict, dict]:
+    """({id: {per repeat, mean, std}}, summary) for one side's faithfulness judgments. An item's
+    faithfulness is the mean over the repeats whose judgment found claims; the summary gives the mean
+    over items (macro) and supported claims / claims over every judgment (micro)."""
+    rows = [r for r in rows if r["kind"] == "faithfulness" and r["side"] == side]
+    ok = [r for r in rows if r["ok"]]
+    per_item = {}
+    for item in items:
+        values = [r["faithfulness"] for r in ok if r["id"] == item["id"] and r["faithfulness"] is not None]
+        if values:
+            per_item[item["id"]] = {"values": values, "mean": statistics.fmean(values),
+                                    "std": statistics.pstdev(values)}
+    claims = sum(r["total"] for r in ok)
+    judged = {r["id"] for r in ok}
+    summary = {"items_with_sources": sum(bool(it.get(f"sources_{side}")) for it in items),
+               "items_judged": len(judged), "items_with_claims": len(per_item),
+               "items_without_claims": len(judged - per_item.keys()),
+               "faithfulness": statistics.fmean(v["mean"] for v in per_item.values()) if per_item else None,
+               "supported_claims": sum(r["supported"] for r in ok), "claims": claims,
+               "faithfulness_micro": sum(r["supported"] for r in ok) / claims if claims else None,
+               "claims_per_answer": claims / len(ok) if ok else None,
+               "mean_std": statistics.fmean(v["std"] for v in per_item.values()) if per_item else None,
+               **_failures(rows)}
+    return per_item, summary
+
+
 def _score_label(item: dict) -> int | None:
     """labels.score as an integer (suite labels are strings: "7"), None when absent or not a number."""
     value = (item.get("labels") or {}).get("score")
@@ -215,8 +252,11 @@ def judge_items(items: list[dict], config: JudgeConfig, out_dir: str | Path, mod
     out_dir = Path(out_dir)
     if mode not in MODES:
         raise GenforgeError(f"judge mode {mode!r} is not one of {', '.join(MODES)}")
-    if mode != "pointwise" and not any(it.get("answer_b") is not None for it in items):
+    if mode in ("pairwise", "both") and not any(it.get("answer_b") is not None for it in items):
         raise GenforgeError("pairwise judging needs a second answer per item: give --compare OTHER_RUN")
+    if mode == "faithfulness" and not any(it.get("sources_a") or it.get("sources_b") for it in items):
+        raise GenforgeError("faithfulness is judged against the sources an answer was given: answer the suite with "
+                            "--rag INDEX (and room for sources in the prompt) first")
     if config.cache_path is None:
         config.cache_path = out_dir / "judge_cache.sqlite"
     judge = Judge(config)
@@ -232,7 +272,8 @@ def judge_items(items: list[dict], config: JudgeConfig, out_dir: str | Path, mod
                           f"{out_dir / 'judgments.jsonl'} and cached in {config.cache_path})")
     summary: dict = {"judge": {k: v for k, v in asdict(config).items()
                                if k in ("url", "model", "repeats", "temperature", "max_tokens", "attempts",
-                                        "response_format", "score_range")},
+                                        "response_format", "score_range", "system_rubric", "pointwise_rubric",
+                                        "pairwise_rubric")},
                      "mode": mode, "http_calls": judge.http_calls}
     if mode in ("pointwise", "both"):
         _, summary["pointwise"] = summarize_pointwise(items, rows, "a")
@@ -240,6 +281,9 @@ def judge_items(items: list[dict], config: JudgeConfig, out_dir: str | Path, mod
             _, summary["pointwise_b"] = summarize_pointwise(items, rows, "b")
     if mode in ("pairwise", "both"):
         _, summary["pairwise"] = summarize_pairwise(items, rows)
+    for side, key in (("a", "faithfulness"), ("b", "faithfulness_b")):
+        if any(it.get(f"sources_{side}") for it in items):
+            _, summary[key] = summarize_faithfulness(items, rows, side)
     atomic_write_text(out_dir / "judge.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -261,6 +305,14 @@ def report_markdown(summary: dict, names: tuple[str, str] = ("A", "B")) -> str:
                       f"judgments ({s['invalid_answers']} invalid answers, {s['out_of_rubric']} out-of-rubric "
                       f"scores rejected, {s['repaired']} repaired); kappa vs labels {_fmt(s['kappa_quadratic'])} "
                       f"({s['labelled']} labelled).", ""]
+    for key, name in (("faithfulness", names[0]), ("faithfulness_b", names[1])):
+        if s := summary.get(key):
+            lines += [f"Faithfulness ({name}, supported claims / claims against the sources in its prompt): "
+                      f"{_fmt(s['faithfulness'])} over {s['items_with_claims']} answers with claims "
+                      f"(micro {_fmt(s['faithfulness_micro'])}: {s['supported_claims']}/{s['claims']} claims); "
+                      f"{s['items_without_claims']} answers made no claim; {s['items_with_sources']} answers had "
+                      f"sources; spread over repeats: mean std {_fmt(s['mean_std'])}; {s['failed']} failed "
+                      f"judgments ({s['invalid_answers']} invalid answers).", ""]
     if s := summary.get("pairwise"):
         lines += [f"Pairwise, A = {names[0]}, B = {names[1]}; position consistency {_fmt(s['position_consistency'])}, "
                   f"decisive judgments kept on swap {_fmt(s['decisive_kept_on_swap'])}; {s['failed']} failed.", "",
@@ -299,11 +351,17 @@ def items_from_results(results_dir: Path) -> list[dict]:
     items = []
     for n, row in enumerate(a):
         item = {"id": str(row.get("index", n)), "question": question_of(row), "answer": row["output"],
-                "reference": row.get("reference"), "labels": row.get("labels") or {}}
+                "reference": row.get("reference"), "labels": row.get("labels") or {},
+                "sources_a": _prompt_sources(row)}
         if b is not None:
-            item["answer_b"] = b[n]["output"]
+            item["answer_b"], item["sources_b"] = b[n]["output"], _prompt_sources(b[n])
         items.append(item)
     return items
+
+
+def _prompt_sources(row: dict) -> list[str]:
+    """The numbered sources a --rag answer's prompt held, as the prompt showed them ([] without --rag)."""
+    return [s["text"] for s in (row.get("rag") or {}).get("sources", []) if s.get("in_prompt")]
 
 
 def judge_suite_results(results_dir: str | Path, config: JudgeConfig, mode: str | None = None,

@@ -32,6 +32,7 @@ from genforge.common.progress import progress_bar
 from genforge.data.chat_template import render_messages
 from genforge.data.instructions import pydoc_instructions, split_topics
 from genforge.eval.lm import continuation_nll
+from genforge.eval.rag import SuiteSources
 from genforge.eval.text_metrics import score_texts
 from genforge.models.generation import SamplingParams, generate_many
 from genforge.models.lm import context_length, load_lm, resolve_chat_template
@@ -204,19 +205,25 @@ def generate_answers(model, tokenizer, items: list[SuiteItem], settings: Setting
 
 
 @torch.inference_mode()
-def answer_suite(model_path: str | Path, items: list[SuiteItem], settings: Settings, label: str) -> dict:
-    """One model's answers to the suite and their scores: {"rows", "metrics", "counts", ...}."""
+def answer_suite(model_path: str | Path, items: list[SuiteItem], settings: Settings, label: str,
+                 sources: SuiteSources | None = None) -> dict:
+    """One model's answers to the suite and their scores: {"rows", "metrics", "counts", ...}.
+    With `sources` (--rag), each prompt carries the retrieved sources that fit this model's context."""
     t0 = time.perf_counter()
     model, tokenizer = load_lm(model_path)
     template = resolve_chat_template(tokenizer)
     limit = context_length(model)
-    prompts = [prompt_ids(tokenizer, template, item) for item in items]
+    asked, placed = items, [0] * len(items)
+    if sources is not None:
+        asked, placed = sources.place(items, lambda it: len(prompt_ids(tokenizer, template, it)), limit,
+                                      settings.max_new_tokens)
+    prompts = [prompt_ids(tokenizer, template, item) for item in asked]
     references = [list(tokenizer(item.reference, add_special_tokens=False, verbose=False)["input_ids"])
                   for item in items]
     fits = sum(len(p) < limit for p in prompts)
     with progress_bar() as bar:
         task = bar.add_task(f"{label}: answering", total=fits, info=settings.describe())
-        outputs = generate_answers(model, tokenizer, items, settings, lambda _: bar.update(task, advance=1))
+        outputs = generate_answers(model, tokenizer, asked, settings, lambda _: bar.update(task, advance=1))
         task = bar.add_task(f"{label}: reference perplexity", total=len(items), info="")
         nlls = reference_nll(model, prompts, references, lambda n: bar.update(task, advance=n))
         bar.update(task, completed=len(items))
@@ -233,11 +240,15 @@ def answer_suite(model_path: str | Path, items: list[SuiteItem], settings: Setti
                      "metrics": {**per_item[i], "reference_nll": nll,
                                  "reference_perplexity": None if nll is None else math.exp(min(nll, 50.0)),
                                  "reference_tokens": n, "reference_truncated": nll is not None
-                                 and n < len(references[i])}})
+                                 and n < len(references[i])},
+                     **({"rag": sources.row(i, placed[i])} if sources is not None else {})})
     counts = {"items": len(items),
               "not_generated_prompt_fills_context": len(items) - fits,
               "perplexity_skipped_prompt_fills_context": sum(len(p) >= limit for p in prompts),
               "perplexity_skipped_empty_reference": sum(len(p) < limit and not r for p, r in zip(prompts, references)),
               "perplexity_reference_truncated": sum(r["metrics"]["reference_truncated"] for r in rows)}
-    return {"model": str(model_path), "context_length": limit, "rows": rows, "metrics": metrics, "counts": counts,
-            "seconds": time.perf_counter() - t0}
+    out = {"model": str(model_path), "context_length": limit, "rows": rows, "metrics": metrics, "counts": counts,
+           "seconds": time.perf_counter() - t0}
+    if sources is not None:
+        out["retrieval"] = sources.metrics(placed)
+    return out

@@ -16,12 +16,14 @@ place of RUN/eval.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rich.table import Table
 
 from genforge.common.errors import ConfigError
 from genforge.common.runs import RunDir, atomic_dir, update_report
+from genforge.eval.rag import RagSettings, SuiteSources, retrieval_lines
 from genforge.eval.suite import Settings, answer_suite, load_suite
 from genforge.eval.text_metrics import ITEM_METRICS
 from genforge.models.lm import model_folder
@@ -80,8 +82,8 @@ def by_label(rows: list[dict]) -> dict[str, dict[str, dict]]:
 
 def summarize(name: str, source: str, settings: Settings, a: dict, b: dict | None) -> dict:
     def side(r: dict) -> dict:
-        return {**{k: r[k] for k in ("model", "context_length", "metrics", "counts", "seconds")},
-                "by_label": by_label(r["rows"])}
+        return {**{k: r[k] for k in ("model", "context_length", "metrics", "counts", "seconds", "retrieval")
+                   if k in r}, "by_label": by_label(r["rows"])}
 
     summary = {"suite": name, "source": source, "items": a["counts"]["items"], "settings": vars(settings),
                "run": side(a)}
@@ -107,6 +109,15 @@ def summary_table(summary: dict) -> Table:
         if b:
             row += [_fmt(fmt, b["metrics"].get(key)), _fmt("{:+" + fmt[2:], summary["difference"].get(key))]
         table.add_row(*row)
+    k = summary["run"].get("retrieval", {}).get("k")
+    for key, label in (("hit@1", "retrieval hit@1"), (f"hit@{k}", f"retrieval hit@{k}"),
+                       ("hit_in_prompt", "relevant source in prompt"), ("mean_sources_in_prompt", "sources per prompt")):
+        if key in summary["run"].get("retrieval", {}):
+            row = [label, f"{summary['run']['retrieval'][key]:.3f}"]
+            if b:
+                other = b["retrieval"][key]
+                row += [f"{other:.3f}", f"{summary['run']['retrieval'][key] - other:+.3f}"]
+            table.add_row(*row)
     return table
 
 
@@ -126,6 +137,9 @@ def report_section(summary: dict, results_dir: str) -> str:
     else:
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {label} | {_fmt(fmt, a['metrics'].get(k))} |" for k, label, fmt in METRICS]
+    for side, r in (("A: ", a), ("B: ", b)) if b else (("", a),):
+        if "retrieval" in r:
+            lines += [""] + retrieval_lines(side, r["retrieval"])
     lines += ["", "BLEU and chrF (sacrebleu, 0-100) pool the n-grams of every item; ROUGE F1 (rouge-score, no "
               "stemming) and exact match (after whitespace normalisation) are means over items. Reference "
               "perplexity: exp of the reference tokens' mean loss given the prompt, over every scored token."]
@@ -176,16 +190,22 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def evaluate_suite(run: str, suite: str, *, compare: str | None = None, out: str | None = None,
-                   settings: Settings | None = None) -> dict:
-    """Answer `suite` with RUN (and with `compare`), score, write the results; the summary."""
+                   settings: Settings | None = None, rag: RagSettings | None = None) -> dict:
+    """Answer `suite` with RUN (and with `compare`), score, write the results; the summary.
+    With `rag`, every prompt carries the sources retrieved from the index, and the results go to
+    `<suite>-rag-<index>`, beside the plain answers rather than over them."""
     settings = settings or Settings()
     settings.sampling(0).validate()  # a bad temperature / top-p fails before any model loads
     name, items = load_suite(suite)  # bad suites fail before any model loads
     parent, run_dir = _destination(run, out)
     if compare is not None:
         model_folder(compare)
-    a = answer_suite(run, items, settings, "A" if compare else "run")
-    b = answer_suite(compare, items, settings, "B") if compare is not None else None
+    sources = None
+    if rag is not None:
+        sources = SuiteSources(rag, items)
+        name = f"{name}-rag-{re.sub(r'[^A-Za-z0-9._-]+', '-', rag.index)}"
+    a = answer_suite(run, items, settings, "A" if compare else "run", sources)
+    b = answer_suite(compare, items, settings, "B", sources) if compare is not None else None
     summary = summarize(name, str(suite), settings, a, b)
     results_dir = parent / name
     shown = f"eval/{name}" if run_dir is not None else str(results_dir)

@@ -5,7 +5,7 @@ the last ingest, chunks and embeds the rest, and writes them in one `store.write
 index changes all at once or, when anything raises or the process dies, not at all. A file that
 cannot be read (empty, too big, a broken PDF) is reported and skipped; the rest goes on.
 
-`query` and `evaluate` search with serve/rag.py's `Retriever`, the one the server uses.
+`query` and `evaluate` search with data/retriever.py's `Retriever`, the one the server uses.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from genforge.data.retrieval import (
     MODES,
     check_mode,
 )
-from genforge.models.embeddings import Embedder
-from genforge.serve.rag import Retriever, embedder_id, load_cross_encoder
+from genforge.data.retriever import Retriever, embedder_id, is_relevant, source_texts
+from genforge.models.embeddings import Embedder, load_cross_encoder
 
 # Bumped when chunking changes, so the next ingest re-chunks sources whose bytes did not change.
 CHUNKER_VERSION = 1
@@ -167,14 +167,11 @@ def evaluate(index: str, questions_path: str, store_spec: str, ks: tuple[int, ..
     store, embedder = _open(index, store_spec, embedder)
     try:
         retriever = Retriever(store, embedder, index)
-        by_source: dict[str, list[Chunk]] = {}
-        for c in retriever.chunks():
-            by_source.setdefault(c.source, []).append(c)
-        missing = sorted({src for _, src in rows} - by_source.keys())
+        full = source_texts(retriever.chunks())
+        missing = sorted({src for _, src in rows} - full.keys())
         if missing:
             raise DataError(f"{questions_path}: {len(missing)} target sources are not in index {index!r} "
                             f"(e.g. {missing[0]}); ingest them first", param="questions")
-        full = {s: _normalised_text(cs) for s, cs in by_source.items()}
         vectors = embedder.embed([q for q, _ in rows])
         depth = max(10, *ks)
         result: dict = {"index": index, "questions": len(rows), "modes": {}}
@@ -182,7 +179,7 @@ def evaluate(index: str, questions_path: str, store_spec: str, ks: tuple[int, ..
             ranks = []
             for (q, target), v in zip(rows, vectors):
                 hits = retriever.search(q, depth, mode, vector=v)
-                ranks.append(next((r for r, (c, _) in enumerate(hits, 1) if _relevant(c, target, full)), None))
+                ranks.append(next((r for r, (c, _) in enumerate(hits, 1) if is_relevant(c, target, full)), None))
             result["modes"][mode] = _metrics(ranks, ks)
         best = max(MODES, key=lambda m: (result["modes"][m]["ndcg@5"], result["modes"][m]["mrr"]))
         result["default_mode"] = best
@@ -207,26 +204,6 @@ def _read_questions(path: str) -> list[tuple[str, str]]:
     if not rows:
         raise DataError(f"questions file {path} is empty", param="questions")
     return rows
-
-
-def _relevant(chunk: Chunk, target: str, full: dict[str, str]) -> bool:
-    if chunk.source == target:
-        return True
-    # Only a passage long enough to carry an answer; a stray "Added in version 3.10." is no evidence.
-    text = " ".join(chunk.text.split())
-    return len(text) >= 100 and text in full[target]
-
-
-def _normalised_text(chunks: list[Chunk]) -> str:
-    """A source's text rebuilt from its chunks (placed at their offsets), whitespace collapsed."""
-    end = max(c.metadata.get("end", 0) for c in chunks)
-    if not end:
-        return " ".join(" ".join(c.text.split()) for c in chunks)
-    buf = [" "] * end
-    for c in chunks:
-        start = c.metadata["start"]
-        buf[start:start + len(c.text)] = c.text
-    return " ".join("".join(buf).split())
 
 
 def _metrics(ranks: list[int | None], ks: tuple[int, ...]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,16 @@ class Embedder:
         """Tokens each text has for the embedding model (the `usage` of /v1/embeddings)."""
         enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
         return [min(len(ids), self.max_tokens) for ids in enc]
+
+
+def load_cross_encoder(path: str | Path) -> Callable[[list[tuple[str, str]]], list[float]]:
+    """A sentence-transformers CrossEncoder from a local folder, as a (question, passage) pair scorer
+    (data/retrieval.py's `rerank` takes it)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"reranker folder {folder} does not exist or is not a cross-encoder model "
+                          "(no config.json)", param="reranker")
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(folder), device="cpu", local_files_only=True)
+    return lambda pairs: model.predict(pairs, show_progress_bar=False).tolist()

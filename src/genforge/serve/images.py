@@ -22,6 +22,7 @@ import io
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,29 +92,105 @@ def _png_b64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class GenerationSlot:
+    """One generation at a time (concurrent ones would only fight for the cores), at most `max_queue`
+    waiting behind it (more: 503 with Retry-After); a client that goes away cancels its generation at
+    the next step, whether it was running or still waiting. Shared by the class and the text routers."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.lock = threading.Lock()
+        self.admitted = 0  # running + waiting; only touched on the event loop
+
+    def acquire(self, cancel: threading.Event) -> None:
+        """Wait for the generator in a worker thread; leave as soon as the client does."""
+        while not self.lock.acquire(timeout=0.1):
+            if cancel.is_set():
+                raise _Cancelled
+        if cancel.is_set():
+            self.lock.release()
+            raise _Cancelled
+
+    def release(self) -> None:
+        self.lock.release()
+
+    async def run(self, request: Request, work: Callable[[threading.Event], dict]) -> Response:
+        """`work(cancel)` in a worker thread under the admission limit; its dict as JSON, a
+        GenforgeError as an OpenAI-style error, 499 when the client left first."""
+        if self.admitted > self.max_queue:  # one running + max_queue waiting
+            return _error(f"the image generator is busy ({self.admitted - 1} requests waiting); retry later",
+                          status=503, type_="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.admitted += 1
+        cancel = threading.Event()
+        job = asyncio.ensure_future(run_in_threadpool(work, cancel))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():
+                cancel.set()  # the worker stops at its next step; its slot frees then
+                await asyncio.gather(job, return_exceptions=True)
+                return Response(status_code=499)
+            return JSONResponse(job.result())
+        except GenforgeError as e:
+            return JSONResponse(e.to_openai(), status_code=e.status)
+        finally:
+            self.admitted -= 1
+            cancel.set()
+            gone.cancel()
+
+
+def check_size(size: str | None, side: int) -> None:
+    """`size` must be the model's own (it generates at one size)."""
+    if size is None:
+        return
+    parts = size.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise GenforgeError(f"size: {size!r} is not 'WxH' (this model makes {side}x{side})", param="size")
+    if (int(parts[0]), int(parts[1])) != (side, side):
+        raise GenforgeError(f"size: {size} is not available; this model generates {side}x{side} images only",
+                            param="size")
+
+
+def check_response_format(response_format: str | None) -> None:
+    if response_format not in (None, "b64_json"):
+        raise GenforgeError(f"response_format: {response_format!r} is not supported; use 'b64_json' (this server "
+                            f"does not host image files)", param="response_format")
+
+
+async def json_body(request: Request) -> dict | JSONResponse:
+    """The request's JSON object without the OpenAI fields this server ignores, or a 400 response."""
+    try:
+        body = await request.json()
+    except RecursionError:  # on a bare FastAPI; under create_app the gate refuses it earlier
+        return _error("request body nests arrays/objects too deeply")
+    except ValueError:
+        return _error("request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _error("request body must be a JSON object")
+    for key in IGNORED_OPENAI_FIELDS:
+        body.pop(key, None)
+    return body
+
+
 def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MAX_WORK) -> APIRouter:
-    """A router serving the image run at `run_dir` (loaded now, so a bad run fails at startup)."""
+    """A router serving the image run at `run_dir` (loaded now, so a bad run fails at startup): a
+    class-conditional or unconditional one here, a text-to-image one by serve/images_text.py."""
+    from genforge.models.text_to_image import is_text_to_image
+
+    if is_text_to_image(run_dir):
+        from genforge.serve.images_text import text_images_router
+
+        return text_images_router(run_dir, max_queue=max_queue, max_work=max_work)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_image_generator(run_dir, device=device)
-    lock = threading.Lock()  # one generation at a time: concurrent ones would only fight for cores
-    admitted = 0  # running + waiting; only touched on the event loop
+    slot = GenerationSlot(max_queue)
     router = APIRouter()
 
     def generate(req: ImageGenerationRequest, cancel: threading.Event) -> dict:
-        if req.response_format not in (None, "b64_json"):
-            raise GenforgeError(f"response_format: {req.response_format!r} is not supported; use "
-                                f"'b64_json' (this server does not host image files)", param="response_format")
-        side = model.sample_size
-        if req.size is not None:
-            parts = req.size.lower().split("x")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-                raise GenforgeError(f"size: {req.size!r} is not 'WxH' (this model makes {side}x{side})",
-                                    param="size")
-            if (int(parts[0]), int(parts[1])) != (side, side):
-                raise GenforgeError(f"size: {req.size} is not available; this model generates "
-                                    f"{side}x{side} images only", param="size")
+        check_response_format(req.response_format)
+        check_size(req.size, model.sample_size)
         label = req.class_
         if label is None and req.prompt and model.conditional and req.prompt.strip() in model.class_names:
             label = req.prompt.strip()
@@ -129,54 +206,23 @@ def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MA
             if cancel.is_set():
                 raise _Cancelled
 
-        while not lock.acquire(timeout=0.1):  # waiting in line: leave as soon as the client does
-            if cancel.is_set():
-                raise _Cancelled
+        slot.acquire(cancel)
         try:
-            if cancel.is_set():
-                raise _Cancelled
             images = model.sample(req.n, labels=labels, seed=seed, on_step=on_step, **kw)
         finally:
-            lock.release()
+            slot.release()
         return {"created": int(time.time()),
                 "data": [{"b64_json": _png_b64(im), "revised_prompt": None} for im in images]}
 
     @router.post("/v1/images/generations")
-    async def generations(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except RecursionError:  # on a bare FastAPI; under create_app the gate refuses it earlier
-            return _error("request body nests arrays/objects too deeply")
-        except ValueError:
-            return _error("request body is not valid JSON")
-        if not isinstance(body, dict):
-            return _error("request body must be a JSON object")
-        for key in IGNORED_OPENAI_FIELDS:
-            body.pop(key, None)
+    async def generations(request: Request) -> Response:
+        body = await json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             req = ImageGenerationRequest.model_validate(body)
         except ValidationError as e:
             return _error(*_validation_message(e))
-        nonlocal admitted
-        if admitted > max_queue:  # one running + max_queue waiting
-            return _error(f"the image generator is busy ({admitted - 1} requests waiting); retry later",
-                          status=503, type_="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
-        admitted += 1
-        cancel = threading.Event()
-        job = asyncio.ensure_future(run_in_threadpool(generate, req, cancel))
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not job.done():
-                cancel.set()  # the worker stops at its next step; its slot frees then
-                await asyncio.gather(job, return_exceptions=True)
-                return Response(status_code=499)
-            return JSONResponse(job.result())
-        except GenforgeError as e:
-            return JSONResponse(e.to_openai(), status_code=e.status)
-        finally:
-            admitted -= 1
-            cancel.set()
-            gone.cancel()
+        return await slot.run(request, lambda cancel: generate(req, cancel))
 
     return router

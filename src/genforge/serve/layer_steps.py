@@ -53,7 +53,8 @@ class LayerSteps:
             self.cache = SemanticCache(self.store, emb, threshold=c.threshold, verify=c.verify, ttl_s=c.ttl_s,
                                        max_entries=c.max_entries)
         if config.rag.index is not None:
-            from genforge.serve.rag import Retriever, load_cross_encoder
+            from genforge.data.retriever import Retriever
+            from genforge.models.embeddings import load_cross_encoder
 
             reranker = load_cross_encoder(config.rag.reranker) if config.rag.reranker else None
             try:

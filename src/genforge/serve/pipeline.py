@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from genforge.common import tracing
 from genforge.common.errors import NotFoundError
 from genforge.common.store import StoreUnavailable
+from genforge.data.retriever import with_sources
 from genforge.serve.app_config import AppConfig
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import (
@@ -47,11 +48,6 @@ from genforge.serve.protocol import (
 )
 from genforge.serve.streaming import ChunkEncoder
 
-# The retrieved sources go into the last user turn (any chat template accepts that; not all take a
-# second system message), numbered so the answer can cite them.
-RAG_TEMPLATE = ("Answer from the numbered sources and cite them as [1], [2]; if they do not hold the answer, "
-                "say so.\n\n{sources}\n\nQuestion: {question}")
-RAG_SOURCE_CHARS = 1500  # per source in the prompt: a small model's context is short
 WORKER_THREADS = 64  # mostly waiting (on the embedding batch, the store), so cheap; see the module doc
 INLINE_CHARS = 8192  # the guard's rules over a turn shorter than this run on the event loop (~0.1 ms)
 log = logging.getLogger(__name__)
@@ -320,24 +316,18 @@ class AppLayer:
         with self._step("retrieve", count_failures=False):
             found = await self.steps.call("search", question, self.config.rag.k, self.config.rag.mode)
 
-        def with_sources(n: int) -> list[dict]:
-            blocks = []
-            for i, (chunk, _) in enumerate(found[:n], 1):
-                text = chunk.text if len(chunk.text) <= RAG_SOURCE_CHARS else chunk.text[:RAG_SOURCE_CHARS] + " ..."
-                blocks.append(f"[{i}] ({_short(chunk.source)}) {text}")
-            messages = [dict(m) for m in out.messages]
-            messages[last]["content"] = RAG_TEMPLATE.format(sources="\n\n".join(blocks), question=question)
-            return messages
+        def sourced(n: int) -> list[dict]:
+            return with_sources(out.messages, last, question, [c for c, _ in found[:n]])
 
         # As many of the top sources as the model's context holds beside the answer: a short-context
         # model gets fewer (or none) rather than a 400 for every question.
         n = len(found)
-        while n > 0 and fits is not None and not await asyncio.to_thread(fits, with_sources(n)):
+        while n > 0 and fits is not None and not await asyncio.to_thread(fits, sourced(n)):
             n -= 1
         if n == 0:
             return
         self.metrics.retrievals.labels(self.served_name).inc()
-        out.messages = with_sources(n)
+        out.messages = sourced(n)
         out.sources = [{"id": c.id, "source": c.source, "score": round(float(score), 6)} for c, score in found[:n]]
 
     # ------------------------------------------------------------ after the engine
@@ -372,11 +362,6 @@ class AppLayer:
         if not self.cache_on:
             raise NotFoundError("the semantic cache is off on this server (start it with --cache)", param="cache")
         return await self.steps.call("invalidate", key)
-
-
-def _short(source: str) -> str:
-    """A file's name, not its path, in the prompt (the response's `sources` carry the full one)."""
-    return source if source.startswith("builtin:") or "://" in source else Path(source).name
 
 
 def _text(content: Any) -> str:

@@ -126,6 +126,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _run_family(path: Path) -> str:
     """"lm" for a language-model run (pre-trained, fine-tuned, aligned, distilled) or an HF folder, else
     the image family of the run."""
+    from genforge.models.text_to_image import FAMILY, is_text_to_image
+
+    if is_text_to_image(path):  # RUN or RUN/model: its genforge.json says so
+        return FAMILY
     recipe = path / "recipe.yaml"
     if recipe.is_file():
         from genforge.common.config import IMAGE_FAMILIES
