@@ -19,7 +19,6 @@ from genforge.common.errors import ConfigError, DataError
 from genforge.common.runs import RunDir
 from genforge.data.images import prepare_image_dataset
 from genforge.jobs.train import run_loaded_recipe
-from genforge.train.latent_diffusion import CAPTIONS_FILE
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CHINESE = "零一二三四五六七八九"
@@ -31,9 +30,10 @@ MODEL = {"vae": VAE, "max_tokens": 12, "block_out_channels": [16, 32], "attentio
 
 
 def write_captions(dataset: Path) -> None:
-    """Contract 1's captions.jsonl for a prepared digits folder (until the captions branch lands)."""
+    """Contract 1's captions.jsonl with two phrasings per digit: 21 distinct captions keep the text cache instant
+    (builtin:digits-captions has thousands)."""
     labels = np.load(dataset / "labels.npy")
-    with open(dataset / CAPTIONS_FILE, "w", encoding="utf-8") as f:
+    with open(dataset / "captions.jsonl", "w", encoding="utf-8") as f:
         for i, d in enumerate(labels.tolist()):
             row = {"index": i, "captions": [f"a handwritten {WORDS[d]}", f"the digit {d}"],
                    "heldout_captions": [f"手写的数字{CHINESE[d]}"]}
@@ -168,9 +168,9 @@ def test_a_dataset_without_captions_is_refused(tmp_path: Path):
     with pytest.raises(DataError, match="captions.jsonl"):
         run_loaded_recipe(_recipe("nocap", ds, tmp_path, 2))
     write_captions(ds)
-    lines = (ds / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines()
-    (ds / CAPTIONS_FILE).write_text("\n".join(lines[:5] + lines[6:]), encoding="utf-8")
-    with pytest.raises(DataError, match="first: index 5"):
+    lines = (ds / "captions.jsonl").read_text(encoding="utf-8").splitlines()
+    (ds / "captions.jsonl").write_text("\n".join(lines[:5] + lines[6:]), encoding="utf-8")
+    with pytest.raises(DataError, match="rows out of order or without captions"):
         run_loaded_recipe(_recipe("nocap", ds, tmp_path, 2))
 
 

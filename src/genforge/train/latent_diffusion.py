@@ -44,6 +44,7 @@ from genforge.common.config import Recipe, TrainConfig, from_dict, to_dict
 from genforge.common.errors import ConfigError, DataError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, update_report
+from genforge.data.captions import load_captions
 from genforge.data.images import ImageBatches, ImageDataConfig, ImageDataset, save_image_grid
 from genforge.models.latent_diffusion import (
     LatentDiffusionSpec,
@@ -57,37 +58,10 @@ from genforge.models.latent_diffusion import (
 from genforge.train.latent_vae import encode_latents, load_autoencoder, train_autoencoder
 from genforge.train.objective import OptimizerSpec, SingleLoss, adamw
 
-CAPTIONS_FILE = "captions.jsonl"
-
 
 def read_captions(ds: ImageDataset) -> list[list[str]]:
     """The training captions of every image, in images.npy order (contract 1's captions.jsonl)."""
-    path = ds.path / CAPTIONS_FILE
-    if not path.is_file():
-        raise DataError(f"{ds.path} has no {CAPTIONS_FILE}; latent diffusion trains on captioned images: "
-                        f"prepare with `genforge data prepare builtin:digits-captions --out DIR` or "
-                        f"`genforge data prepare FOLDER --captions captions.jsonl`")
-    n = len(ds.labels)
-    rows: list[list[str] | None] = [None] * n
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            i, caps = int(row["index"]), row["captions"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}:{line_no}: not a caption row ({e}); expected "
-                            '{"index": 0, "captions": ["..."]}') from None
-        if not 0 <= i < n:
-            raise DataError(f"{path}:{line_no}: index {i} is out of range (the dataset has {n} images)")
-        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-            raise DataError(f"{path}:{line_no}: image {i} has no non-empty captions")
-        rows[i] = caps
-    missing = [i for i, r in enumerate(rows) if r is None]
-    if missing:
-        raise DataError(f"{path}: {len(missing)} images have no caption row (first: index {missing[0]}); "
-                        "every image needs at least one caption")
-    return rows  # type: ignore[return-value]
+    return [row["captions"] for row in load_captions(ds.path)]
 
 
 class TextCache:
