@@ -194,3 +194,42 @@ def test_the_shipped_recipe_is_valid():
     recipe = load_recipe(Path(__file__).parents[2] / "configs" / "latent-diffusion.yaml")
     spec = from_dict(LatentDiffusionSpec, recipe.model, "model")
     assert recipe.family == "latent-diffusion" and spec.vae_settings().factor == 4 and spec.text_encoder is None
+
+
+def test_words_the_encoder_cannot_read_get_learned_embeddings_that_the_saved_pipeline_reads(tmp_path: Path):
+    """Chinese numerals MiniLM reads as [UNK] (七, 六, 九, 零) become tokens whose embeddings train with the
+    UNet; the encoder's other rows and layers stay frozen, and the exported pipeline reads the words."""
+    from genforge.models.latent_diffusion import load_text_encoder
+
+    ds = tmp_path / "zh"
+    prepare_image_dataset("builtin:digits", ds, size=16, val_fraction=0.1)
+    labels = np.load(ds / "labels.npy")
+    with open(ds / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i, d in enumerate(labels.tolist()):
+            f.write(json.dumps({"index": i, "captions": [f"a handwritten {WORDS[d]}", f"数字{CHINESE[d]}"],
+                                "heldout_captions": []}, ensure_ascii=False) + "\n")
+    out = run_loaded_recipe(_recipe("zh", ds, tmp_path, 6, lr=5e-2))
+    meta = json.loads((out.run.model_dir / "genforge.json").read_text(encoding="utf-8"))
+    assert {"七", "六", "九", "零", "数", "字"} <= set(meta["learned_tokens"]) and "一" not in meta["learned_tokens"]
+
+    pipe = StableDiffusionPipeline.from_pretrained(out.run.model_dir)
+    ids = pipe.tokenizer("数字七")["input_ids"]
+    assert pipe.tokenizer.unk_token_id not in ids  # the saved tokenizer knows the word now
+    fresh, tokenizer = load_text_encoder(None, 12)
+    base = fresh.get_input_embeddings().weight
+    table = pipe.text_encoder.get_input_embeddings().weight
+    first = len(tokenizer)
+    assert torch.equal(table[:first], base)  # every original row as it was: English encodes as before
+    seven = tokenizer.convert_tokens_to_ids("七")
+    assert seven == tokenizer.unk_token_id
+    learned = table[first:]
+    assert len(learned) == len(meta["learned_tokens"])
+    # trained: the rows moved away from [UNK]'s and from each other
+    assert (learned - base[tokenizer.unk_token_id]).norm(dim=1).min() > 0.1 * base[tokenizer.unk_token_id].norm()
+    with torch.no_grad():
+        a, b = pipe.encode_prompt(["数字七", "数字六"], "cpu", 1, False)[0]
+    assert not torch.allclose(a, b)
+    english = pipe.encode_prompt(["a handwritten three"], "cpu", 1, False)[0]
+    fresh_pipe_states = fresh(**tokenizer(["a handwritten three"], padding="max_length", max_length=12,
+                                         return_tensors="pt"))[0]
+    assert torch.allclose(english, fresh_pipe_states, atol=1e-5)

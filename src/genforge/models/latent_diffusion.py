@@ -68,6 +68,8 @@ class LatentDiffusionSpec(Spec):
     text_encoder: str | None = rng(None, help="local BERT/CLIP text folder; default: all-MiniLM-L6-v2")
     max_tokens: int = rng(32, min=4, max=512, help="captions are padded/truncated to this many tokens")
     caption_dropout: float = rng(0.1, min=0, max=1, help="share of captions replaced by '' (for guidance)")
+    learn_unknown_tokens: bool = rng(True, help="add the caption words the tokenizer reads as its unknown "
+                                     "token and train their embeddings (the rest of the encoder stays frozen)")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = rng(1, min=1, max=4)
     attention_head_dim: int = rng(8, min=1)
@@ -179,6 +181,65 @@ def load_text_encoder(path: str | Path | None, max_tokens: int):
     tokenizer = AutoTokenizer.from_pretrained(folder, model_max_length=max_tokens, local_files_only=True)
     encoder.requires_grad_(False)
     return encoder.eval(), tokenizer
+
+
+def unknown_pieces(tokenizer, texts: list[str]) -> list[str]:
+    """The words of `texts` (single characters, for Chinese) that `tokenizer` can only read as its
+    unknown token, sorted: what `LearnedTokens` adds. Empty for a byte-level tokenizer (CLIP)."""
+    unk = tokenizer.unk_token_id
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if unk is None or backend is None or backend.pre_tokenizer is None:
+        return []
+    found: set[str] = set()
+    for text in set(texts):
+        norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(norm):
+            if piece not in found and tokenizer(piece, add_special_tokens=False)["input_ids"] == [unk]:
+                found.add(piece)
+    return sorted(found)
+
+
+class LearnedTokens(torch.nn.Module):
+    """Embeddings for words a frozen text encoder does not know, trained with the UNet.
+
+    all-MiniLM-L6-v2's vocabulary lacks most Chinese characters (七, 六, 九, 零, 写, 数, 字 read as
+    [UNK]), so a Chinese caption would say little or nothing. As in textual inversion, each such word
+    becomes a token of its own whose input embedding (one row, starting as [UNK]'s) is the only part
+    of the encoder that learns; the encoder's layers and every other row stay as they were, so English
+    captions encode exactly as before. `write_into` puts the rows into the encoder's table for export,
+    so the saved tokenizer + encoder read those words with no genforge code.
+    """
+
+    def __init__(self, text_encoder, tokenizer, pieces: list[str], seed: int = 0):
+        super().__init__()
+        self.first = len(tokenizer)  # ids >= first are the added words
+        self.pieces = list(pieces)
+        tokenizer.add_tokens(self.pieces)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        table = text_encoder.get_input_embeddings().weight.detach()
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(self.pieces), table.shape[1]), generator=g) * 0.1 * float(table.std())
+        self.rows = torch.nn.Parameter(table[tokenizer.unk_token_id].float().repeat(len(self.pieces), 1) + noise)
+        self.write_into(text_encoder)
+
+    def uses(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per row of `input_ids`: whether it holds an added word."""
+        return (input_ids >= self.first).any(-1)
+
+    def encode(self, text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden states, as `StableDiffusionPipeline.encode_prompt` computes them,
+        differentiable in `rows`."""
+        table = text_encoder.get_input_embeddings()
+        added = input_ids >= self.first
+        embeds = table(input_ids.clamp(max=self.first - 1))
+        picked = self.rows.to(embeds.dtype)[(input_ids - self.first).clamp(min=0)]
+        embeds = torch.where(added[..., None], picked, embeds)
+        return text_encoder(inputs_embeds=embeds, attention_mask=attention_mask)[0]
+
+    @torch.no_grad()
+    def write_into(self, text_encoder) -> None:
+        text_encoder.get_input_embeddings().weight[self.first:] = self.rows.to(
+            text_encoder.get_input_embeddings().weight.dtype)
 
 
 def make_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler):

@@ -48,11 +48,13 @@ from genforge.data.captions import load_captions
 from genforge.data.images import ImageBatches, ImageDataConfig, ImageDataset, save_image_grid
 from genforge.models.latent_diffusion import (
     LatentDiffusionSpec,
+    LearnedTokens,
     build_scheduler,
     build_unet,
     load_text_encoder,
     make_pipeline,
     save_pipeline,
+    unknown_pieces,
     vae_factor,
 )
 from genforge.train.latent_vae import encode_latents, load_autoencoder, train_autoencoder
@@ -65,10 +67,11 @@ def read_captions(ds: ImageDataset) -> list[list[str]]:
 
 
 class TextCache:
-    """The frozen encoder's states of every distinct caption, computed once: `lookup(captions)`."""
+    """The frozen encoder's states of every distinct caption, computed once: `lookup(captions)`.
+    Captions that use learned tokens (`live`) are not cached: their states change as the tokens learn."""
 
-    def __init__(self, pipe, captions, chunk: int = 128):
-        unique = sorted(set(captions) | {""})  # "" is the dropped / unconditional caption
+    def __init__(self, pipe, captions, chunk: int = 128, live: set[str] | frozenset = frozenset()):
+        unique = sorted((set(captions) | {""}) - set(live))  # "" is the dropped / unconditional caption
         t0 = time.perf_counter()
         with torch.no_grad():
             states = [pipe.encode_prompt(unique[i:i + chunk], pipe.device, 1, False)[0].float().cpu()
@@ -77,6 +80,7 @@ class TextCache:
         self.states = torch.cat(states)  # U x max_tokens x hidden
         self.index = {c: i for i, c in enumerate(unique)}
         self.unknown_share = _unknown_token_share(pipe.tokenizer, unique)
+        self.live = frozenset(live)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -142,18 +146,33 @@ class CaptionedLatents:
 
 class LatentDiffusionObjective(SingleLoss):
     def __init__(self, spec: LatentDiffusionSpec, parts: dict, cache: TextCache, device: torch.device,
-                 run: RunDir, meta: dict, figures: dict):
+                 run: RunDir, meta: dict, figures: dict, learned: LearnedTokens | None = None):
         self.spec, self.cache, self.device, self.run, self.meta, self.figures = spec, cache, device, run, meta, figures
         self.unet = parts["unet"].to(device)
         self.vae, self.text_encoder, self.tokenizer = parts["vae"], parts["text_encoder"], parts["tokenizer"]
         self.scheduler = parts["scheduler"]
-        self.modules = {"unet": self.unet}
+        self.learned = learned
+        self.modules = {"unet": self.unet, **({"learned_tokens": learned.to(device)} if learned else {})}
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         self.T = int(self.scheduler.config.num_train_timesteps)
         self.scaling = float(self.vae.config.scaling_factor)
 
     def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
-        return [OptimizerSpec(adamw(self.unet.parameters(), cfg, device=self.device))]
+        params = [*self.unet.parameters(), *(self.learned.parameters() if self.learned else [])]
+        return [OptimizerSpec(adamw(params, cfg, device=self.device))]
+
+    def _states(self, captions: list[str], dev: torch.device) -> torch.Tensor:
+        """The text states of `captions`: cached, or (captions with learned tokens) encoded now, with
+        gradients into the learned rows while training."""
+        live = [i for i, c in enumerate(captions) if c in self.cache.live]
+        if not live:
+            return self.cache.lookup(captions).to(dev)
+        out = self.cache.lookup([c if c not in self.cache.live else "" for c in captions]).to(dev)
+        tok = self.tokenizer([captions[i] for i in live], padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        states = self.learned.encode(self.text_encoder, tok.input_ids.to(dev), tok.attention_mask.to(dev))
+        index = torch.tensor(live, device=dev)
+        return out.index_copy(0, index, states.to(out.dtype))
 
     def _loss(self, batch: dict, gen: torch.Generator | None = None, dropout: float = 0.0) -> torch.Tensor:
         mean, dev = batch["mean"], batch["mean"].device
@@ -168,7 +187,7 @@ class LatentDiffusionObjective(SingleLoss):
         if dropout > 0:
             drop = (torch.rand(n, generator=gen) < dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
-        cond = self.cache.lookup(captions).to(dev)
+        cond = self._states(captions, dev)
         pred = self.unet(zt, t, encoder_hidden_states=cond).sample
         target = noise if self.spec.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
         return F.mse_loss(pred.float(), target.float())
@@ -190,6 +209,8 @@ class LatentDiffusionObjective(SingleLoss):
                              unet=self.unet, scheduler=self.scheduler)
 
     def export(self, model_dir: Path) -> None:
+        if self.learned is not None:  # the learned rows into the encoder's own table: a plain pipeline reads them
+            self.learned.write_into(self.text_encoder)
         pipe = self.pipeline()
         save_pipeline(pipe, model_dir, self.meta)
         self.unet.eval()
@@ -284,9 +305,20 @@ def build(recipe: Recipe, device: torch.device) -> tuple[LatentDiffusionObjectiv
     unet = build_unet(spec, latent_channels=mean.shape[1], latent_size=mean.shape[-1],
                       cross_attention_dim=text_encoder.config.hidden_size)
     parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    train_caps = [c for i in train_rows.tolist() for c in captions[i]]
+    val_caps = [captions[i][0] for i in val_rows.tolist()]
+    learned, live = None, set()
+    pieces = unknown_pieces(tokenizer, train_caps) if spec.learn_unknown_tokens else []
+    if pieces:
+        learned = LearnedTokens(text_encoder, tokenizer, pieces, seed=cfg.seed)
+        unique = sorted(set(train_caps) | set(val_caps))
+        uses = learned.uses(tokenizer(unique, padding="max_length", max_length=spec.max_tokens, truncation=True,
+                                      return_tensors="pt").input_ids)
+        live = {c for c, u in zip(unique, uses.tolist()) if u}
+        console.print(f"learned tokens: {len(pieces)} words the text encoder read as unknown ({''.join(pieces[:20])}"
+                      f"{' ...' if len(pieces) > 20 else ''}) get trained embeddings; {len(live)} captions use them")
     pipe = make_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-    cache = TextCache(pipe, [c for i in train_rows.tolist() for c in captions[i]] +
-                      [captions[i][0] for i in val_rows.tolist()])
+    cache = TextCache(pipe, train_caps + val_caps, live=live)
     console.print(f"text cache: {len(cache)} distinct captions encoded in {cache.seconds:.1f}s; "
                   f"latents: {len(mean)} images encoded in {latent_s:.1f}s")
 
@@ -307,7 +339,8 @@ def build(recipe: Recipe, device: torch.device) -> tuple[LatentDiffusionObjectiv
                              str(_default_source()), "max_tokens": spec.max_tokens},
             "vae_scaling_factor": float(vae.config.scaling_factor), "vae": vae_source,
             "caption_dropout": spec.caption_dropout}
-    return LatentDiffusionObjective(spec, parts, cache, device, run, meta, figures), data
+    meta["learned_tokens"] = pieces
+    return LatentDiffusionObjective(spec, parts, cache, device, run, meta, figures, learned), data
 
 
 def _default_source() -> Path:
