@@ -97,24 +97,9 @@ def time_sampling(model: str, steps: int, batch: int, calls: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="tiny trainings: checks the script, figures are noise")
-    ap.add_argument("--work-dir", default=str(ROOT / ".cache" / "bench-t2i"))
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--ldm-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra overrides of configs/latent-diffusion.yaml")
-    ap.add_argument("--time-sampling", default=None, help=argparse.SUPPRESS)  # the timing child process
-    a = ap.parse_args()
-    if a.time_sampling:
-        print(json.dumps(time_sampling(a.time_sampling, TIMING_STEPS, TIMING_BATCH, TIMING_CALLS)))
-        return 0
-    work = Path(a.work_dir)
+def train_both(a, work: Path, logs: Path, data: Path, result: dict) -> tuple[dict, dict]:
+    """Prepare the data, train the latent run, size and train the pixel run; their stage figures."""
     shutil.rmtree(work / "runs", ignore_errors=True)
-    logs = work / "logs"
-    data = work / "digits-captions"
-    result: dict = {"benchmark": "text_to_image", "quick": a.quick, "cpu": cpu_info(), "stages": {}}
-    t_start = time.perf_counter()
     result["stages"]["prepare"] = run([*GENFORGE, "data", "prepare", "builtin:digits-captions", "--size", "32",
                                        "--val-fraction", "0.2", "--out", str(data)], logs / "prepare.log")
     quick_ldm = ["model.vae.steps=60", "train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60"]
@@ -145,6 +130,36 @@ def main() -> int:
                  for x in ("--set", s)]], logs / "train_pixel.log")
     result["stages"]["train_pixel"] = {**pixel, "steps": pixel_steps}
 
+    return ldm, pixel
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny trainings: checks the script, figures are noise")
+    ap.add_argument("--work-dir", default=str(ROOT / ".cache" / "bench-t2i"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--ldm-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra overrides of configs/latent-diffusion.yaml")
+    ap.add_argument("--eval-only", action="store_true", help="reuse the trained runs in --work-dir and the training "
+                    "figures of the last result JSON; evaluate and time again")
+    ap.add_argument("--time-sampling", default=None, help=argparse.SUPPRESS)  # the timing child process
+    a = ap.parse_args()
+    if a.time_sampling:
+        print(json.dumps(time_sampling(a.time_sampling, TIMING_STEPS, TIMING_BATCH, TIMING_CALLS)))
+        return 0
+    work = Path(a.work_dir)
+    logs = work / "logs"
+    data = work / "digits-captions"
+    out_path = Path(a.out) if a.out else RESULTS / ("text_to_image_quick.json" if a.quick else "text_to_image.json")
+    result: dict = {"benchmark": "text_to_image", "quick": a.quick, "cpu": cpu_info(), "stages": {}}
+    t_start = time.perf_counter()
+    if a.eval_only:
+        before = json.loads(out_path.read_text())
+        result["stages"] = {k: v for k, v in before["stages"].items() if not k.startswith("eval")}
+        result["eval_only_of"] = before.get("git")
+        ldm, pixel = result["stages"]["train_latent"], result["stages"]["train_pixel"]
+    else:
+        ldm, pixel = train_both(a, work, logs, data, result)
     runs = work / "runs"
     n_eval = "60" if a.quick else "300"
     result["stages"]["eval_latent"] = run([*GENFORGE, "eval", str(runs / "latent"), "--num-samples", n_eval],
@@ -166,12 +181,16 @@ def main() -> int:
     s, p = latent["summary"], pixel_eval["summary"]
     h = latent["heldout"]
     rows = [
-        ["latent diffusion (text)", f"{ldm['cpu_s'] / 60:.1f} / {ldm['wall_s'] / 60:.1f}",
+        [f"latent diffusion (text), g={latent['guidance']:g}", f"{ldm['cpu_s'] / 60:.1f} / {ldm['wall_s'] / 60:.1f}",
          f"{100 * s['heldout_class_accuracy']:.1f}%", f"{100 * s['heldout_class_accuracy_en']:.1f}%",
          f"{100 * s['heldout_class_accuracy_zh']:.1f}%", f"{100 * s['class_prompt_accuracy']:.1f}%",
          fmt(s.get("fid"), ".3f"), fmt(s.get("floor_fid"), ".3f"), fmt(s.get("fid_over_floor"), ".2f"),
          fmt(timing["latent"]["images_per_s"], ".1f")],
-        ["pixel diffusion (class label)", f"{pixel['cpu_s'] / 60:.1f} / {pixel['wall_s'] / 60:.1f}", None, None, None,
+        *[[f"latent diffusion, class prompts at g={r['guidance']:g}", None, None, None, None,
+           f"{100 * r['class_accuracy']:.1f}%", fmt(r.get("fid"), ".3f"), fmt(s.get("floor_fid"), ".3f"),
+           fmt(r["fid"] / s["floor_fid"], ".2f") if r.get("fid") else None, None]
+          for r in latent["class_prompts"]["rows"]],
+        ["pixel diffusion (class label), g=1.5", f"{pixel['cpu_s'] / 60:.1f} / {pixel['wall_s'] / 60:.1f}", None, None, None,
          f"{100 * p['class_accuracy']:.1f}%", fmt(p.get("fid"), ".3f"), fmt(p.get("floor_fid"), ".3f"),
          fmt(p.get("fid_over_floor"), ".2f"), fmt(timing["pixel"]["images_per_s"], ".1f")],
     ]
@@ -196,7 +215,6 @@ def main() -> int:
             shutil.copy(src, RESULTS / f"t2i_{name.replace(' ', '_').replace('-', '')}.png")
     result.update(total_s=time.perf_counter() - t_start, git=git_commit(ROOT),
                   versions=versions("torch", "diffusers", "transformers", "genforge"))
-    out_path = Path(a.out) if a.out else RESULTS / ("text_to_image_quick.json" if a.quick else "text_to_image.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")

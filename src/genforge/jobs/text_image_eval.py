@@ -45,6 +45,7 @@ from genforge.models.latent_diffusion import load_text_to_image
 from genforge.models.text_to_image import inpaint, text_to_image, vae_round_trip_error
 
 CLASS_TEMPLATE = "a handwritten {word}"  # a training phrasing, for the FID row (the class alone)
+FID_GUIDANCES = (1.5, 1.0)  # FID rows beside the main one: 1.5 is the class-conditional eval's default
 
 
 def heldout_prompts(classes: list[str], seed: int = 0) -> list[dict]:
@@ -161,6 +162,8 @@ def _heldout_rows(pipe, clf, classes, names, edges, bar, n, guidance, steps, see
 
 
 def _fid_rows(pipe, clf, ds, exclude, bar, num_fid, guidance, steps, seed) -> tuple[dict, torch.Tensor]:
+    """FID/KID of class prompts at `guidance` ("model") and at each of FID_GUIDANCES ("rows"; guidance
+    trades diversity, which FID counts, for purity), against the real-vs-real floor."""
     train_x, train_y = ds.split("train", exclude)
     val_x, val_y = ds.split("val", exclude)
     order = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:num_fid]
@@ -171,25 +174,32 @@ def _fid_rows(pipe, clf, ds, exclude, bar, num_fid, guidance, steps, seed) -> tu
     floor = _score("real held-out (floor)", val_x, val_y.tolist(), clf=clf, ref=ref, n_fid=n_fid,
                    num_classes=ds.num_classes, seed=seed)
     counts = np.bincount(val_y.numpy(), minlength=ds.num_classes)
-    task = bar.add_task("class prompts (FID)", total=int(counts.sum()), info=CLASS_TEMPLATE)
-    images, labels = [], []
-    t0 = time.perf_counter()
-    for c, count in enumerate(counts):
-        done = 0
-        while done < count:  # batches of at most 32 per pipeline call
-            k = int(min(32, count - done))
-            prompt = caption_for(ds.classes[c], {}, CLASS_TEMPLATE)
-            images.append(text_to_image(pipe, prompt, num_samples=k, guidance=guidance, steps=steps,
-                                        seed=seed + 1000 * c + done))
-            labels += [c] * k
-            done += k
-            bar.update(task, advance=k)
-    seconds = time.perf_counter() - t0
-    generated = _to_unit(np.concatenate(images))
-    row = _score(f"latent diffusion DDIM-{steps} g={guidance:g}", generated, labels, clf=clf, ref=ref, n_fid=n_fid,
-                 num_classes=ds.num_classes, seconds=seconds, seed=seed)
-    picks = torch.cat([generated[torch.tensor(labels) == c][:4] for c in range(ds.num_classes)])
-    return {"floor": floor, "model": row, "n_fid": n_fid}, picks[:64]
+    out: dict = {"floor": floor, "n_fid": n_fid, "rows": []}
+    for g in [guidance, *[x for x in FID_GUIDANCES if x != guidance]]:
+        task = bar.add_task(f"class prompts (FID) g={g:g}", total=int(counts.sum()), info=CLASS_TEMPLATE)
+        images, labels = [], []
+        t0 = time.perf_counter()
+        for c, count in enumerate(counts):
+            done = 0
+            while done < count:  # batches of at most 32 per pipeline call
+                k = int(min(32, count - done))
+                prompt = caption_for(ds.classes[c], {}, CLASS_TEMPLATE)
+                images.append(text_to_image(pipe, prompt, num_samples=k, guidance=g, steps=steps,
+                                            seed=seed + 1000 * c + done))
+                labels += [c] * k
+                done += k
+                bar.update(task, advance=k)
+        seconds = time.perf_counter() - t0
+        generated = _to_unit(np.concatenate(images))
+        row = _score(f"latent diffusion DDIM-{steps} g={g:g}", generated, labels, clf=clf, ref=ref, n_fid=n_fid,
+                     num_classes=ds.num_classes, seconds=seconds, seed=seed)
+        row["guidance"] = g
+        if g == guidance:
+            out["model"] = row
+            picks = torch.cat([generated[torch.tensor(labels) == c][:4] for c in range(ds.num_classes)])
+        else:
+            out["rows"].append(row)
+    return out, picks[:64]
 
 
 def _inpaint_rows(pipe, clf, ds, exclude, bar, count, guidance, steps, seed) -> tuple[dict, torch.Tensor]:
@@ -237,6 +247,10 @@ def _summary(out: dict) -> dict:
              vae_round_trip_unmasked_mae=i["vae_round_trip_unmasked_mae"])
     if s["fid"] is not None and s["floor_fid"]:
         s["fid_over_floor"] = s["fid"] / s["floor_fid"]
+        for r in f["rows"]:
+            if "fid" in r:
+                s[f"fid_over_floor_g{r['guidance']:g}"] = r["fid"] / s["floor_fid"]
+                s[f"class_prompt_accuracy_g{r['guidance']:g}"] = r.get("class_accuracy")
     return {k: v for k, v in s.items() if v is not None}
 
 
@@ -264,8 +278,8 @@ def _section(out: dict, grids: dict[str, Path], root: Path) -> str:
               "| row | FID | KID | class accuracy | images/s |", "|---|---:|---:|---:|---:|",
               f"| {fl['name']} | {fl.get('fid', float('nan')):.3f} | {fl['kid']:.4f} | {_pct(fl.get('class_accuracy'))} "
               "| |",
-              f"| {m['name']} | {m.get('fid', float('nan')):.3f} | {m['kid']:.4f} | {_pct(m.get('class_accuracy'))} | "
-              f"{m.get('samples_per_s', 0):.1f} |", "",
+              *[f"| {r['name']} | {r.get('fid', float('nan')):.3f} | {r['kid']:.4f} | {_pct(r.get('class_accuracy'))} "
+                f"| {r.get('samples_per_s', 0):.1f} |" for r in [m, *f["rows"]]], "",
               f"Inpainting ({i['mask']}, {i['images']} held-out images): prompted with the image's own class "
               f"{_pct(i['own class']['class_accuracy'])}, with another class {_pct(i['another class']['class_accuracy'])} "
               f"classified as the prompted class; largest change of an unmasked pixel "
