@@ -313,9 +313,10 @@ def check_caption_vocabulary(rows: list[dict], *, poor: float = 0.2) -> dict:
         share_in_bad = float(per[bad].mean())
         warnings.warn(f"{len(bad)} of {len(texts)} captions ({len(bad) / len(texts):.0%}) are poorly covered by "
                       f"the default text encoder (all-MiniLM-L6-v2): {share_in_bad:.0%} of their tokens are "
-                      f"[UNK] ({overall:.1%} of all caption tokens), e.g. {texts[bad[0]]!r}; a model cannot "
-                      "learn from words it cannot see: use a text encoder that covers the language "
-                      "(a multilingual or CLIP folder) or translate the captions", stacklevel=2)
+                      f"[UNK] ({overall:.1%} of all caption tokens), e.g. {texts[bad[0]]!r}; latent-diffusion "
+                      "training learns embeddings for those words (model.learn_unknown_tokens), but a text "
+                      "encoder that covers the language (a multilingual or CLIP folder) reads them better",
+                      stacklevel=2)
     return info
 
 
