@@ -85,7 +85,9 @@ def test_sampled_distributions_are_the_asked_ones():
 def test_tiny_top_p_and_top_k_1_are_greedy():
     logits = _logits(64, seed=5)
     argmax = logits.argmax(-1).tolist()
-    for kw in (dict(top_p=1e-6), dict(top_k=1)):  # a tiny top_p falls back to sorting
+    # a tiny top_p falls back to sorting; 5e-324 (a valid API value) is 0 in float32 and must not
+    # empty the nucleus (it once picked token id == vocabulary size: an engine crash)
+    for kw in (dict(top_p=1e-6), dict(top_p=5e-324), dict(top_k=1)):
         rows = [_row(seed=s, temperature=1.5, **kw) for s in range(64)]
         assert BatchSampler()(logits, rows)[0] == argmax
 

@@ -34,6 +34,8 @@ CASES = [
     ("wrong-type-messages", CHAT, {"messages": "hi"}, 400, "messages"),
     ("bad-role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ("missing-prompt", COMP, {"model": MODEL_NAME}, 400, "prompt"),
+    ("negative-token-id-echo", COMP, {"prompt": [-1], "echo": True}, 400, "prompt"),  # found by the fuzz test
+    ("token-id-past-vocab", COMP, {"prompt": [10**9]}, 400, "prompt"),
     ("unknown-model", COMP, {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     ("unknown-model-chat", CHAT, {"model": "gpt-9", "messages": MSGS}, 404, "model"),
     ("max-tokens-zero", COMP, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),

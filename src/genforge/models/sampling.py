@@ -367,6 +367,9 @@ class BatchSampler:
         p = probs[pending]
         sorted_p, order = p.sort(-1, descending=True)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+        # the likeliest token is always in the nucleus: a top_p below float32's smallest number (the
+        # API takes any float > 0, e.g. 5e-324) is 0 here and would otherwise drop every token
+        drop[:, 0] = False
         p = p.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         picks[pending] = self._invert(p.cumsum(-1), [uniform(rows[i].seed, rows[i].draws, 255) for i in idx])
         return picks

@@ -324,6 +324,11 @@ class LMService:
         if not items:
             raise GenforgeError("prompt: the list is empty; give a string or token ids", param="prompt")
         ids = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in items]
+        vocab = self.engine.gen.vocab_size
+        for p in items:  # checked before `echo` decodes them (a negative id overflows the tokenizer)
+            if not isinstance(p, str) and (bad := next((t for t in p if not 0 <= t < vocab), None)) is not None:
+                raise GenforgeError(f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                                    param="prompt")
         texts = [p if isinstance(p, str) else (self.tokenizer.decode(p) if req.echo else "") for p in items]
         return ids, texts
 
