@@ -268,11 +268,6 @@ def model_folder(path: str | Path) -> Path:
     return path / "model" if (path / "model" / "model_index.json").is_file() else path
 
 
-def read_meta(path: str | Path) -> dict:
-    file = model_folder(path) / META_FILE
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-
-
 def load_text_to_image(folder: str | Path, device: str | torch.device = "cpu"):
     """A StableDiffusionPipeline (eval mode, on `device`) from a latent-diffusion run or model folder."""
     from diffusers import StableDiffusionPipeline

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from genforge.common.errors import ConfigError, DataError, GenforgeError
-from genforge.models.latent_diffusion import FAMILY, META_FILE, load_text_to_image
+from genforge.models.latent_diffusion import FAMILY, META_FILE, load_text_to_image, model_folder
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 4.0
@@ -45,12 +45,6 @@ OnStep = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------------- the model folder
-
-def model_folder(path: str | Path) -> Path:
-    """RUN/model when `path` is a run holding one, else `path` itself."""
-    path = Path(path)
-    return path / "model" if (path / "model" / META_FILE).is_file() else path
-
 
 def read_meta(path: str | Path) -> dict:
     """genforge.json of a run or model folder ({} when there is none or it is unreadable)."""
