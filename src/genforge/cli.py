@@ -275,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     qu.set_defaults(func=cmd_quantize)
 
     from genforge.cli_app import add_app_commands
+    from genforge.cli_detect import add_detect_commands
     from genforge.cli_eval import add_eval_command
     from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
+    add_detect_commands(sub)
     add_eval_command(sub)
     add_runs_commands(sub)
 
