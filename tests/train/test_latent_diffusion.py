@@ -233,3 +233,35 @@ def test_words_the_encoder_cannot_read_get_learned_embeddings_that_the_saved_pip
     fresh_pipe_states = fresh(**tokenizer(["a handwritten three"], padding="max_length", max_length=12,
                                          return_tensors="pt"))[0]
     assert torch.allclose(english, fresh_pipe_states, atol=1e-5)
+
+
+def test_learned_tokens_freeze_after_their_steps_and_their_captions_join_the_cache(tmp_path: Path):
+    """`learned_tokens_steps: 2`: the rows train for two steps, then stop; every caption is then a cache
+    lookup equal to what the pipeline (with the rows written in) computes."""
+    from genforge.train import latent_diffusion
+
+    ds = tmp_path / "zh"
+    prepare_image_dataset("builtin:digits", ds, size=16, val_fraction=0.1)
+    labels = np.load(ds / "labels.npy")
+    with open(ds / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i, d in enumerate(labels.tolist()):
+            f.write(json.dumps({"index": i, "captions": [f"数字{CHINESE[d]}"], "heldout_captions": []},
+                               ensure_ascii=False) + "\n")
+    recipe = _recipe("freeze", ds, tmp_path, 4, model={"learned_tokens_steps": 2}, lr=5e-2)
+    objective, data = latent_diffusion.build(recipe, torch.device("cpu"))
+    opt = objective.optimizers(recipe.train)[0].optimizer
+    assert objective.cache.live and "数字七" not in objective.cache.index
+    rows = [objective.learned.rows.detach().clone()]
+    for step in range(4):
+        loss, _ = objective.loss(data.train_batch(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rows.append(objective.learned.rows.detach().clone())
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])  # trained for two steps
+    assert torch.equal(rows[2], rows[3]) and torch.equal(rows[3], rows[4])  # then frozen
+    assert not objective.cache.live and "数字七" in objective.cache.index
+    objective.learned.write_into(objective.text_encoder)
+    with torch.no_grad():
+        fresh = objective.pipeline().encode_prompt(["数字七", ""], "cpu", 1, False)[0]
+    assert torch.allclose(objective.cache.lookup(["数字七", ""]), fresh, atol=1e-5)

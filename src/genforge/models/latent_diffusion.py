@@ -70,6 +70,9 @@ class LatentDiffusionSpec(Spec):
     caption_dropout: float = rng(0.1, min=0, max=1, help="share of captions replaced by '' (for guidance)")
     learn_unknown_tokens: bool = rng(True, help="add the caption words the tokenizer reads as its unknown "
                                      "token and train their embeddings (the rest of the encoder stays frozen)")
+    learned_tokens_steps: int | None = rng(None, min=1, help="train the learned rows for this many UNet "
+                                           "steps, then freeze them and cache their captions' states (the "
+                                           "rest of the run costs what an English-only one does); null: all")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = rng(1, min=1, max=4)
     attention_head_dim: int = rng(8, min=1)
