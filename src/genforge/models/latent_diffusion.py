@@ -73,6 +73,8 @@ class LatentDiffusionSpec(Spec):
     learned_tokens_steps: int | None = rng(None, min=1, help="train the learned rows for this many UNet "
                                            "steps, then freeze them and cache their captions' states (the "
                                            "rest of the run costs what an English-only one does); null: all")
+    learned_tokens_lr_scale: float = rng(1.0, min=0, max=1000, help="the learned rows' learning rate as a "
+                                         "multiple of train.lr (textual inversion trains embeddings faster)")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = rng(1, min=1, max=4)
     attention_head_dim: int = rng(8, min=1)

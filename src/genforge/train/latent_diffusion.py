@@ -169,8 +169,14 @@ class LatentDiffusionObjective(SingleLoss):
         self.scaling = float(self.vae.config.scaling_factor)
 
     def optimizers(self, cfg: TrainConfig) -> list[OptimizerSpec]:
-        params = [*self.unet.parameters(), *(self.learned.parameters() if self.learned else [])]
-        return [OptimizerSpec(adamw(params, cfg, device=self.device))]
+        if self.learned is None:
+            return [OptimizerSpec(adamw(self.unet.parameters(), cfg, device=self.device))]
+        unet = list(self.unet.parameters())
+        groups = [{"params": [p for p in unet if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in unet if p.dim() < 2], "weight_decay": 0.0},
+                  {"params": list(self.learned.parameters()), "weight_decay": 0.0,
+                   "lr_scale": self.spec.learned_tokens_lr_scale}]
+        return [OptimizerSpec(adamw(groups, cfg, device=self.device))]
 
     def _states(self, captions: list[str], dev: torch.device) -> torch.Tensor:
         """The text states of `captions`: cached, or (captions with learned tokens) encoded now, with

@@ -38,9 +38,10 @@ class Stepper:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def set_lr(self, lr: float) -> None:
+        # a param group may scale it again (latent diffusion's learned token rows learn faster than the UNet)
         for spec in self.specs:
             for group in spec.optimizer.param_groups:
-                group["lr"] = lr * spec.lr_scale
+                group["lr"] = lr * spec.lr_scale * group.get("lr_scale", 1.0)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
