@@ -55,7 +55,7 @@ def cmd_detect_image(a: argparse.Namespace) -> None:
 
     from genforge.data.image_labels import detect_image, resolve_key
 
-    key = resolve_key(a.key, a.key_file, flag="--key")
+    key = resolve_key(a.key, a.key_file, flag="--key", file_flag="--key-file")
     results = {f: detect_image(f, key) for f in a.files}  # every file checked before anything is printed
     if a.json:
         print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2, ensure_ascii=False))

@@ -281,10 +281,11 @@ class ImageLabelling:
 
 
 def resolve_key(key: str | None, key_file: str | None, env: dict | None = None, env_name: str = KEY_ENV,
-                flag: str = "--watermark") -> str | None:
+                flag: str = "--watermark", file_flag: str | None = None) -> str | None:
     """A watermark key from a flag, a key file (first non-empty line) or the environment; None if none."""
+    file_flag = file_flag or f"{flag}-key-file"
     if key is not None and key_file is not None:
-        raise ConfigError(f"{flag} and {flag}-key-file: give one of them", param="watermark")
+        raise ConfigError(f"{flag} and {file_flag}: give one of them", param="watermark")
     if key is not None:
         if not key.strip():
             raise ConfigError(f"{flag}: the key is empty", param="watermark")
@@ -293,9 +294,9 @@ def resolve_key(key: str | None, key_file: str | None, env: dict | None = None, 
         try:
             lines = [ln.strip() for ln in Path(key_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as e:
-            raise ConfigError(f"{flag}-key-file {key_file}: cannot read it ({e.strerror})", param="watermark") from None
+            raise ConfigError(f"{file_flag} {key_file}: cannot read it ({e.strerror})", param="watermark") from None
         if not lines:
-            raise ConfigError(f"{flag}-key-file {key_file}: the file holds no key", param="watermark")
+            raise ConfigError(f"{file_flag} {key_file}: the file holds no key", param="watermark")
         return lines[0]
     value = (env or {}).get(env_name)
     if value is not None:
