@@ -185,7 +185,8 @@ def test_generate_labels_every_png_and_marks_them_when_asked(diffusion_run, tmp_
         r = detect_image(png, "gen-key")
         g = r["metadata"]["aigc"]["genforge"]
         assert g["run"] == str(diffusion_run) and g["family"] == "diffusion" and r["pixels_match"] is True
-        assert g["visible_label"] == "AI" and g["watermark"] == "genforge-dct-sign-v1"
+        assert g["visible_label"] == ("AI-generated" if png == out else "AI")  # 8 px singles: the short form
+        assert g["watermark"] == "genforge-dct-sign-v1"
         assert r["watermark"]["verdict"] == "watermarked"
         assert detect_image(png, "other-key")["watermark"]["verdict"] == "not_watermarked"
     # Without the flags: metadata only, pixels as the model made them.
