@@ -92,8 +92,15 @@ def cmd_generate(a: argparse.Namespace) -> None:
         from genforge.jobs.imagegen import generate_grid
 
         out = generate_grid(a.run, num_samples=a.num_samples, class_label=a.class_label, guidance=a.guidance,
-                            steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out)
+                            steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out,
+                            watermark=_image_watermark_key(a), visible_label=a.visible_label)
         print(f"wrote {out}")
+
+
+def _image_watermark_key(a: argparse.Namespace) -> str | None:
+    from genforge.data.image_labels import resolve_key
+
+    return resolve_key(a.watermark, a.watermark_key_file, flag="--watermark")
 
 
 def _generate_from_text(a: argparse.Namespace) -> None:
@@ -107,7 +114,8 @@ def _generate_from_text(a: argparse.Namespace) -> None:
 
     result = generate_from_text(a.run, a.prompt, negative_prompt=a.negative_prompt, num_samples=a.num_samples,
                                 guidance=a.guidance, steps=a.steps, seed=a.seed, init_image=a.init_image,
-                                strength=a.strength, mask=a.mask, out=a.out)
+                                strength=a.strength, mask=a.mask, out=a.out, watermark=_image_watermark_key(a),
+                                visible_label=a.visible_label)
     print(f"wrote {result['grid']}")
     if result["edit"] is not None:
         print(f"wrote {result['edit']} (input | mask | outputs)")
@@ -159,6 +167,12 @@ def cmd_serve(a: argparse.Namespace) -> None:
     keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
+    from genforge.data.image_labels import ImageLabelling, VisibleLabel, resolve_key
+    from genforge.data.image_watermark import InvisibleMark
+
+    image_key = resolve_key(a.image_watermark, a.image_watermark_key_file, dict(os.environ), flag="--image-watermark")
+    image_labelling = ImageLabelling(visible=VisibleLabel() if a.image_label else None,
+                                     mark=InvisibleMark(image_key) if image_key else None)
     serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
                   max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
                   max_queue=a.max_queue, api_keys=keys, decode="eager" if a.enforce_eager else a.decode,
@@ -167,7 +181,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
                   root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
                   http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters,
-                  trace=a.trace)
+                  trace=a.trace, image_labelling=image_labelling)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -256,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--mask", default=None, metavar="MASK.png",
                     help="with --init-image: inpainting; white (or fully transparent) pixels are regenerated, "
                     "the rest kept exactly")
+    wm = ge.add_argument_group("labelling (the AIGC metadata label is always written into image files)")
+    wm.add_argument("--watermark", default=None, metavar="KEY",
+                    help="embed the invisible keyed watermark (visible in the process list: prefer "
+                    "--watermark-key-file); `genforge detect image --key KEY` finds it")
+    wm.add_argument("--watermark-key-file", default=None, metavar="PATH", help="file whose first line is the key")
+    wm.add_argument("--visible-label", action="store_true",
+                    help="image runs: draw a visible 'AI-generated' label in a corner (>= 5%% of the shortest side)")
     ge.set_defaults(func=cmd_generate)
 
     mg = sub.add_parser("merge", help="fold a run's LoRA adapter into its base: a plain Hugging Face folder")
@@ -367,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
+    il = se.add_argument_group("image runs: labels on generated images (the AIGC metadata is always written)")
+    il.add_argument("--image-label", action="store_true",
+                    help="draw a visible 'AI-generated' label in a corner of every image (>= 5%% of the shortest side)")
+    il.add_argument("--image-watermark", default=None, metavar="KEY",
+                    help="embed the invisible keyed watermark in every image (prefer --image-watermark-key-file or "
+                    "GENFORGE_IMAGE_WATERMARK_KEY: a flag shows in the process list)")
+    il.add_argument("--image-watermark-key-file", default=None, metavar="PATH", help="file whose first line is the key")
     se.set_defaults(func=cmd_serve)
 
     an = sub.add_parser("anomaly", help="score images by a VAE run's reconstruction error / ELBO")

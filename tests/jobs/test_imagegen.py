@@ -171,3 +171,27 @@ def test_augmentation_study_runs_end_to_end(diffusion_run):
         augmentation_study(diffusion_run, "8", keep_fraction=0.0)
     with pytest.raises(GenforgeError, match="unknown class"):
         augmentation_study(diffusion_run, "x")
+
+
+def test_generate_labels_every_png_and_marks_them_when_asked(diffusion_run, tmp_path, capsys):
+    from genforge.data.image_labels import detect_image, read_label
+
+    key_file = tmp_path / "key"
+    key_file.write_text("gen-key\n")
+    out = tmp_path / "marked.png"
+    assert main(["generate", str(diffusion_run), "--num-samples", "4", "--class", "3", "--steps", "3",
+                 "--watermark-key-file", str(key_file), "--visible-label", "--out", str(out)]) == 0
+    for png in [out, *sorted((tmp_path / "marked").glob("*.png"))]:
+        r = detect_image(png, "gen-key")
+        g = r["metadata"]["aigc"]["genforge"]
+        assert g["run"] == str(diffusion_run) and g["family"] == "diffusion" and r["pixels_match"] is True
+        assert g["visible_label"] == ("AI-generated" if png == out else "AI")  # 8 px singles: the short form
+        assert g["watermark"] == "genforge-dct-sign-v1"
+        assert r["watermark"]["verdict"] == "watermarked"
+        assert detect_image(png, "other-key")["watermark"]["verdict"] == "not_watermarked"
+    # Without the flags: metadata only, pixels as the model made them.
+    plain = generate_grid(diffusion_run, num_samples=4, class_label="3", steps=3, out=tmp_path / "plain.png")
+    g = read_label(plain)["aigc"]["genforge"]
+    assert g["model"] == diffusion_run.name and "watermark" not in g and "visible_label" not in g
+    assert main(["generate", str(diffusion_run), "--watermark", "", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--watermark: the key is empty" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def test_seed_makes_it_reproducible_and_options_matter(client):
     def get(**extra) -> list[str]:
         resp = client.images.generate(model="digits", prompt="ignored text", n=2, size="16x16",
                                       response_format="b64_json", extra_body={"steps": 4, **extra})
-        return [d.b64_json for d in resp.data]
+        return [_decode(d.b64_json).tobytes() for d in resp.data]  # pixels: each PNG's label is its own
 
     a = get(seed=7, **{"class": "5"})
     assert a == get(seed=7, **{"class": "5"})
@@ -105,7 +105,7 @@ def test_prompt_names_the_class_when_class_is_absent(client):
                                        extra_body={"steps": 3, "seed": 2})
     by_class = client.images.generate(model="d", prompt="whatever", n=1, response_format="b64_json",
                                       extra_body={"steps": 3, "seed": 2, "class": 4})
-    assert by_prompt.data[0].b64_json == by_class.data[0].b64_json
+    assert _decode(by_prompt.data[0].b64_json).tobytes() == _decode(by_class.data[0].b64_json).tobytes()
 
 
 @pytest.mark.parametrize("kwargs, extra, param, match", [
@@ -239,3 +239,36 @@ def test_deep_json_on_the_bare_router(url):
     r = httpx.post(url + "/v1/images/generations", content=b"[" * 100_000 + b"]" * 100_000,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_every_image_carries_the_aigc_label(client):
+    from genforge.data.image_labels import detect_image
+
+    resp = client.images.generate(model="digits", prompt="3", n=2, size="16x16", response_format="b64_json",
+                                  extra_body={"class": 3, "steps": 4, "seed": 5})
+    found = [detect_image(base64.b64decode(d.b64_json), "any-key") for d in resp.data]
+    for r in found:
+        aigc = r["metadata"]["aigc"]
+        assert aigc["Label"] == "1" and aigc["genforge"]["family"] == "diffusion" and r["pixels_match"] is True
+        assert aigc["genforge"]["seed"] == 5 and aigc["genforge"]["class"] == "3"
+        assert r["watermark"]["verdict"] == "not_watermarked"  # no mark unless configured
+    assert found[0]["metadata"]["aigc"]["ProduceID"] != found[1]["metadata"]["aigc"]["ProduceID"]
+
+
+def test_serve_flags_add_the_visible_label_and_the_mark(image_run, tmp_path):
+    """`genforge serve RUN --image-label --image-watermark-key-file F`: a real CLI server on a real port."""
+    from genforge.data.image_labels import detect_image
+    from tests.serve.processes import serving
+
+    key = tmp_path / "key"
+    key.write_text("serve-key\n")
+    with serving(image_run, ["--image-label", "--image-watermark-key-file", str(key)], logs=tmp_path) as (live,):
+        c = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0, timeout=60)
+        resp = c.images.generate(model="m", prompt="3", n=2, size="16x16", response_format="b64_json",
+                                 extra_body={"steps": 4, "seed": 1})
+    for d in resp.data:
+        data = base64.b64decode(d.b64_json)
+        r = detect_image(data, "serve-key")
+        assert r["metadata"]["aigc"]["genforge"]["visible_label"] == "AI"
+        assert r["watermark"]["verdict"] == "watermarked"
+        assert detect_image(data, "wrong")["watermark"]["verdict"] == "not_watermarked"

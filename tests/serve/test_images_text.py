@@ -59,10 +59,10 @@ def test_generations_take_the_prompt_and_extension_fields(client):
         resp = client.images.generate(model="nano", prompt="a thick, slanted three", n=2, size="16x16",
                                       response_format="b64_json", extra_body={**FAST, **extra})
         assert [d.revised_prompt for d in resp.data] == [None, None]
-        return [d.b64_json for d in resp.data]
+        return [decode(d.b64_json).tobytes() for d in resp.data]  # pixels: each PNG's label is its own
 
     first = get(guidance_scale=4.0, negative_prompt="thin")
-    assert len(first) == 2 and all(decode(b).dtype == np.uint8 for b in first)
+    assert len(first) == 2
     assert first == get(guidance_scale=4.0, negative_prompt="thin")  # same seed: same images
     assert first != get(guidance_scale=4.0, negative_prompt="thin", seed=1)
     assert first != get(guidance_scale=4.0)
@@ -143,3 +143,15 @@ def test_edits_need_multipart(server):
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
     r = httpx.post(server.v1 + "/images/edits", data={"prompt": "a"}, files={"mask": ("m.png", b"x")}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_every_image_carries_the_aigc_label(client):
+    from genforge.data.image_labels import read_label
+
+    resp = client.images.generate(model="nano", prompt="a thick, slanted three", n=1, response_format="b64_json",
+                                  extra_body=FAST)
+    aigc = read_label(base64.b64decode(resp.data[0].b64_json))["aigc"]
+    assert aigc["Label"] == "1" and aigc["ContentProducer"] == "genforge"
+    g = aigc["genforge"]
+    assert g["family"] == "latent-diffusion" and g["mode"] == "text-to-image"
+    assert g["prompt"] == "a thick, slanted three" and g["model"] == "nano"

@@ -93,6 +93,15 @@ def test_trains_vae_first_then_the_unet_and_saves_a_pipeline(ldm_run: RunDir):
     assert (run.samples_dir / "prompts.png").is_file() and (run.plots_dir / "loss.png").is_file()
 
 
+def test_the_training_grid_carries_the_aigc_label(ldm_run: RunDir):
+    from genforge.data.image_labels import read_label
+
+    label = read_label(ldm_run.samples_dir / "prompts.png")
+    g = label["aigc"]["genforge"]
+    assert label["aigc"]["Label"] == "1" and g["run"] == str(ldm_run.path.resolve())
+    assert g["family"] == "latent-diffusion" and g["layout"] == "grid" and "watermark" not in g
+
+
 def test_resume_is_exact_and_reuses_the_vae_phase(ldm_run, digits: Path, tmp_path: Path):
     run_loaded_recipe(_recipe("b", digits, tmp_path, 8, ema_decay=0.9, time_budget=1e-6))  # stops after step 1
     vae_file = tmp_path / "b" / "vae" / "model" / "diffusion_pytorch_model.safetensors"

@@ -33,6 +33,7 @@ from genforge.common.errors import ConfigError, DataError
 from genforge.common.runs import atomic_dir
 from genforge.data.augment import AugmentConfig, augment_batch
 from genforge.data.captions import digit_captions, folder_captions
+from genforge.data.image_labels import ImageLabelling, aigc_label, run_fields, save_png
 
 __all__ = ["AugmentConfig", "ImageBatches", "ImageDataConfig", "ImageDataset", "augment_batch",
            "load_image_data", "looks_like_image_input", "prepare_image_dataset", "read_image_folder",
@@ -429,8 +430,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1,
-                    pad: int = 1) -> Path:
-    """Save [-1, 1] images as one PNG grid (nearest-neighbour upscaled by `scale`)."""
+                    pad: int = 1, *, label: dict | None = None, labelling: ImageLabelling | None = None) -> Path:
+    """Save [-1, 1] images as one PNG grid (nearest-neighbour upscaled by `scale`), written atomically.
+
+    The PNG always carries the AIGC label (data/image_labels.py): `label`, or one naming the run the file
+    is written into. `labelling` adds the visible label / invisible mark (off by default: training and
+    eval grids are for the people training)."""
     from PIL import Image
 
     arr = to_uint8(images)
@@ -448,7 +453,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     img = Image.fromarray(grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    labelling = labelling or ImageLabelling()
+    if label is None:
+        label = aigc_label(labelling.producer, **run_fields(path), attributes={"layout": "grid", "images": n})
+    return save_png(path, img, label, labelling.visible, labelling.mark)

@@ -14,6 +14,8 @@ import torch
 from genforge.common.errors import GenforgeError
 from genforge.common.progress import progress_bar
 from genforge.common.runs import RunDir, atomic_dir, atomic_write_text
+from genforge.data.image_labels import ImageLabelling, VisibleLabel, aigc_label
+from genforge.data.image_watermark import InvisibleMark
 from genforge.data.images import save_image_grid
 from genforge.models.diffusion import DiffusionModel
 from genforge.models.image_generators import load_image_generator
@@ -26,14 +28,23 @@ def grid_scale(size: int) -> int:
     return max(1, 64 // max(1, size))
 
 
+def labelling_for(watermark: str | None = None, visible_label: bool = False) -> ImageLabelling:
+    """`--watermark KEY` (invisible mark) and `--visible-label`; the AIGC metadata is always written."""
+    return ImageLabelling(visible=VisibleLabel() if visible_label else None,
+                          mark=InvisibleMark(watermark) if watermark is not None else None)
+
+
 def generate_grid(run: str | Path, *, num_samples: int = 64, class_label: str | int | None = None,
                   guidance: float | None = None, steps: int | None = None, sampler: str = "ddim",
-                  seed: int | None = None, out: str | Path | None = None) -> Path:
+                  seed: int | None = None, out: str | Path | None = None, watermark: str | None = None,
+                  visible_label: bool = False) -> Path:
     """Sample `num_samples` images from an image run; return the grid's path.
 
     Without `class_label`, a conditional model cycles through its classes (one column per class).
-    `seed` defaults to 0 so the same command gives the same images.
+    `seed` defaults to 0 so the same command gives the same images. Every PNG carries the AIGC label;
+    `watermark` (a key) adds the invisible mark, `visible_label` the visible one.
     """
+    labelling = labelling_for(watermark, visible_label)
     run_dir = RunDir.open(run)
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise GenforgeError(f"--num-samples: {num_samples} is out of range (1..{MAX_SAMPLES})", param="n")
@@ -56,21 +67,27 @@ def generate_grid(run: str | Path, *, num_samples: int = 64, class_label: str | 
         "run": str(run_dir.path), "family": model.family, "num_samples": num_samples, "seed": seed,
         "class": None if labels is None else sorted({model.class_names[k] for k in labels}),
         "guidance": guidance, "steps": steps, "sampler": sampler if model.family == "diffusion" else None},
-        nrow=model.num_classes if labels is not None and class_label is None else None)
+        nrow=model.num_classes if labels is not None and class_label is None else None, labelling=labelling,
+        fields={"model": run_dir.path.name, "run": str(run_dir.path), "family": model.family})
 
 
-def write_images(images: torch.Tensor, out: Path, settings: dict | None = None, nrow: int | None = None) -> Path:
-    """grid PNG at `out`, singles in out.parent / out.stem / NNNN.png, settings in out.stem.json."""
-    from PIL import Image
-
+def write_images(images: torch.Tensor, out: Path, settings: dict | None = None, nrow: int | None = None,
+                 labelling: ImageLabelling | None = None, fields: dict | None = None) -> Path:
+    """grid PNG at `out`, singles in out.parent / out.stem / NNNN.png, settings in out.stem.json; every PNG
+    labelled (`fields`: model, run, family of the AIGC label; `labelling`: visible label / mark)."""
     from genforge.data.images import to_uint8
 
+    labelling = labelling or ImageLabelling()
+    fields = dict(fields or {})
+    attributes = fields.pop("attributes", {})
     out.parent.mkdir(parents=True, exist_ok=True)
     size = int(images.shape[-1])
     with atomic_dir(out.parent / out.stem) as tmp:
         for i, arr in enumerate(to_uint8(images)):
-            Image.fromarray(arr).save(tmp / f"{i:04d}.png")
-    save_image_grid(images, out, nrow=nrow, scale=grid_scale(size))
+            labelling.save(tmp / f"{i:04d}.png", arr, **fields, attributes={**attributes, "index": i})
+    grid_label = aigc_label(labelling.producer, **fields, attributes={**attributes, "layout": "grid",
+                                                                        "images": int(len(images))})
+    save_image_grid(images, out, nrow=nrow, scale=grid_scale(size), label=grid_label, labelling=labelling)
     if settings is not None:
         atomic_write_text(out.with_suffix(".json"), json.dumps(settings, indent=2))
     return out

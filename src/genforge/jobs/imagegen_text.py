@@ -18,7 +18,7 @@ import torch
 
 from genforge.common.errors import GenforgeError
 from genforge.common.progress import progress_bar
-from genforge.jobs.imagegen import grid_scale, write_images
+from genforge.jobs.imagegen import grid_scale, labelling_for, write_images
 from genforge.models import text_to_image as t2i
 
 EDIT_OUTPUTS_SHOWN = 8  # the side-by-side shows the first few outputs; the grid has them all
@@ -41,9 +41,12 @@ def _float(images: np.ndarray) -> torch.Tensor:
 def generate_from_text(run: str | Path, prompt: str, *, negative_prompt: str | None = None, num_samples: int = 16,
                        guidance: float | None = None, steps: int | None = None, seed: int | None = None,
                        init_image: str | Path | None = None, strength: float | None = None,
-                       mask: str | Path | None = None, out: str | Path | None = None) -> dict:
+                       mask: str | Path | None = None, out: str | Path | None = None, watermark: str | None = None,
+                       visible_label: bool = False) -> dict:
     """Text-to-image, image-to-image (`init_image`, `strength`) or inpainting (`init_image` + `mask`);
-    returns the paths written and, for inpainting, the VAE round-trip error the copy-back hides."""
+    returns the paths written and, for inpainting, the VAE round-trip error the copy-back hides.
+    Every PNG carries the AIGC label; `watermark` (a key) adds the invisible mark, `visible_label` the
+    visible one."""
     out = Path(out) if out is not None else _default_out(Path(run))
     if out.suffix.lower() != ".png":
         raise GenforgeError(f"--out: {out} must be a .png file (the grid is written as PNG)", param="out")
@@ -95,7 +98,10 @@ def generate_from_text(run: str | Path, prompt: str, *, negative_prompt: str | N
         settings["unmasked_max_error"] = int(np.abs(images[:, :, keep].astype(int) - image[:, keep]).max())
         settings["vae_round_trip_error"] = result["vae_round_trip_error"] = t2i.vae_round_trip_error(
             pipe, image, marked)
-    write_images(_float(images), out, settings=settings)
+    fields = {"model": Path(run).name, "run": str(run), "family": "latent-diffusion",
+              "attributes": {"mode": mode, "prompt": prompt}}
+    write_images(_float(images), out, settings=settings, labelling=labelling_for(watermark, visible_label),
+                 fields=fields)
     if image is not None:
         result["edit"] = write_edit_strip(image, marked, images, out.with_name(out.stem + "-edit.png"))
     return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import secrets
 import threading
 import time
@@ -32,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genforge.common.errors import GenforgeError
+from genforge.data.image_labels import ImageLabelling
 from genforge.models.image_generators import load_image_generator
 
 MAX_N = 64
@@ -82,14 +82,11 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     return f"{param}: {first['msg']} (got {got[:80]})", param
 
 
-def _png_b64(image: Any) -> str:
-    from PIL import Image
-
+def _png_b64(image: Any, labelling: ImageLabelling, fields: dict) -> str:
+    """A [-1, 1] C x H x W image -> base64 PNG with its AIGC label (and the configured visible label / mark)."""
     from genforge.data.images import to_uint8
 
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(image[None])[0]).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(labelling.png(to_uint8(image[None])[0], **fields)).decode("ascii")
 
 
 class GenerationSlot:
@@ -172,15 +169,20 @@ async def json_body(request: Request) -> dict | JSONResponse:
     return body
 
 
-def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MAX_WORK) -> APIRouter:
+def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MAX_WORK,
+                  labelling: ImageLabelling | None = None, model_name: str | None = None) -> APIRouter:
     """A router serving the image run at `run_dir` (loaded now, so a bad run fails at startup): a
-    class-conditional or unconditional one here, a text-to-image one by serve/images_text.py."""
+    class-conditional or unconditional one here, a text-to-image one by serve/images_text.py.
+    Every image returned carries the AIGC label; `labelling` adds the visible label / invisible mark
+    (`genforge serve --image-label --image-watermark KEY`)."""
     from genforge.models.text_to_image import is_text_to_image
 
+    labelling = labelling or ImageLabelling()
     if is_text_to_image(run_dir):
         from genforge.serve.images_text import text_images_router
 
-        return text_images_router(run_dir, max_queue=max_queue, max_work=max_work)
+        return text_images_router(run_dir, max_queue=max_queue, max_work=max_work, labelling=labelling,
+                                  model_name=model_name)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,8 +213,10 @@ def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MA
             images = model.sample(req.n, labels=labels, seed=seed, on_step=on_step, **kw)
         finally:
             slot.release()
+        fields = {"model": model_name or Path(run_dir).name, "run": str(run_dir), "family": model.family,
+                  "attributes": {"seed": seed, "class": None if labels is None else str(label)}}
         return {"created": int(time.time()),
-                "data": [{"b64_json": _png_b64(im), "revised_prompt": None} for im in images]}
+                "data": [{"b64_json": _png_b64(im, labelling, fields), "revised_prompt": None} for im in images]}
 
     @router.post("/v1/images/generations")
     async def generations(request: Request) -> Response:

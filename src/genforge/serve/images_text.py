@@ -20,7 +20,6 @@ Limits and cancellation as for class runs (serve/images.py: GenerationSlot).
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import secrets
 import threading
@@ -35,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genforge.common.errors import GenforgeError
+from genforge.data.image_labels import ImageLabelling
 from genforge.models import text_to_image as t2i
 from genforge.serve.images import (
     IGNORED_OPENAI_FIELDS,
@@ -79,18 +79,17 @@ def _validation_message(err: ValidationError, fields: str) -> tuple[str, str | N
     return f"{param}: {first['msg']} (got {repr(first.get('input'))[:80]})", param
 
 
-def _png_b64(image: np.ndarray) -> str:
-    """uint8 C x H x W -> base64 PNG."""
-    from PIL import Image
-
+def _png_b64(image: np.ndarray, labelling: ImageLabelling, fields: dict) -> str:
+    """uint8 C x H x W -> base64 PNG with its AIGC label (and the configured visible label / mark)."""
     arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(labelling.png(arr, **fields)).decode("ascii")
 
 
-def text_images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = 6400) -> APIRouter:
-    """A router serving the text-to-image run at `run_dir` (loaded now, so a bad run fails at startup)."""
+def text_images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = 6400,
+                       labelling: ImageLabelling | None = None, model_name: str | None = None) -> APIRouter:
+    """A router serving the text-to-image run at `run_dir` (loaded now, so a bad run fails at startup);
+    every image returned carries the AIGC label, plus what `labelling` configures."""
+    labelling = labelling or ImageLabelling()
     import torch
 
     pipe = t2i.load_pipeline(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,8 +145,11 @@ def text_images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int
                 images = t2i.inpaint(pipe, used, edit["image"], edit["mask"], strength=strength, **kw)
         finally:
             slot.release()
+        mode = "text-to-image" if edit is None else "image-to-image" if edit["mask"] is None else "inpaint"
+        fields = {"model": model_name or Path(run_dir).name, "run": str(run_dir), "family": "latent-diffusion",
+                  "attributes": {"mode": mode, "prompt": req.prompt, "seed": kw["seed"]}}
         return {"created": int(time.time()),
-                "data": [{"b64_json": _png_b64(im), "revised_prompt": revised} for im in images]}
+                "data": [{"b64_json": _png_b64(im, labelling, fields), "revised_prompt": revised} for im in images]}
 
     def read_edit(image_bytes: bytes, mask_bytes: bytes | None) -> dict:
         source = t2i.open_image(image_bytes, "image")

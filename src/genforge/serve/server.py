@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genforge.common import tracing
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
+from genforge.data.image_labels import ImageLabelling
 from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
 from genforge.serve.alerts import AlertSampler
 from genforge.serve.app_config import AppConfig, default_state_dir
@@ -166,7 +167,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                request_timeout: float | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
                image_max_queue: int = 8, stream_interval: int = 1, app_config: AppConfig | None = None,
-               adapters: dict[str, Path] | None = None, max_loaded_adapters: int = DEFAULT_MAX_LOADED) -> Gate:
+               adapters: dict[str, Path] | None = None, max_loaded_adapters: int = DEFAULT_MAX_LOADED,
+               image_labelling: ImageLabelling | None = None) -> Gate:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
@@ -176,6 +178,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     `app_config`: the application-layer steps (cache, RAG, guard; serve/app_config.py) and the embedder.
     `adapters`: {name: peft folder} of LoRA adapters over the model, each served under its name, at
     most `max_loaded_adapters` in memory at once (serve/adapters.py).
+    `image_labelling`: image runs' visible label / invisible mark (the AIGC metadata is always written).
     """
     if model is None and model_path is None:
         raise ConfigError("create_app: give a model path or a loaded model and tokenizer")
@@ -309,7 +312,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         # Image runs: the image engineer's router owns generation; this module only mounts it.
         from genforge.serve.images import images_router
 
-        app.include_router(images_router(Path(model_path), max_queue=image_max_queue))
+        app.include_router(images_router(Path(model_path), max_queue=image_max_queue, labelling=image_labelling,
+                                         model_name=name))
 
     return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,
                 limit_concurrency=limit_concurrency)
@@ -338,7 +342,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   keep_alive: float = DEFAULT_KEEP_ALIVE_S, kv_cache_bytes: int | None = None,
                   root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None,
                   http: str = "auto", loop: str = "auto", adapters: dict[str, Path] | None = None,
-                  max_loaded_adapters: int = DEFAULT_MAX_LOADED, trace: str = "off") -> None:
+                  max_loaded_adapters: int = DEFAULT_MAX_LOADED, trace: str = "off",
+                  image_labelling: ImageLabelling | None = None) -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
     finish for at most `shutdown_timeout` seconds, cancel the rest and exit. `trace`: off, console or
     otlp (common/tracing.py); every log line of a request names its x-request-id either way."""
@@ -372,7 +377,7 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                      decode=decode, request_timeout=request_timeout, body_timeout=body_timeout,
                      limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes,
                      stream_interval=stream_interval, app_config=app_config, adapters=adapters,
-                     max_loaded_adapters=max_loaded_adapters)
+                     max_loaded_adapters=max_loaded_adapters, image_labelling=image_labelling)
     sock = _listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
