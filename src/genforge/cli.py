@@ -19,6 +19,7 @@ from genforge.cli_args import (
     run_family,
     trace_flag,
 )
+from genforge.cli_detect import add_watermark_flags
 from genforge.common.errors import ConfigError, GenforgeError
 
 
@@ -83,11 +84,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if run_family(a.run) == "lm":
         if a.prompt is None:
             raise GenforgeError("generate: --prompt is required for a language model")
+        from genforge.cli_detect import watermark_from_args
         from genforge.jobs.textgen import generate_to_terminal
 
         generate_to_terminal(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                              top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                             stop=a.stop, seed=a.seed, num_samples=a.num_samples)
+                             stop=a.stop, seed=a.seed, num_samples=a.num_samples, watermark=watermark_from_args(a),
+                             label_text=a.label_text)
     else:
         from genforge.jobs.imagegen import generate_grid
 
@@ -147,6 +150,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from genforge.cli_detect import watermark_from_args
     from genforge.serve.adapters import parse_adapter_flags
     from genforge.serve.app_config import load_app_config
     from genforge.serve.options import parse_bytes, resolve_api_keys
@@ -157,6 +161,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     app_config = load_app_config(a.config, cache=a.cache, rag=a.rag, guard=a.guard, store=a.store or a.state_dir,
                                  embedder=a.embedder, alerts=alerts)
     keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
+    watermark = watermark_from_args(a)
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
     serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
@@ -167,7 +172,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
                   root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
                   http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters,
-                  trace=a.trace)
+                  trace=a.trace, watermark=watermark, label_text=a.label_text)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -256,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--mask", default=None, metavar="MASK.png",
                     help="with --init-image: inpainting; white (or fully transparent) pixels are regenerated, "
                     "the rest kept exactly")
+    add_watermark_flags(ge)
     ge.set_defaults(func=cmd_generate)
 
     mg = sub.add_parser("merge", help="fold a run's LoRA adapter into its base: a plain Hugging Face folder")
@@ -367,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
+    add_watermark_flags(se)
     se.set_defaults(func=cmd_serve)
 
     an = sub.add_parser("anomaly", help="score images by a VAE run's reconstruction error / ELBO")
