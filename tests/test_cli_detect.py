@@ -72,7 +72,7 @@ def test_detect_text_one_line_per_input(model_dir, tmp_path, capsys):
     assert main(["detect", "text", marked, "--key", "another", "--model", str(folder)]) == 0
     assert "no watermark for this key (key-id" in capsys.readouterr().out
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("\n".join(json.dumps({"body": t}) for t in [marked, "the lazy dog " * 6, "too short"]))
+    rows.write_text("\n".join(json.dumps({"body": t}) for t in [marked, "Pack my box with five dozen liquor jugs, said the wizard; how vexingly quick daft zebras jump!", "too short"]))
     assert main(["detect", "text", "--jsonl", str(rows), "--field", "body", "--key", KEY, "--model", str(folder),
                  "--json"]) == 0
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]

@@ -161,10 +161,8 @@ def test_watermarked_generation_is_detected_with_its_key_only(random_lm):
     assert score_ids(ids[0], a).verdict == "watermarked" and score_ids(ids[1], b).verdict == "watermarked"
     assert score_ids(ids[0], b).verdict == score_ids(ids[2], a).verdict == "not_watermarked"
     assert abs(score_ids(ids[2], a).z_score) < 3.5
-    # from the text alone (re-tokenised without special tokens), as `genforge detect text` sees it
-    text = tok.decode(ids[0])
-    found = detect_text(text, tok, a, min_tokens=32)
-    assert found.verdict == "watermarked" and found.z_score > 5
+    # (from the text alone, re-tokenised: tests/test_cli_detect.py and tests/serve/test_labelling.py; this
+    # random model writes bytes that are not UTF-8, which do not survive decoding)
 
 
 def test_detect_text_rejects_non_text(random_lm):

@@ -231,7 +231,7 @@ class Detection:
         line = (f"{self.verdict}: z={self.z_score:.2f} p={self.p_value:.2e} scored={self.scored_tokens} "
                 f"green={self.green_fraction:.2f}")
         if self.verdict == "not_watermarked":
-            line += f" (no watermark for this key, key-id {self.key_id})"
+            line += f" no watermark for this key (key-id {self.key_id})"
         return line
 
 

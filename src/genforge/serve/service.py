@@ -443,8 +443,12 @@ class LMService:
                             text = f.feed(text) + (f.flush() if ev.finish_reason is not None else "")
                             if not text and ev.finish_reason is None:
                                 continue  # held by the output guard until it can tell
-                        if ev.finish_reason is not None:
-                            text += label
+                        if label and ev.finish_reason is not None:  # the label: a chunk of its own, the last
+                            if text:
+                                out.append(enc.token(c.index, text, None))
+                                c.offset += len(text)
+                                c.shown.append(text)
+                            text = label
                         out.append(enc.token(c.index, text, ev.finish_reason))
                         c.offset += len(text)
                         c.shown.append(text)
