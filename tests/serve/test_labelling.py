@@ -102,3 +102,25 @@ def test_a_plain_server_refuses_request_keys_and_keyless_detection(api):
     assert r.status_code == 400 and r.json()["error"]["param"] == "text"
     ok = httpx.post(api.v1 + "/detect", json={"text": "some text", "key": "k"}, timeout=30).json()
     assert ok["verdict"] == "too_short"
+
+
+def test_the_cache_key_keeps_keys_labels_and_unmarked_answers_apart():
+    """An answer is replayed only under the same exact key: the watermark's key id and the label are in it."""
+    from types import SimpleNamespace
+
+    from genforge.serve.labelling import Labelling
+    from genforge.serve.pipeline import AppLayer
+    from genforge.serve.protocol import ChatCompletionRequest
+
+    def key(labelling: Labelling | None, **extra) -> str:
+        layer = SimpleNamespace(labelling=labelling, rag_on=False, info={"embedder_version": "e"},
+                                served_name=MODEL_NAME, model_version="v", config=SimpleNamespace(rag=None))
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0, **extra)
+        return AppLayer._cache_key(layer, req, [{"role": "user", "content": "hi"}], None)[0]
+
+    marked, other = Labelling(MARK), Labelling(TextWatermark.from_secret("another"))
+    keys = [key(None), key(Labelling()), key(marked), key(other), key(Labelling(MARK, LABEL)),
+            key(marked, watermark={"key": TENANT})]
+    assert keys[0] == keys[1]  # an unmarked deployment's key is what it was before watermarking existed
+    assert len(set(keys[1:])) == 5
+    assert key(marked) == key(Labelling(TextWatermark.from_secret(KEY)))
