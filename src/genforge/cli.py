@@ -19,6 +19,7 @@ from genforge.cli_args import (
     run_family,
     trace_flag,
 )
+from genforge.cli_detect import add_watermark_flags
 from genforge.common.errors import ConfigError, GenforgeError
 
 
@@ -83,11 +84,15 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if run_family(a.run) == "lm":
         if a.prompt is None:
             raise GenforgeError("generate: --prompt is required for a language model")
+        if a.visible_label:
+            raise GenforgeError("generate: --visible-label is for image runs; text takes --label-text")
+        from genforge.cli_detect import watermark_from_args
         from genforge.jobs.textgen import generate_to_terminal
 
         generate_to_terminal(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                              top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                             stop=a.stop, seed=a.seed, num_samples=a.num_samples)
+                             stop=a.stop, seed=a.seed, num_samples=a.num_samples, watermark=watermark_from_args(a),
+                             label_text=a.label_text)
     else:
         from genforge.jobs.imagegen import generate_grid
 
@@ -99,6 +104,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def _image_watermark_key(a: argparse.Namespace) -> str | None:
     from genforge.data.image_labels import resolve_key
+
+    for flag, value in (("--label-text", a.label_text), ("--watermark-gamma", a.watermark_gamma),
+                        ("--watermark-delta", a.watermark_delta)):
+        if value is not None:
+            raise GenforgeError(f"generate: {flag} is for language models; image runs take --watermark KEY "
+                                "(the invisible mark) and --visible-label")
 
     return resolve_key(a.watermark, a.watermark_key_file, flag="--watermark")
 
@@ -155,6 +166,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from genforge.cli_detect import watermark_from_args
     from genforge.serve.adapters import parse_adapter_flags
     from genforge.serve.app_config import load_app_config
     from genforge.serve.options import parse_bytes, resolve_api_keys
@@ -165,6 +177,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     app_config = load_app_config(a.config, cache=a.cache, rag=a.rag, guard=a.guard, store=a.store or a.state_dir,
                                  embedder=a.embedder, alerts=alerts)
     keys = resolve_api_keys(a.api_key, a.api_key_file, dict(os.environ))
+    watermark = watermark_from_args(a)
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
     from genforge.data.image_labels import ImageLabelling, VisibleLabel, resolve_key
@@ -181,7 +194,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   body_timeout=a.body_timeout, keep_alive=a.keep_alive, kv_cache_bytes=kv_bytes,
                   root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
                   http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters,
-                  trace=a.trace, image_labelling=image_labelling)
+                  trace=a.trace, image_labelling=image_labelling, watermark=watermark, label_text=a.label_text)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -270,12 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--mask", default=None, metavar="MASK.png",
                     help="with --init-image: inpainting; white (or fully transparent) pixels are regenerated, "
                     "the rest kept exactly")
-    wm = ge.add_argument_group("labelling (the AIGC metadata label is always written into image files)")
-    wm.add_argument("--watermark", default=None, metavar="KEY",
-                    help="embed the invisible keyed watermark (visible in the process list: prefer "
-                    "--watermark-key-file); `genforge detect image --key KEY` finds it")
-    wm.add_argument("--watermark-key-file", default=None, metavar="PATH", help="file whose first line is the key")
-    wm.add_argument("--visible-label", action="store_true",
+    add_watermark_flags(ge)  # --watermark / --watermark-key-file: the text mark for LMs, the invisible one for images
+    ge.add_argument("--visible-label", action="store_true",
                     help="image runs: draw a visible 'AI-generated' label in a corner (>= 5%% of the shortest side)")
     ge.set_defaults(func=cmd_generate)
 
@@ -388,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
+    add_watermark_flags(se)
     il = se.add_argument_group("image runs: labels on generated images (the AIGC metadata is always written)")
     il.add_argument("--image-label", action="store_true",
                     help="draw a visible 'AI-generated' label in a corner of every image (>= 5%% of the shortest side)")

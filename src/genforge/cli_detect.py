@@ -8,12 +8,106 @@ import argparse
 # ---------------------------------------------------------------- text (keyed green-list watermark)
 
 
+def add_watermark_flags(parser: argparse.ArgumentParser) -> None:
+    """The text watermark and label flags `genforge serve` and `genforge generate` share."""
+    from genforge.models.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, KEY_ENV
+
+    g = parser.add_argument_group("labelling: a keyed green-list watermark on generated text (Kirchenbauer et al.)")
+    g.add_argument("--watermark", default=None, metavar="KEY",
+                   help=f"watermark generated text with this secret (visible in the process list: prefer "
+                   f"--watermark-key-file or {KEY_ENV})")
+    g.add_argument("--watermark-key-file", default=None, metavar="PATH", help="file holding the watermark secret")
+    g.add_argument("--watermark-gamma", type=float, default=None, metavar="G",
+                   help=f"green share of the vocabulary (default {DEFAULT_GAMMA})")
+    g.add_argument("--watermark-delta", type=float, default=None, metavar="D",
+                   help=f"logit bonus of green tokens (default {DEFAULT_DELTA}; more: easier to detect, "
+                   "higher perplexity)")
+    g.add_argument("--label-text", default=None, metavar="TEXT",
+                   help="an explicit label appended to every generated text, e.g. ' [AI-generated]'")
+
+
+def watermark_from_args(a: argparse.Namespace):
+    """The TextWatermark the flags (or GENFORGE_WATERMARK_KEY) ask for; None when no key is given."""
+    from genforge.common.errors import ConfigError
+    from genforge.models.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, TextWatermark, resolve_key
+
+    key = resolve_key(a.watermark, a.watermark_key_file)
+    if key is None:
+        for flag, value in (("--watermark-gamma", a.watermark_gamma), ("--watermark-delta", a.watermark_delta)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs a key: give --watermark KEY, --watermark-key-file or "
+                                  f"GENFORGE_WATERMARK_KEY", param=flag[2:].replace("-", "_"))
+        return None
+    return TextWatermark(key, gamma=DEFAULT_GAMMA if a.watermark_gamma is None else a.watermark_gamma,
+                         delta=DEFAULT_DELTA if a.watermark_delta is None else a.watermark_delta)
+
+
+def _texts(a: argparse.Namespace) -> list[str]:
+    """The texts to score: the TEXT argument, or one per line of --jsonl (its --field)."""
+    from genforge.common.errors import GenforgeError
+
+    if (a.text is None) == (a.jsonl is None):
+        raise GenforgeError("detect text: give the text to score, or --jsonl FILE (not both)")
+    if a.text is not None:
+        return [a.text]
+    from genforge.data.jsonl import read_records
+
+    texts = []
+    for n, row in read_records(a.jsonl, "--jsonl", param="jsonl"):
+        value = row.get(a.field)
+        if not isinstance(value, str):
+            raise GenforgeError(f"--jsonl {a.jsonl}:{n}: no string field {a.field!r} (pick the field with --field)",
+                                param="field")
+        texts.append(value)
+    if not texts:
+        raise GenforgeError(f"--jsonl {a.jsonl}: the file holds no rows")
+    return texts
+
+
 def cmd_detect_text(a: argparse.Namespace) -> None:
-    raise NotImplementedError  # issue 12, text part
+    import json
+
+    from genforge.common.errors import GenforgeError
+    from genforge.models.watermark import (
+        DEFAULT_GAMMA,
+        TextWatermark,
+        check_min_tokens,
+        detect_text,
+        resolve_key,
+    )
+
+    key = resolve_key(a.key, a.key_file)
+    if key is None:
+        raise GenforgeError("detect text: no key; give --key KEY, --key-file PATH or GENFORGE_WATERMARK_KEY",
+                            param="key")
+    wm = TextWatermark(key, gamma=DEFAULT_GAMMA if a.gamma is None else a.gamma)
+    check_min_tokens(a.min_tokens, "--min-tokens")
+    texts = _texts(a)
+    from genforge.models.lm import load_tokenizer
+
+    tokenizer = load_tokenizer(a.model)
+    for text in texts:
+        result = detect_text(text, tokenizer, wm, a.min_tokens, a.z_threshold)
+        print(json.dumps(result.as_dict()) if a.json else result.summary())
 
 
 def _add_text(de) -> None:
+    from genforge.models.watermark import DEFAULT_MIN_TOKENS, DEFAULT_Z_THRESHOLD
+
     t = de.add_parser("text", help="score text for genforge's keyed green-list watermark")
+    t.add_argument("text", nargs="?", default=None, help="the text to score (or --jsonl FILE)")
+    t.add_argument("--model", required=True, metavar="RUN_OR_FOLDER",
+                   help="the run or model folder whose tokenizer generated the text")
+    t.add_argument("--key", default=None, help="the watermark secret (or --key-file, or GENFORGE_WATERMARK_KEY)")
+    t.add_argument("--key-file", default=None, metavar="PATH", help="file holding the watermark secret")
+    t.add_argument("--jsonl", default=None, metavar="FILE", help="score every row of a .jsonl file")
+    t.add_argument("--field", default="text", help="the --jsonl rows' text field (default: text)")
+    t.add_argument("--gamma", type=float, default=None, help="the green share the text was generated with")
+    t.add_argument("--z-threshold", type=float, default=DEFAULT_Z_THRESHOLD,
+                   help=f"z at or above which the verdict is watermarked (default {DEFAULT_Z_THRESHOLD:g})")
+    t.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
+                   help=f"fewest scored tokens for a verdict (default {DEFAULT_MIN_TOKENS}; fewer: too_short)")
+    t.add_argument("--json", action="store_true", help="one JSON object per input instead of a line of text")
     t.set_defaults(func=cmd_detect_text)
 
 

@@ -266,6 +266,16 @@ def test_serve_flags_add_the_visible_label_and_the_mark(image_run, tmp_path):
         c = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0, timeout=60)
         resp = c.images.generate(model="m", prompt="3", n=2, size="16x16", response_format="b64_json",
                                  extra_body={"steps": 4, "seed": 1})
+        # POST /v1/detect: the server's own key by default, a given one otherwise; text refused here
+        own = c.post("/detect", cast_to=object, body={"image": resp.data[0].b64_json})
+        other = c.post("/detect", cast_to=object, body={"image": resp.data[0].b64_json, "key": "wrong"})
+        assert own["object"] == "image.detection" and own["watermark"]["verdict"] == "watermarked"
+        assert own["metadata"]["aigc"]["Label"] == "1" and own["pixels_match"] is True
+        assert other["watermark"]["verdict"] == "not_watermarked"
+        for body, param in (({"text": "hello"}, "text"), ({"image": "not base64!"}, "image"), ({}, "text")):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.post("/detect", cast_to=object, body=body)
+            assert e.value.body["param"] == param
     for d in resp.data:
         data = base64.b64decode(d.b64_json)
         r = detect_image(data, "serve-key")

@@ -3,7 +3,9 @@
 The same Engine as `genforge serve` runs the request(s), so the CLI and the API sample the same
 way. Several samples (`--num-samples N`) are submitted together and batched; the first streams
 to stdout token by token, the others print as they complete. With `--seed S`, sample i uses seed
-S + i, so the same command prints the same text every time.
+S + i, so the same command prints the same text every time. With `--watermark KEY` (or the key
+file / GENFORGE_WATERMARK_KEY) every sample carries the keyed green-list watermark that `genforge
+detect text` finds; `--label-text` appends an explicit label to each sample.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TextIO
 
 from genforge.common.errors import GenforgeError
 from genforge.models.sampling import SamplingParams
+from genforge.models.watermark import TextWatermark
 from genforge.serve.engine import Engine
 
 # SamplingParams errors name the OpenAI field; a terminal user typed these flags.
@@ -49,8 +52,10 @@ def build_params(*, max_new_tokens: int, temperature: float, top_k: int | None, 
 def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.8,
                          top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
                          stop: list[str] | None = None, seed: int | None = None, num_samples: int = 1,
-                         out: TextIO | None = None) -> list[str]:
-    """Print the prompt and its continuation(s) as they are generated; return the continuations."""
+                         out: TextIO | None = None, watermark: TextWatermark | None = None,
+                         label_text: str | None = None) -> list[str]:
+    """Print the prompt and its continuation(s) as they are generated; return the continuations
+    (with the label, when one is given)."""
     from dataclasses import replace
 
     from genforge.models.lm import load_lm
@@ -58,6 +63,7 @@ def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, te
     out = out or sys.stdout
     params = build_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, stop=stop, seed=seed, num_samples=num_samples)
+    params = replace(params, watermark=watermark)
     model, tokenizer = load_lm(run)
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     if not prompt_ids:
@@ -89,6 +95,9 @@ def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, te
                     parts.append(ev.text)
                     out.write(ev.text)
                     out.flush()
+            if label_text:
+                parts.append(label_text)
+                out.write(label_text)
             out.write("\n")
             texts.append("".join(parts))
     finally:
@@ -97,5 +106,6 @@ def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, te
     tokens = sum(s.completion_tokens for s in streams)
     print(f"[{tokens} tokens in {dt:.2f} s, {tokens / max(dt, 1e-9):.0f} tok/s, "
           f"{'fast path' if engine.fast_path else 'HF forward'}; finish: "
-          f"{', '.join(s.finish_reason or '?' for s in streams)}]", file=sys.stderr)
+          f"{', '.join(s.finish_reason or '?' for s in streams)}"
+          f"{f'; watermarked ({watermark.header()})' if watermark is not None else ''}]", file=sys.stderr)
     return texts

@@ -229,6 +229,15 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu",
     return model, tokenizer
 
 
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a run or HF folder (detectors that re-tokenise text need no weights)."""
+    folder = model_folder(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+
+
 def context_length(model: torch.nn.Module, max_model_len: int | None = None) -> int:
     """The context a generator serves: the model's positions, or `max_model_len` when given.
 

@@ -117,6 +117,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return; 0 = only the chosen token's
     # models.grammar.Grammar: only tokens it allows are sampled (structured output); None = free text
     grammar: Any = None
+    # models.watermark.TextWatermark: green tokens of its key get its logit bonus; None = no watermark
+    watermark: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -208,9 +210,14 @@ class RowSampler:
         self.min_tokens_ban = torch.tensor(sorted(t for t in banned if t < vocab_size), dtype=torch.long,
                                            device=device)
         self.generated = 0
+        # the watermark's green list after each token depends on the token before it: the prompt's
+        # last at first (a row always has a prompt token), then each sampled one
+        self.watermark = params.watermark
+        self.prev = prompt_ids[-1] if prompt_ids else 0
 
     def observe(self, token: int) -> None:
         self.generated += 1
+        self.prev = token
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True
@@ -252,6 +259,11 @@ class _BatchParams:
     top_p: torch.Tensor | None  # [n], inf for rows that do not cut (None when no row cuts)
     want_lp: list[int]  # rows that asked for logprobs
     top_n: int  # the most top logprobs any row asked for
+    marked: list[int]  # rows sampled with a watermark
+    marked_idx: torch.Tensor | None  # their indices (None when all rows or none are marked)
+    marked_keys: torch.Tensor | None  # [m] int64 keys
+    marked_gamma: float | torch.Tensor  # one green share, or [m] when rows differ
+    marked_delta: torch.Tensor | None  # [m, 1] logit bonus
 
 
 _TOP_P_ATTEMPTS = 16
@@ -273,6 +285,9 @@ class BatchSampler:
         kmax = max((k for k in ks if k < vocab), default=0)
         tps = [p.top_p for p in ps]
         want_lp = [i for i, p in enumerate(ps) if p.logprobs is not None]
+        marked = [i for i, p in enumerate(ps) if p.watermark is not None]
+        wms = [ps[i].watermark for i in marked]
+        gammas = {w.gamma for w in wms}
         c = self._cached = _BatchParams(
             rows=list(rows),
             greedy=torch.tensor(greedy, device=device),
@@ -283,7 +298,13 @@ class BatchSampler:
             no_k=torch.tensor([k >= vocab for k in ks], device=device)[:, None] if kmax else None,
             kmax=kmax,
             top_p=torch.tensor([t if t < 1 else float("inf") for t in tps], device=device) if min(tps) < 1 else None,
-            want_lp=want_lp, top_n=max((ps[i].logprobs or 0 for i in want_lp), default=0))
+            want_lp=want_lp, top_n=max((ps[i].logprobs or 0 for i in want_lp), default=0),
+            marked=marked,
+            marked_idx=torch.tensor(marked, device=device) if 0 < len(marked) < len(rows) else None,
+            marked_keys=torch.tensor([w.signed_key for w in wms], dtype=torch.int64, device=device) if wms else None,
+            marked_gamma=(gammas.pop() if len(gammas) == 1 else
+                          torch.tensor([w.gamma for w in wms], dtype=torch.float64, device=device)),
+            marked_delta=torch.tensor([w.delta for w in wms], device=device)[:, None] if wms else None)
         return c
 
     def __call__(self, logits: torch.Tensor, rows: list[RowSampler]
@@ -312,6 +333,8 @@ class BatchSampler:
                 else:
                     idx = torch.tensor(constrained, device=logits.device)
                     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        if bp.marked:  # after penalties and grammar, before temperature; greedy rows take it too
+            logits = self._watermark(logits if special else logits.clone(), rows, bp)
         if bp.all_greedy:
             picks = logits.argmax(-1)
         else:
@@ -335,6 +358,20 @@ class BatchSampler:
                 k = rows[i].params.logprobs or 0
                 tops[i] = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
         return tokens, chosen, tops
+
+    @staticmethod
+    def _watermark(logits: torch.Tensor, rows: list[RowSampler], bp: _BatchParams) -> torch.Tensor:
+        """The green-list bonus of every watermarked row, in one vectorised operation (in place on a
+        copy the caller owns). Rows may have different keys; rows without a watermark are untouched."""
+        from genforge.models.watermark import green_mask
+
+        prev = torch.tensor([rows[i].prev for i in bp.marked], dtype=torch.int64, device=logits.device)
+        bonus = green_mask(bp.marked_keys, prev, logits.shape[1], bp.marked_gamma) * bp.marked_delta
+        if bp.marked_idx is None:
+            logits += bonus
+        else:
+            logits.index_add_(0, bp.marked_idx, bonus)
+        return logits
 
     def _sample(self, logits: torch.Tensor, bp: _BatchParams) -> torch.Tensor:
         x = logits / bp.temps

@@ -92,6 +92,7 @@ class AppLayer:
         self.config, self.metrics, self.steps = config, metrics, steps
         self.served_name, self.model_version = served_name, model_version
         self.default_temperature = 1.0  # the model's generation_config default, set by the service
+        self.labelling: Any = None  # serve.labelling.Labelling, set by the service (part of the cache key)
         self.info = steps.wait_ready()
         self.guard = None
         if config.guard.policy != "off":
@@ -275,6 +276,10 @@ class AppLayer:
         if rag_index is not None:
             sampling["rag"] = {"k": self.config.rag.k, "mode": self.config.rag.mode}
         sampling["embedder"] = self.info["embedder_version"]  # vectors of another embedder are never compared
+        # a watermarking deployment's answers are keyed by the watermark's key id (and the label): a request
+        # is never handed an answer generated without its watermark, or under another tenant's key
+        if self.labelling is not None and (mark := self.labelling.cache_part(req)) is not None:
+            sampling["labelling"] = mark
         key = cache_key(self.served_name, self.model_version, system, sampling, rag_index, rag_version, history)
         return key, turn
 
@@ -383,27 +388,32 @@ def model_version(model_path: str | Path | None, model: Any) -> str:
     return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
-def replay_chat(prep: Prepared, req: ChatCompletionRequest, served_name: str, request: Any) -> Response:
-    """A cache hit as the response the engine would have given: JSON, or the same SSE events."""
+def replay_chat(prep: Prepared, req: ChatCompletionRequest, served_name: str, request: Any,
+                watermark: dict | None = None, extra_headers: dict[str, str] | None = None) -> Response:
+    """A cache hit as the response the engine would have given: JSON, or the same SSE events.
+    `watermark`, `extra_headers`: a labelling deployment's field and header (serve/labelling.py); the
+    cache key holds the watermark's key id, so the stored answer was generated under the same key."""
     stored = prep.hit.entry.response
+    headers = {**prep.headers(), **(extra_headers or {})}
     rid, created = new_id("chatcmpl"), now()
     usage = UsageInfo(**stored["usage"])
     choices = stored["choices"]
     if not req.stream:
         body = ChatCompletionResponse(
             id=rid, created=created, model=served_name, usage=usage, sources=stored.get("sources"),
+            watermark=watermark,
             choices=[ChatChoice(index=c["index"], message=AssistantMessage(content=c["content"]),
                                 finish_reason=c["finish_reason"]) for c in choices])
-        return JSONResponse(body.model_dump(), headers=prep.headers())
-    enc = ChunkEncoder(rid, created, served_name, chat=True)
+        return JSONResponse(body.model_dump(), headers=headers)
+    enc = ChunkEncoder(rid, created, served_name, chat=True, watermark=watermark)
 
     async def events() -> AsyncIterator[str]:
         yield "".join(enc.role(c["index"], stored.get("sources")) for c in choices)
         yield "".join(enc.token(c["index"], c["content"], c["finish_reason"]) for c in choices)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_name,
-                       "choices": [], "usage": usage.model_dump()})
+                       "choices": [], "usage": usage.model_dump(), **({"watermark": watermark} if watermark else {})})
         yield SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **prep.headers()})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})

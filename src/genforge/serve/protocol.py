@@ -110,6 +110,15 @@ def _response_format(value: Any) -> ResponseFormat | None:
     return fmt
 
 
+class WatermarkField(_Request):
+    key: Annotated[str, Field(min_length=1, max_length=4096)]
+
+    def __repr__(self) -> str:  # the secret never reaches a log line or a trace
+        return "WatermarkField(key=***)"
+
+    __str__ = __repr__
+
+
 class _SamplingFields(_Request):
     """Fields the two generation endpoints share."""
 
@@ -132,6 +141,9 @@ class _SamplingFields(_Request):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # OpenAI fields genforge does not implement: refused unless at their defaults
     logit_bias: Annotated[Any, _unsupported({})] = None
+    # genforge extension: {"key": "..."} samples with this tenant's watermark key, on a deployment that
+    # watermarks (serve/labelling.py); it can change the key, never turn the watermark off
+    watermark: WatermarkField | None = None
     response_format: Annotated[Any, AfterValidator(_response_format)] = None  # ResponseFormat | None
     tools: Annotated[Any, _unsupported([])] = None
     tool_choice: Annotated[Any, _unsupported("none")] = None
@@ -248,6 +260,19 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    watermark: dict | None = None  # genforge extension: set by a watermarking deployment (serve/labelling.py)
+
+    @model_serializer(mode="wrap")
+    def _extension_only_when_set(self, handler: Any) -> dict:
+        return _drop_unset_extensions(handler(self))
+
+
+def _drop_unset_extensions(out: dict) -> dict:
+    """The OpenAI shape exactly, unless RAG answered (`sources`) or the deployment watermarks."""
+    for name in ("sources", "watermark"):
+        if name in out and out[name] is None:
+            del out[name]
+    return out
 
 
 class TopLogprob(BaseModel):
@@ -284,13 +309,11 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     sources: list[dict] | None = None  # genforge extension: RAG's retrieved chunks (id, source, score)
+    watermark: dict | None = None  # genforge extension: set by a watermarking deployment (serve/labelling.py)
 
     @model_serializer(mode="wrap")
     def _extension_only_when_set(self, handler: Any) -> dict:
-        out = handler(self)
-        if out.get("sources") is None:
-            out.pop("sources", None)  # the OpenAI shape exactly, unless RAG answered
-        return out
+        return _drop_unset_extensions(handler(self))
 
 
 class DeltaMessage(BaseModel):
@@ -317,6 +340,11 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    watermark: dict | None = None  # as ChatCompletionResponse's
+
+    @model_serializer(mode="wrap")
+    def _extension_only_when_set(self, handler: Any) -> dict:
+        return _drop_unset_extensions(handler(self))
 
 
 class CompletionChunk(BaseModel):
@@ -328,6 +356,11 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    watermark: dict | None = None  # as CompletionResponse's
+
+    @model_serializer(mode="wrap")
+    def _extension_only_when_set(self, handler: Any) -> dict:
+        return _drop_unset_extensions(handler(self))
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -34,9 +34,11 @@ from genforge.data.image_labels import ImageLabelling
 from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
 from genforge.serve.alerts import AlertSampler
 from genforge.serve.app_config import AppConfig, default_state_dir
+from genforge.serve.detect import detect_router
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, RETRY_AFTER_S, Gate, validated
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
+from genforge.serve.labelling import Labelling
 from genforge.serve.layer_process import LayerProcess
 from genforge.serve.layer_steps import LocalSteps
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -168,7 +170,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                limit_concurrency: int | None = None, kv_cache_bytes: int | None = None,
                image_max_queue: int = 8, stream_interval: int = 1, app_config: AppConfig | None = None,
                adapters: dict[str, Path] | None = None, max_loaded_adapters: int = DEFAULT_MAX_LOADED,
-               image_labelling: ImageLabelling | None = None) -> Gate:
+               image_labelling: ImageLabelling | None = None, watermark: Any = None,
+               label_text: str | None = None) -> Gate:
     """The ASGI app for a run dir / HF folder (`model_path`) or an already loaded model+tokenizer.
 
     Loading happens here, before any port is bound, so a bad path fails with one clear error.
@@ -179,6 +182,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
     `adapters`: {name: peft folder} of LoRA adapters over the model, each served under its name, at
     most `max_loaded_adapters` in memory at once (serve/adapters.py).
     `image_labelling`: image runs' visible label / invisible mark (the AIGC metadata is always written).
+    `watermark` (a models.watermark.TextWatermark) and `label_text`: a labelling LM deployment
+    (serve/labelling.py).
     """
     if model is None and model_path is None:
         raise ConfigError("create_app: give a model path or a loaded model and tokenizer")
@@ -226,7 +231,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
                                 max_batch_size=max_batch_size, max_queue=max_queue, metrics=metrics,
                                 decode=decode, request_timeout=request_timeout, kv_cache_bytes=kv_cache_bytes,
                                 aliases=aliases, stream_interval=stream_interval, app_layer=app_layer,
-                                adapters=registry)
+                                adapters=registry, labelling=Labelling(watermark, label_text or None))
         except BaseException:
             if steps is not None:
                 steps.close()
@@ -299,6 +304,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             return await service.chat(body, request)
 
         app.include_router(embeddings_router(shared_embedder))
+        mark = image_labelling.mark if image_labelling is not None else None
+        app.include_router(detect_router(service.tokenizer, service.labelling, mark.key if mark is not None else None))
 
         @app.delete("/v1/cache")
         async def invalidate_cache(key: str | None = None) -> JSONResponse:
@@ -314,6 +321,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
 
         app.include_router(images_router(Path(model_path), max_queue=image_max_queue, labelling=image_labelling,
                                          model_name=name))
+        mark = image_labelling.mark if image_labelling is not None else None
+        app.include_router(detect_router(None, None, mark.key if mark is not None else None))
 
     return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,
                 limit_concurrency=limit_concurrency)
@@ -343,7 +352,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                   root_path: str = "", stream_interval: int = 1, app_config: AppConfig | None = None,
                   http: str = "auto", loop: str = "auto", adapters: dict[str, Path] | None = None,
                   max_loaded_adapters: int = DEFAULT_MAX_LOADED, trace: str = "off",
-                  image_labelling: ImageLabelling | None = None) -> None:
+                  image_labelling: ImageLabelling | None = None, watermark: Any = None,
+                  label_text: str | None = None) -> None:
     """Load MODEL and serve it until SIGINT/SIGTERM; then stop accepting, let the requests in flight
     finish for at most `shutdown_timeout` seconds, cancel the rest and exit. `trace`: off, console or
     otlp (common/tracing.py); every log line of a request names its x-request-id either way."""
@@ -377,7 +387,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
                      decode=decode, request_timeout=request_timeout, body_timeout=body_timeout,
                      limit_concurrency=limit_concurrency, kv_cache_bytes=kv_cache_bytes,
                      stream_interval=stream_interval, app_config=app_config, adapters=adapters,
-                     max_loaded_adapters=max_loaded_adapters, image_labelling=image_labelling)
+                     max_loaded_adapters=max_loaded_adapters, image_labelling=image_labelling,
+                     watermark=watermark, label_text=label_text)
     sock = _listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=limit_concurrency, shutdown_timeout=shutdown_timeout,
@@ -386,6 +397,8 @@ def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, served_
     service = app.app.state.service
     if service is not None:
         print("engine: " + " ".join(f"{k}={v}" for k, v in service.in_effect().items()), flush=True)
+        if service.labelling.active:
+            print(f"labelling: {service.labelling.start_line()}", flush=True)
         if service.app is not None:
             print(f"app layer: {service.app.describe()}", flush=True)
             if service.app.rag_on and service.max_model_len < RAG_MIN_CONTEXT:

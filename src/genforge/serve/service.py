@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -31,6 +32,7 @@ from genforge.serve.adapters import AdapterRegistry
 from genforge.serve.chat import render_chat, resolve_chat_template
 from genforge.serve.engine import Engine, decode_options
 from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
+from genforge.serve.labelling import Labelling
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.pipeline import AppLayer, Prepared, replay_chat
 from genforge.serve.protocol import (
@@ -91,11 +93,12 @@ class LMService:
                  max_batch_size: int, max_queue: int, metrics: ServeMetrics, decode: str = "eager",
                  request_timeout: float | None = None, kv_cache_bytes: int | None = None,
                  aliases: tuple[str, ...] = (), stream_interval: int = 1, app_layer: AppLayer | None = None,
-                 adapters: AdapterRegistry | None = None):
+                 adapters: AdapterRegistry | None = None, labelling: Labelling | None = None):
         """`aliases`: other names a request's `model` may use (e.g. the path it was started with).
         `stream_interval`: tokens per streamed chunk (1: every token; vLLM's option of that name).
         `app_layer`: the guard / semantic cache / RAG steps of chat requests (serve/pipeline.py).
-        `adapters`: LoRA adapters over this model, each picked by its name in a request's `model`."""
+        `adapters`: LoRA adapters over this model, each picked by its name in a request's `model`.
+        `labelling`: the watermark and label text of a labelling deployment (serve/labelling.py)."""
         limit = context_length(model)
         if max_model_len is not None and not 2 <= max_model_len <= limit:
             raise ConfigError(f"--max-model-len {max_model_len}: must be in [2, {limit}] "
@@ -109,6 +112,9 @@ class LMService:
             raise ConfigError(f"--stream-interval {stream_interval}: must be at least 1", param="stream_interval")
         self.stream_interval = stream_interval
         self.app = app_layer
+        self.labelling = labelling or Labelling()
+        if app_layer is not None:
+            app_layer.labelling = self.labelling  # the cache key keeps keys and labels apart
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                              max_model_len=max_model_len, observer=metrics.observer(),
                              kv_cache_bytes=kv_cache_bytes, adapters=adapters, **decode_options(decode))
@@ -202,7 +208,7 @@ class LMService:
                                    tokens_field=tokens_field)
 
     def _params(self, req: _SamplingFields, max_new: int, logprobs: int | None, i: int,
-                grammar: Any = None) -> SamplingParams:
+                grammar: Any = None, watermark: Any = None) -> SamplingParams:
         def pick(name: str, fallback: Any) -> Any:
             value = getattr(req, name)
             return value if value is not None else self.defaults.get(name, fallback)
@@ -217,15 +223,17 @@ class LMService:
             repetition_penalty=pick("repetition_penalty", 1.0), presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, stop=req.stop_list(),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            seed=seed, logprobs=logprobs, grammar=grammar)
+            seed=seed, logprobs=logprobs, grammar=grammar, watermark=watermark)
 
     def _submit(self, prompts: list[list[int]], req: _SamplingFields, max_tokens: int | None,
-                logprobs: int | None, names: dict[str, str], grammar: Any = None) -> list[Choice]:
+                logprobs: int | None, names: dict[str, str], grammar: Any = None, watermark: Any = None
+                ) -> list[Choice]:
         """Check every prompt first, then queue all sequences: all or none are queued. `grammar`:
-        the compiled response_format (each sequence gets its own matcher of it)."""
+        the compiled response_format (each sequence gets its own matcher of it); `watermark`: the
+        request's TextWatermark (serve/labelling.py)."""
         tokens_field, prompt_field = names.get("max_tokens", "max_tokens"), names.get("prompt", "prompt")
         rooms = [self._room(len(ids), max_tokens, tokens_field, prompt_field) for ids in prompts]
-        items = [(ids, self._params(req, room, logprobs, i, grammar)) for ids, room in zip(prompts, rooms)
+        items = [(ids, self._params(req, room, logprobs, i, grammar, watermark)) for ids, room in zip(prompts, rooms)
                  for i in range(req.n)]
         adapter = self._adapter_of(getattr(req, "model", None))
         try:
@@ -335,6 +343,7 @@ class LMService:
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model(req.model)
         grammar = await self.grammars.get(req.response_format)  # a bad schema is a 400 before any work
+        wm = self.labelling.for_request(req)
         raw = req.prompt
         size = len(raw) if isinstance(raw, str) else sum(len(p) if isinstance(p, (str, list)) else 1 for p in raw)
         prompts, texts = await self._offload(size, self._completion_prompts, req)
@@ -348,12 +357,12 @@ class LMService:
             prompts, placeholders = await self.app.guard_prompts(
                 prompts, [t if isinstance(p, str) else None for t, p in zip(texts, self._raw_prompts(req))],
                 self.tokenizer)
-        choices = self._submit(prompts, req, req.max_tokens, req.logprobs, {"prompt": "prompt"}, grammar)
+        choices = self._submit(prompts, req, req.max_tokens, req.logprobs, {"prompt": "prompt"}, grammar, wm)
         rid, created = new_id("cmpl"), now()
         filters = [guard.output_filter(placeholders) for _ in choices] if guard is not None else None
         if req.stream:
             return self._streaming(self._stream_completion(request, req, rid, created, prompts, texts, choices,
-                                                           filters))
+                                                           filters, wm), self.labelling.headers(wm))
         if (early := await self._collect(request, choices, want_lp)) is not None:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
@@ -364,20 +373,25 @@ class LMService:
                 generated = [f.feed(text) + f.flush() for f, text in zip(filters, generated)]
                 self.app.observe_output(filters)
         out = []
+        generated = [text + self.labelling.label() for text in generated]
         for c, text in zip(choices, generated):
             head = texts[c.prompt_index] if req.echo else ""
             lp = completion_logprobs(c.logprobs, len(head)) if want_lp else None
             out.append(CompletionChoice(index=c.index, text=head + text, logprobs=lp, finish_reason=c.finish_reason))
-        return self._json(request, CompletionResponse(id=rid, created=created, model=self._shown(req),
-                                                      choices=out, usage=self._usage(prompts, choices)), choices)
+        return self._json(request, CompletionResponse(id=rid, created=created, model=self._shown(req), choices=out,
+                                                      usage=self._usage(prompts, choices),
+                                                      watermark=self.labelling.describe(wm)),
+                          choices, self.labelling.headers(wm))
 
     async def _stream_completion(self, request: Request, req: CompletionRequest, rid: str, created: int,
                                  prompts: list[list[int]], texts: list[str], choices: list[Choice],
-                                 filters: list[Any] | None = None) -> AsyncIterator[str]:
+                                 filters: list[Any] | None = None, wm: Any = None) -> AsyncIterator[str]:
         want_lp = req.logprobs is not None
+        mark = self.labelling.describe(wm)
 
         def chunk(items: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return sse(CompletionChunk(id=rid, created=created, model=self._shown(req), choices=items, usage=usage))
+            return sse(CompletionChunk(id=rid, created=created, model=self._shown(req), choices=items, usage=usage,
+                                       watermark=mark))
 
         def with_logprobs(c: Choice, ev: Any, new: list) -> str:
             lp = completion_logprobs(new, c.offset)
@@ -388,7 +402,7 @@ class LMService:
             for c in choices:
                 c.offset = len(texts[c.prompt_index])
                 head.append(chunk([CompletionChoice(index=c.index, text=texts[c.prompt_index])]))
-        enc = ChunkEncoder(rid, created, self._shown(req), chat=False)
+        enc = ChunkEncoder(rid, created, self._shown(req), chat=False, watermark=mark)
         async for text in self._stream(request, choices, enc, head, with_logprobs if want_lp else None, filters):
             yield text
         if not any(c.error for c in choices) and req.stream_options is not None and req.stream_options.include_usage:
@@ -400,8 +414,10 @@ class LMService:
                       ) -> AsyncIterator[str]:
         """The token events of a stream, as SSE text: everything that arrived together in one write.
         Ends early on an engine error (an error event) or the deadline (an error event); unfinished
-        choices are cancelled however it ends. The caller adds usage and [DONE]."""
+        choices are cancelled however it ends. The caller adds usage and [DONE]. A configured label is
+        the last content of each choice, on the chunk that carries its finish reason."""
         started = time.perf_counter()
+        label = self.labelling.label()
         try:
             if head:
                 yield "".join(head)
@@ -415,14 +431,24 @@ class LMService:
                     if not (ev.text or ev.finish_reason or new):
                         continue  # text held back (half a character, a possible stop string)
                     if with_logprobs is not None:
-                        out.append(with_logprobs(c, ev, new))
+                        last = label and ev.finish_reason is not None
+                        out.append(with_logprobs(c, replace(ev, finish_reason=None) if last else ev, new))
                         c.offset += len(ev.text)
+                        if last:
+                            out.append(enc.token(c.index, label, ev.finish_reason))
+                            c.offset += len(label)
                     elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
                         if filters is not None:
                             f = filters[c.index]
                             text = f.feed(text) + (f.flush() if ev.finish_reason is not None else "")
                             if not text and ev.finish_reason is None:
                                 continue  # held by the output guard until it can tell
+                        if label and ev.finish_reason is not None:  # the label: a chunk of its own, the last
+                            if text:
+                                out.append(enc.token(c.index, text, None))
+                                c.offset += len(text)
+                                c.shown.append(text)
+                            text = label
                         out.append(enc.token(c.index, text, ev.finish_reason))
                         c.offset += len(text)
                         c.shown.append(text)
@@ -450,6 +476,8 @@ class LMService:
         if req.top_logprobs is not None and not req.logprobs:
             raise GenforgeError("top_logprobs: set logprobs to true to use top_logprobs", param="top_logprobs")
         grammar = await self.grammars.get(req.response_format)  # a bad schema is a 400 before any work
+        wm = self.labelling.for_request(req)
+        marked = self.labelling.headers(wm)
         prep = None
         messages = req.messages
         if self.app is not None and self.app.active:
@@ -466,7 +494,7 @@ class LMService:
 
             prep = await self.app.prepare(req, fits, speculate=True)
             if prep.hit is not None:
-                return replay_chat(prep, req, self._shown(req), request)
+                return replay_chat(prep, req, self._shown(req), request, self.labelling.describe(wm), marked)
             messages = [ChatMessage(**m) for m in prep.messages]
         size = sum(len(m.text()) for m in messages)
         prompt = await self._offload(size, render_chat, self.tokenizer, self.template, messages,
@@ -476,7 +504,7 @@ class LMService:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         names = {"prompt": "messages", "max_tokens": tokens_field, "logprobs": "top_logprobs"}
-        choices = self._submit([prompt], req, max_tokens, logprobs, names, grammar)
+        choices = self._submit([prompt], req, max_tokens, logprobs, names, grammar, wm)
         if prep is not None:
             # The engine has started on the prompt; nothing reaches the client before the layer's last
             # checks (injection detector, near cache matches) have passed.
@@ -487,11 +515,11 @@ class LMService:
                 raise
             if prep.hit is not None:
                 self._end(choices)
-                return replay_chat(prep, req, self._shown(req), request)
+                return replay_chat(prep, req, self._shown(req), request, self.labelling.describe(wm), marked)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices, prep),
-                                   prep.headers() if prep is not None else None)
+            return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices, prep, wm),
+                                   {**(prep.headers() if prep is not None else {}), **marked})
         if (early := await self._collect(request, choices, req.logprobs)) is not None:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
@@ -501,27 +529,30 @@ class LMService:
             with tracing.span("guard_output"):
                 texts = [f.feed(t) + f.flush() for f, t in zip(filters, texts)]
                 self.app.observe_output(filters)
+        texts = [t + self.labelling.label() for t in texts]
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=text),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason) for c, text in zip(choices, texts)]
         body = ChatCompletionResponse(id=rid, created=created, model=self._shown(req), choices=out,
                                       usage=self._usage([prompt], choices),
-                                      sources=prep.sources if prep is not None and prep.sources else None)
+                                      sources=prep.sources if prep is not None and prep.sources else None,
+                                      watermark=self.labelling.describe(wm))
         if prep is not None:
             await self.app.remember(prep, body)
-        return self._json(request, body, choices, prep.headers() if prep is not None else None)
+        return self._json(request, body, choices, {**(prep.headers() if prep is not None else {}), **marked})
 
     async def _stream_chat(self, request: Request, req: ChatCompletionRequest, rid: str, created: int,
-                           prompt: list[int], choices: list[Choice], prep: Prepared | None = None
+                           prompt: list[int], choices: list[Choice], prep: Prepared | None = None, wm: Any = None
                            ) -> AsyncIterator[str]:
-        enc = ChunkEncoder(rid, created, self._shown(req), chat=True)
+        mark = self.labelling.describe(wm)
+        enc = ChunkEncoder(rid, created, self._shown(req), chat=True, watermark=mark)
         filters = [prep.output_filter() for _ in choices] if prep is not None else None
         if filters is not None and filters[0] is None:
             filters = None
 
         def chunk(items: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
             return sse(ChatCompletionChunk(id=rid, created=created, model=self._shown(req), choices=items,
-                                           usage=usage))
+                                           usage=usage, watermark=mark))
 
         def with_logprobs(c: Choice, ev: Any, new: list) -> str:
             delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()

@@ -109,11 +109,14 @@ def _js(text: str) -> str:
 class ChunkEncoder:
     """`data: {...}\\n\\n` events for one streamed response (see the module docstring)."""
 
-    def __init__(self, rid: str, created: int, model: str, *, chat: bool):
+    def __init__(self, rid: str, created: int, model: str, *, chat: bool, watermark: dict | None = None):
+        """`watermark`: a watermarking deployment's description, carried by every chunk (an extension
+        field, as the chunk models in protocol.py serialize it)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         self.chat = chat
         self.prefix = f'data: {{"id":{_js(rid)},"object":"{obj}","created":{created},"model":{_js(model)},"choices":['
-        self.suffix = '],"usage":null}\n\n'
+        self.mark = "" if watermark is None else f',"watermark":{json.dumps(watermark, separators=(",", ":"))}'
+        self.suffix = '],"usage":null' + self.mark + '}\n\n'
 
     def token(self, index: int, text: str, finish_reason: str | None) -> str:
         """The chunk carrying one event's text (and finish reason) for choice `index`."""
@@ -128,7 +131,7 @@ class ChunkEncoder:
     def role(self, index: int, sources: list[dict] | None = None) -> str:
         """Chat streams open every choice with the assistant role, as OpenAI does; RAG's `sources`
         (an extension field) ride on that first chunk."""
-        suffix = self.suffix if not sources else f'],"usage":null,"sources":{json.dumps(sources)}}}\n\n'
+        suffix = self.suffix if not sources else f'],"usage":null{self.mark},"sources":{json.dumps(sources)}}}\n\n'
         return (self.prefix + f'{{"index":{index},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
                 f'"finish_reason":null}}' + suffix)
 
