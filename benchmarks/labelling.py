@@ -235,6 +235,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="texts per class (watermarked, plain, human)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(CACHE / "labelling"))
+    ap.add_argument("--text-only", action="store_true", help="skip the image half (benchmarks/labelling_images.py)")
     ap.add_argument("--child", choices=["plain", "watermarked"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=16, help=argparse.SUPPRESS)
@@ -319,6 +320,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result, lengths)
     print(f"\nwrote {out}")
+    if not a.text_only:  # the image half, in its own process: its tables and labelling_images*.json
+        print("\n## Images (benchmarks/labelling_images.py)\n", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("labelling_images.py")),
+                        *(["--quick"] if a.quick else [])], check=True)
 
 
 def print_tables(r: dict, lengths: tuple[int, ...]) -> None:
