@@ -121,3 +121,23 @@ def pg_store_url(pg_server) -> str:
     from tests.pg import fresh_database
 
     return fresh_database(pg_server)
+
+
+def tiny_random_llama(max_position_embeddings: int = 128):
+    """A random tiny Llama over a 300-piece byte-level BPE: near-uniform next-token distributions (model, tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                      eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(cfg).eval(), tok

@@ -5,31 +5,19 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from genforge.cli import main
 from genforge.common.errors import GenforgeError
 from genforge.jobs.textgen import generate_to_terminal
 from genforge.models.lm import save_lm
+from tests.conftest import tiny_random_llama
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=tok.eos_token_id)
+    model, tok = tiny_random_llama(64)
     folder = tmp_path_factory.mktemp("lm") / "model"
-    save_lm(LlamaForCausalLM(cfg).eval(), tok, folder)
+    save_lm(model, tok, folder)
     return str(folder)
 
 

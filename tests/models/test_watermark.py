@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from genforge.common.errors import ConfigError, GenforgeError
 from genforge.models.generation import BatchGenerator
@@ -18,6 +16,7 @@ from genforge.models.watermark import (
     resolve_key,
     score_ids,
 )
+from tests.conftest import tiny_random_llama
 
 M64 = (1 << 64) - 1
 
@@ -132,18 +131,7 @@ def test_batch_rows_get_their_own_keys_and_plain_rows_are_untouched():
 @pytest.fixture(scope="module")
 def random_lm():
     """A random tiny Llama: near-uniform next-token distributions (high entropy), as the watermark likes."""
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval(), tok
+    return tiny_random_llama(128)
 
 
 def test_watermarked_generation_is_detected_with_its_key_only(random_lm):
