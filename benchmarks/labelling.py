@@ -157,7 +157,10 @@ def edit(ids: list[int], fraction: float, vocab: list[int], rng: random.Random) 
 
 
 # -- throughput: one child process per measurement ---------------------------------------------------------
-def throughput_child(folder: str, marked: bool, rows: int, new: int) -> dict:
+CHILD_CONFIGS = ("plain", "watermarked", "watermarked_one_key")  # watermarked: a key per row
+
+
+def throughput_child(folder: str, config: str, rows: int, new: int) -> dict:
     from genforge.models.lm import load_lm
     from genforge.models.sampling import SamplingParams
     from genforge.models.watermark import TextWatermark
@@ -169,8 +172,9 @@ def throughput_child(folder: str, marked: bool, rows: int, new: int) -> dict:
     try:
         def once() -> float:
             params = [SamplingParams(max_new_tokens=new, temperature=TEMPERATURE, seed=i, ignore_eos=True,
-                                     watermark=TextWatermark.from_secret(f"tenant-{i}") if marked else None)
-                      for i in range(rows)]  # per-row keys: the multi-tenant case
+                                     watermark=None if config == "plain" else TextWatermark.from_secret(
+                                         "deployment" if config == "watermarked_one_key" else f"tenant-{i}"))
+                      for i in range(rows)]  # a key per row (the multi-tenant case), or the deployment's one
             t0 = time.perf_counter()
             streams = [engine.submit([1 + i, 2 + i, 3 + i], p) for i, p in enumerate(params)]
             for s in streams:
@@ -186,7 +190,7 @@ def throughput_child(folder: str, marked: bool, rows: int, new: int) -> dict:
 
 def throughput(folder: Path, threads: int, rows: int, new: int, repeats: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
-    runs: dict[str, list[float]] = {"plain": [], "watermarked": []}
+    runs: dict[str, list[float]] = {name: [] for name in CHILD_CONFIGS}
     for _ in range(repeats):  # alternated, so drift in the machine's load hits both alike
         for name in runs:
             out = subprocess.run([sys.executable, __file__, "--child", name, "--model", str(folder),
@@ -199,20 +203,29 @@ def throughput(folder: Path, threads: int, rows: int, new: int, repeats: int) ->
 
 
 def per_step_cost(vocabs: tuple[int, ...], rows: int = 16, calls: int = 30) -> list[dict]:
-    """ms per decode step for the watermark bias alone: ours (per-row keys) vs transformers' processor."""
+    """ms per decode step for the watermark bias alone (on a copy of the logits, as the sampler does):
+    ours with one deployment key and with a key per row, vs transformers' processor (one key)."""
     from transformers import WatermarkLogitsProcessor
 
-    from genforge.models.watermark import TextWatermark, green_mask
+    from genforge.models.watermark import TextWatermark, add_green_bias
+
+    one = [TextWatermark.from_secret("deployment")] * rows
+    own = [TextWatermark.from_secret(f"k{i}") for i in range(rows)]
+    idx = list(range(rows))
+
+    def ours(scores: torch.Tensor, marks: list, prev: list[int]) -> torch.Tensor:
+        out = scores.clone()
+        add_green_bias(out, idx, marks, prev)
+        return out
 
     out = []
     for vocab in vocabs:
         scores = torch.randn(rows, vocab)
-        keys = torch.tensor([TextWatermark.from_secret(f"k{i}").signed_key for i in range(rows)])
-        prev = torch.randint(0, vocab, (rows,))
-        delta = torch.full((rows, 1), 2.0)
+        prev = torch.randint(0, vocab, (rows,)).tolist()
         hf = WatermarkLogitsProcessor(vocab_size=vocab, device="cpu", greenlist_ratio=GAMMA, bias=2.0)
         ids = torch.randint(0, vocab, (rows, 8))
-        fns = {"genforge_ms": lambda s=scores, k=keys, p=prev, v=vocab, d=delta: s.clone() + green_mask(k, p, v, GAMMA) * d,
+        fns = {"genforge_ms": lambda s=scores, p=prev: ours(s, one, p),
+               "genforge_key_per_row_ms": lambda s=scores, p=prev: ours(s, own, p),
                "transformers_ms": lambda s=scores, i=ids, h=hf: h(i, s)}
         row = {"vocab": vocab, "rows": rows}
         for name, fn in fns.items():
@@ -236,14 +249,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(CACHE / "labelling"))
     ap.add_argument("--text-only", action="store_true", help="skip the image half (benchmarks/labelling_images.py)")
-    ap.add_argument("--child", choices=["plain", "watermarked"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=CHILD_CONFIGS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--child-new", type=int, default=128, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:
-        print(json.dumps(throughput_child(a.model, a.child == "watermarked", a.rows, a.child_new)))
+        print(json.dumps(throughput_child(a.model, a.child, a.rows, a.child_new)))
         return
     steps, n, new = (60, 24, 64) if a.quick else (a.steps, a.n, NEW)
     lengths = tuple(L for L in LENGTHS if L <= new)
@@ -348,13 +361,16 @@ def print_tables(r: dict, lengths: tuple[int, ...]) -> None:
                    [[fmt(row["replaced"], ".0%"), fmt(row["tpr_at_1pct_fpr"], ".0%"), fmt(row["tpr_at_z4"], ".0%"),
                      fmt(row["median_z"], ".1f")] for row in r["edits"]]))
     tp = r["throughput_16_rows"]
-    print("\n### Throughput, batching engine, 16 rows (per-row keys), median of 3 processes\n")
+    print("\n### Throughput, batching engine, 16 rows, median of 3 processes (watermarked: a key per row; "
+          "watermarked_one_key: the deployment key on every row)\n")
     print(md_table(["config", "tokens/s", "runs"],
                    [[name, fmt(v["median_tokens_per_s"], ".0f"), ", ".join(f"{x:.0f}" for x in v["runs"])]
                     for name, v in tp.items()]))
     print("\n### The bias alone per decode step, 16 rows\n")
-    print(md_table(["vocabulary", "genforge (ms)", "transformers WatermarkLogitsProcessor (ms)"],
-                   [[row["vocab"], fmt(row["genforge_ms"], ".3f"), fmt(row["transformers_ms"], ".3f")]
+    print(md_table(["vocabulary", "genforge, one key (ms)", "genforge, a key per row (ms)",
+                    "transformers WatermarkLogitsProcessor, one key (ms)"],
+                   [[row["vocab"], fmt(row["genforge_ms"], ".3f"), fmt(row.get("genforge_key_per_row_ms"), ".3f"),
+                     fmt(row["transformers_ms"], ".3f")]
                     for row in r["per_step_bias_cost"]]))
 
 

@@ -9,7 +9,9 @@ from genforge.common.errors import ConfigError, GenforgeError
 from genforge.models.generation import BatchGenerator
 from genforge.models.sampling import BatchSampler, RowSampler, SamplingParams
 from genforge.models.watermark import (
+    PERIOD,
     TextWatermark,
+    add_green_bias,
     detect_text,
     green_mask,
     key_from,
@@ -29,8 +31,10 @@ def _mix_py(z: int) -> int:  # splitmix64's finalizer, the specification the tor
 
 
 def green_py(key: int, prev: int, tok: int, gamma: float) -> bool:
-    seed = _mix_py(key ^ _mix_py(prev * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15))
-    return (_mix_py(seed ^ _mix_py(tok * 0x94D049BB133111EB + 0xBF58476D1CE4E5B9)) & 0xFFFFFFFF) < round(gamma * 2**32)
+    start = _mix_py(key ^ _mix_py(prev * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15)) % 2**18
+    j = (tok + start) % 2**18  # token t after prev is entry t + start of the key's table
+    entry = _mix_py(_mix_py(key ^ 0xD6E8FEB86659FD93) ^ _mix_py(j * 0x94D049BB133111EB + 0xBF58476D1CE4E5B9))
+    return (entry & 0xFFFFFFFF) < round(gamma * 2**32)
 
 
 def _mask(wm: TextWatermark, prev: int, vocab: int) -> torch.Tensor:
@@ -42,6 +46,22 @@ def test_vectorised_hash_is_the_integer_specification():
     for secret, prev, gamma in [("a", 0, 0.25), ("tenant-b", 151_935, 0.5), (2**64 - 1, 7, 0.1)]:
         wm = TextWatermark(key_from(secret), gamma=gamma)
         assert _mask(wm, prev, 700).tolist() == [green_py(wm.key, prev, t, gamma) for t in range(700)]
+
+
+def test_decode_step_bias_is_the_pointwise_green_list():
+    # mixed keys, green shares and deltas in one batch, a vocabulary past the table's period (windows wrap)
+    for vocab in (300, PERIOD + 77):
+        marks = [TextWatermark.from_secret("a"), TextWatermark.from_secret("b", gamma=0.5, delta=1.5),
+                 TextWatermark.from_secret("a"), TextWatermark.from_secret("a", delta=4.0)]
+        prev, rows = [0, 5, vocab - 1, 7], [0, 2, 3, 4]
+        logits = torch.zeros(5, vocab)
+        add_green_bias(logits, rows, marks, prev)
+        assert torch.equal(logits[1], torch.zeros(vocab))  # the unmarked row
+        for r, wm, p in zip(rows, marks, prev):
+            assert torch.equal(logits[r], _mask(wm, p, vocab) * wm.delta)
+        one = torch.zeros(2, vocab)  # every row one key and delta: the single-add path
+        add_green_bias(one, [0, 1], [marks[0]] * 2, [3, 9])
+        assert torch.equal(one[1], _mask(marks[0], 9, vocab) * marks[0].delta)
 
 
 def test_green_share_is_gamma_and_depends_on_key_and_previous_token():
@@ -112,7 +132,8 @@ def test_batch_rows_get_their_own_keys_and_plain_rows_are_untouched():
     rows = [RowSampler(p, [11, 42], vocab, set()) for p in params]
     sampler, logits = BatchSampler(), _logits(5)
     bp = sampler._params(rows, vocab, logits.device)
-    biased = sampler._watermark(logits.clone(), rows, bp)
+    biased = logits.clone()
+    add_green_bias(biased, bp.marked, bp.marks, [r.prev for r in rows if r.watermark is not None])
     assert torch.equal(biased[0], logits[0]) and torch.equal(biased[3], logits[3])  # bit-identical
     assert torch.equal(biased[1] - logits[1] > 1.0, _mask(a, 42, vocab))  # bonus 3 exactly on a's green list
     assert torch.equal(biased[2] - logits[2] > 1.0, _mask(b, 42, vocab))  # b's own list in the same step

@@ -260,10 +260,7 @@ class _BatchParams:
     want_lp: list[int]  # rows that asked for logprobs
     top_n: int  # the most top logprobs any row asked for
     marked: list[int]  # rows sampled with a watermark
-    marked_idx: torch.Tensor | None  # their indices (None when all rows or none are marked)
-    marked_keys: torch.Tensor | None  # [m] int64 keys
-    marked_gamma: float | torch.Tensor  # one green share, or [m] when rows differ
-    marked_delta: torch.Tensor | None  # [m, 1] logit bonus
+    marks: list[Any]  # their models.watermark.TextWatermark
 
 
 _TOP_P_ATTEMPTS = 16
@@ -286,8 +283,6 @@ class BatchSampler:
         tps = [p.top_p for p in ps]
         want_lp = [i for i, p in enumerate(ps) if p.logprobs is not None]
         marked = [i for i, p in enumerate(ps) if p.watermark is not None]
-        wms = [ps[i].watermark for i in marked]
-        gammas = {w.gamma for w in wms}
         c = self._cached = _BatchParams(
             rows=list(rows),
             greedy=torch.tensor(greedy, device=device),
@@ -299,12 +294,7 @@ class BatchSampler:
             kmax=kmax,
             top_p=torch.tensor([t if t < 1 else float("inf") for t in tps], device=device) if min(tps) < 1 else None,
             want_lp=want_lp, top_n=max((ps[i].logprobs or 0 for i in want_lp), default=0),
-            marked=marked,
-            marked_idx=torch.tensor(marked, device=device) if 0 < len(marked) < len(rows) else None,
-            marked_keys=torch.tensor([w.signed_key for w in wms], dtype=torch.int64, device=device) if wms else None,
-            marked_gamma=(gammas.pop() if len(gammas) == 1 else
-                          torch.tensor([w.gamma for w in wms], dtype=torch.float64, device=device)),
-            marked_delta=torch.tensor([w.delta for w in wms], device=device)[:, None] if wms else None)
+            marked=marked, marks=[ps[i].watermark for i in marked])
         return c
 
     def __call__(self, logits: torch.Tensor, rows: list[RowSampler]
@@ -334,7 +324,10 @@ class BatchSampler:
                     idx = torch.tensor(constrained, device=logits.device)
                     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
         if bp.marked:  # after penalties and grammar, before temperature; greedy rows take it too
-            logits = self._watermark(logits if special else logits.clone(), rows, bp)
+            from genforge.models.watermark import add_green_bias
+
+            logits = logits if special else logits.clone()
+            add_green_bias(logits, bp.marked, bp.marks, [rows[i].prev for i in bp.marked])
         if bp.all_greedy:
             picks = logits.argmax(-1)
         else:
@@ -358,20 +351,6 @@ class BatchSampler:
                 k = rows[i].params.logprobs or 0
                 tops[i] = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
         return tokens, chosen, tops
-
-    @staticmethod
-    def _watermark(logits: torch.Tensor, rows: list[RowSampler], bp: _BatchParams) -> torch.Tensor:
-        """The green-list bonus of every watermarked row, in one vectorised operation (in place on a
-        copy the caller owns). Rows may have different keys; rows without a watermark are untouched."""
-        from genforge.models.watermark import green_mask
-
-        prev = torch.tensor([rows[i].prev for i in bp.marked], dtype=torch.int64, device=logits.device)
-        bonus = green_mask(bp.marked_keys, prev, logits.shape[1], bp.marked_gamma) * bp.marked_delta
-        if bp.marked_idx is None:
-            logits += bonus
-        else:
-            logits.index_add_(0, bp.marked_idx, bonus)
-        return logits
 
     def _sample(self, logits: torch.Tensor, bp: _BatchParams) -> torch.Tensor:
         x = logits / bp.temps

@@ -7,15 +7,18 @@ that way holds far more green tokens than the `gamma` share chance gives, which 
 z-test shows; text written without the key (by a person, another model, or this one unwatermarked)
 scores z ~ 0.
 
-The green test is a pure integer hash of (key, previous token, candidate token), vectorised in
-torch int64 (splitmix64's finalizer; `>>` on int64 is arithmetic, so every shift is masked to a
-logical one): green iff its low 32 bits < gamma * 2**32. It needs no RNG state, so rows with
-different keys (per-request keys of a multi-tenant deployment) get their biases in ONE batched
-operation inside the continuous-batching decode step. transformers' WatermarkLogitsProcessor does
-the same scheme differently: one key per `generate` call, and per row and step it seeds a
-torch.Generator and draws a `randperm` of the vocabulary, a Python loop over the batch
-(benchmarks/labelling.py measures both per step, 16 rows: 0.28 vs 0.42 ms at a 4k vocabulary, even at
-32k, but 31 vs 14 ms at 152k, where its randperm beats our int64 hash: a cheaper hash is the open item).
+The green list of (key, previous token) is a window of a per-key random table: table[j] is green
+iff a splitmix64 hash of (key, j) falls below gamma * 2**32 (j < PERIOD = 2**18), and the previous
+token picks the window's start s = hash(key, prev) mod PERIOD; token t is green iff
+table[(t + s) mod PERIOD]. Windows at different starts overlap by gamma**2 of the vocabulary, as
+independent lists would, and every list holds a gamma share. Why a window and not a hash of (key,
+prev, token) per candidate (this module's first version): the decode step then adds a slice of a
+cached table per row (one pass over the logits) instead of hashing the whole vocabulary per row,
+which cost 24% of the 1M-parameter LM's decode throughput at 16 rows and 31 ms per step at a 152k
+vocabulary (benchmarks/labelling.py measures the step, and transformers' WatermarkLogitsProcessor,
+which seeds a torch.Generator and draws a `randperm` of the vocabulary per row and step). It needs
+no RNG state, so rows with different keys (per-request keys of a multi-tenant deployment) share the
+batched decode step. The detector needs no table: it hashes each (key, j) point it scores.
 
 Detection re-tokenises the text (no special tokens) and scores every position t >= 1 with the
 token before it; a repeated (previous, token) pair counts once, as Kirchenbauer et al. advise
@@ -28,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,43 +72,91 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & ((1 << 33) - 1))
 
 
-def _row_seed(keys: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """[n] int64: the hash state of (key, previous token) that picks that row's green list."""
-    return _mix(keys ^ _mix(prev * _GOLDEN + _GOLDEN))
+# The window table's period: windows of a vocabulary larger than this repeat the pattern (harmless).
+PERIOD = 1 << 18
+_KEY_SALT = _signed(0xD6E8FEB86659FD93)
 
 
-_TOKEN_HASH: dict[tuple[int, str], torch.Tensor] = {}
+def _starts(keys: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """[n] int64 in [0, PERIOD): where (key, previous token)'s window starts in the key's table."""
+    return _mix(keys ^ _mix(prev * _GOLDEN + _GOLDEN)) & (PERIOD - 1)
 
 
-def _token_hash(vocab: int, device: torch.device) -> torch.Tensor:
-    """[vocab] int64: every candidate token's own hash, computed once per vocabulary size and device."""
-    k = (vocab, str(device))
-    h = _TOKEN_HASH.get(k)
-    if h is None:
-        h = _TOKEN_HASH[k] = _mix(torch.arange(vocab, dtype=torch.int64, device=device) * _C2 + _C1)
-    return h
-
-
-def _threshold(gamma: float) -> int:
-    return int(round(gamma * 2 ** 32))
-
-
-def green_mask(keys: torch.Tensor, prev: torch.Tensor, vocab: int,
-               gamma: float | torch.Tensor = DEFAULT_GAMMA) -> torch.Tensor:
-    """bool [n, vocab]: which candidate tokens are green for each row's (key, previous token).
-
-    `keys`, `prev`: int64 [n]; `gamma`: one green share, or [n] per row."""
-    seed = _row_seed(keys, prev)[:, None]
-    low = _mix(seed ^ _token_hash(vocab, keys.device)[None, :]) & _LOW32
-    if isinstance(gamma, torch.Tensor):
-        return low < (gamma.double() * 2 ** 32).round().long()[:, None]
-    return low < _threshold(gamma)
+def _table_green(keys: torch.Tensor, j: torch.Tensor, gamma: float) -> torch.Tensor:
+    """bool, keys and j broadcast: whether entry j of each key's table is green."""
+    return (_mix(_mix(keys ^ _KEY_SALT) ^ _mix(j * _C2 + _C1)) & _LOW32) < int(round(gamma * 2 ** 32))
 
 
 def is_green(keys: torch.Tensor, prev: torch.Tensor, tokens: torch.Tensor, gamma: float) -> torch.Tensor:
     """bool [m]: whether tokens[i] is green after prev[i] under keys[i] (the detector's pointwise test)."""
-    tok = _mix(tokens * _C2 + _C1)
-    return (_mix(_row_seed(keys, prev) ^ tok) & _LOW32) < _threshold(gamma)
+    return _table_green(keys, (tokens + _starts(keys, prev)) & (PERIOD - 1), gamma)
+
+
+def green_mask(keys: torch.Tensor, prev: torch.Tensor, vocab: int, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+    """bool [n, vocab]: which candidate tokens are green for each row's (key, previous token)."""
+    tokens = torch.arange(vocab, dtype=torch.int64, device=keys.device)[None, :]
+    return _table_green(keys[:, None], (tokens + _starts(keys, prev)[:, None]) & (PERIOD - 1), gamma)
+
+
+def _mix_py(z: int) -> int:
+    """`_mix` on one Python integer (unsigned)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _start_py(key: int, prev: int) -> int:
+    """`_starts` of one row in Python integers: cheaper than a torch call per row and decode step."""
+    return _mix_py(key ^ _mix_py(prev * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15)) & (PERIOD - 1)
+
+
+# (key, gamma, device, dtype) -> the table repeated to a length >= PERIOD + vocab, as 0/1 in the logits'
+# dtype so that a window adds straight onto a row: ~1 MB + 4 B per vocabulary entry each. A few keys are
+# live at once in practice (one per tenant); the LRU bounds the memory.
+_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_TABLES_MAX = 16
+
+
+def green_table(key: int, gamma: float, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 where the key's table is green, repeated: window [s, s + vocab) is the list of start s."""
+    k = (key, gamma, str(device), dtype)
+    t = _TABLES.get(k)
+    if t is None or t.numel() < PERIOD + vocab:
+        j = torch.arange(PERIOD, dtype=torch.int64, device=device)
+        base = _table_green(torch.tensor(_signed(key), device=device), j, gamma).to(dtype)
+        t = _TABLES[k] = base.repeat(-(-(PERIOD + vocab) // PERIOD))
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(k)
+    return t
+
+
+def add_green_bias(logits: torch.Tensor, rows: list[int], marks: list[TextWatermark], prev: list[int]) -> None:
+    """In place: logits[rows[i]] += marks[i].delta on the green list of (marks[i].key, prev[i]).
+
+    Rows that share a key and green share (a deployment's one key) take one gather of their windows
+    and one add; other keys go group by group."""
+    n, vocab = logits.shape
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, wm in enumerate(marks):
+        groups.setdefault((wm.key, wm.gamma), []).append(i)
+    for (key, gamma), members in groups.items():
+        table = green_table(key, gamma, vocab, logits.device, logits.dtype)
+        starts = [_start_py(key, prev[i]) for i in members]
+        if len(members) == 1:  # a key of its own: add its window in place, no copy
+            logits[rows[members[0]]].add_(table[starts[0]:starts[0] + vocab], alpha=marks[members[0]].delta)
+            continue
+        bonus = table.unfold(0, vocab, 1).index_select(0, torch.tensor(starts, device=logits.device))
+        deltas = [marks[i].delta for i in members]
+        if len(set(deltas)) > 1:
+            bonus.mul_(torch.tensor(deltas, dtype=logits.dtype, device=logits.device)[:, None])
+        elif len(members) == n:  # every row, one delta: the common case, one add
+            logits.add_(bonus, alpha=deltas[0])
+            continue
+        else:
+            bonus.mul_(deltas[0])
+        logits.index_add_(0, torch.tensor([rows[i] for i in members], device=logits.device), bonus)
 
 
 # ---------------------------------------------------------------- the key and the configuration

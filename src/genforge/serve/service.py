@@ -10,19 +10,19 @@ Time: every request has a deadline (`request_timeout`, from its arrival, coverin
 the generation); when it passes, its sequences are cancelled (leaving the queue at once) and the
 client gets 504 with code `request_timeout` - in a stream, as an error event before `[DONE]`.
 Tokenizing and template rendering of large inputs run in a worker thread, so one big prompt does
-not stall every other stream on the event loop.
+not stall every other stream on the event loop. A streamed answer's body is written by
+serve/sse_stream.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from genforge.common import tracing
 from genforge.common.errors import ConfigError, GenforgeError, NotFoundError
@@ -34,21 +34,16 @@ from genforge.serve.engine import Engine, decode_options
 from genforge.serve.gate import ARRIVAL, ERROR_KIND, FIRST_TOKEN
 from genforge.serve.labelling import Labelling
 from genforge.serve.metrics import ServeMetrics
-from genforge.serve.pipeline import AppLayer, Prepared, replay_chat
+from genforge.serve.pipeline import AppLayer, replay_chat
 from genforge.serve.protocol import (
-    SSE_DONE,
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
     CompletionChoice,
-    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     UsageInfo,
     _SamplingFields,
     chat_logprobs,
@@ -56,9 +51,9 @@ from genforge.serve.protocol import (
     error_body,
     new_id,
     now,
-    sse,
 )
-from genforge.serve.streaming import Choice, ChunkEncoder, DeadlineExceeded, event_batches
+from genforge.serve.sse_stream import stream_chat, stream_completion, streaming_response
+from genforge.serve.streaming import Choice, DeadlineExceeded, event_batches
 from genforge.serve.structured import GrammarCache
 from genforge.serve.tracing import generation_attributes, trace_generation
 
@@ -179,11 +174,11 @@ class LMService:
     def _check_model(self, model: str | None) -> None:
         self._adapter_of(model)
 
-    def _shown(self, req: _SamplingFields) -> str:
+    def shown_name(self, req: _SamplingFields) -> str:
         """The `model` a response names: the adapter asked for, else the served base name."""
         return self._adapter_of(getattr(req, "model", None)) or self.served_name
 
-    def _deadline(self, request: Request) -> float | None:
+    def deadline(self, request: Request) -> float | None:
         """time.monotonic() by which the request must be done (counted from its arrival)."""
         if self.request_timeout is None:
             return None
@@ -191,7 +186,7 @@ class LMService:
         waited = time.perf_counter() - arrival if arrival is not None else 0.0
         return time.monotonic() - waited + self.request_timeout
 
-    def _timeout_body(self) -> dict:
+    def timeout_body(self) -> dict:
         return error_body(f"the request did not finish within the server's request timeout of "
                           f"{self.request_timeout:g} s (queue + generation); ask for fewer tokens or retry "
                           f"when the server is less busy", "timeout_error", code="request_timeout")
@@ -247,12 +242,12 @@ class LMService:
         choices = [Choice(k, k // req.n, stream) for k, stream in enumerate(streams)]
         if tracing.enabled():
             attrs = generation_attributes("chat" if prompt_field == "messages" else "text_completion", req,
-                                          self._shown(req))
+                                          self.shown_name(req))
             choices[0].trace = attrs
         return choices
 
     @staticmethod
-    def _end(choices: list[Choice]) -> None:
+    def end_choices(choices: list[Choice]) -> None:
         """The request is done with its sequences: cancel the unfinished ones, trace the engine's part."""
         for c in choices:
             if c.finish_reason is None:
@@ -264,7 +259,7 @@ class LMService:
     async def _collect(self, request: Request, choices: list[Choice], want_logprobs: bool) -> Response | None:
         """Run all choices to the end: None when done, else the response to give (client gone,
         deadline passed). Unfinished choices are cancelled either way."""
-        deadline = self._deadline(request)
+        deadline = self.deadline(request)
 
         async def consume() -> None:
             async for batch in event_batches(choices, deadline):
@@ -280,15 +275,15 @@ class LMService:
             try:
                 work.result()
             except DeadlineExceeded:
-                return JSONResponse(self._timeout_body(), status_code=504)
+                return JSONResponse(self.timeout_body(), status_code=504)
             return None
         finally:
             work.cancel()
             gone.cancel()
-            self._end(choices)
+            self.end_choices(choices)
 
     @staticmethod
-    def _usage(prompts: list[list[int]], choices: list[Choice]) -> UsageInfo:
+    def usage(prompts: list[list[int]], choices: list[Choice]) -> UsageInfo:
         prompt = sum(len(p) for p in prompts)  # once per prompt, however many choices share it
         completion = sum(c.stream.completion_tokens for c in choices)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -303,15 +298,6 @@ class LMService:
                 kind = "server_error" if status == 500 else "server_overloaded"
                 return JSONResponse(error_body(c.error, kind), status_code=status, headers=headers)
         return None
-
-    def _stream_error(self, request: Request, c: Choice) -> str:
-        self.metrics.observe_error("engine" if c.stream.error_status == 500 else "overloaded")
-        return sse(error_body(c.error or "generation failed", "server_error"))
-
-    @staticmethod
-    def _streaming(gen: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     @staticmethod
     def _json(request: Request, body: Any, choices: list[Choice], headers: dict[str, str] | None = None
@@ -361,8 +347,8 @@ class LMService:
         rid, created = new_id("cmpl"), now()
         filters = [guard.output_filter(placeholders) for _ in choices] if guard is not None else None
         if req.stream:
-            return self._streaming(self._stream_completion(request, req, rid, created, prompts, texts, choices,
-                                                           filters, wm), self.labelling.headers(wm))
+            stream = stream_completion(self, request, req, rid, created, prompts, texts, choices, filters, wm)
+            return streaming_response(stream, self.labelling.headers(wm))
         if (early := await self._collect(request, choices, want_lp)) is not None:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
@@ -378,96 +364,10 @@ class LMService:
             head = texts[c.prompt_index] if req.echo else ""
             lp = completion_logprobs(c.logprobs, len(head)) if want_lp else None
             out.append(CompletionChoice(index=c.index, text=head + text, logprobs=lp, finish_reason=c.finish_reason))
-        return self._json(request, CompletionResponse(id=rid, created=created, model=self._shown(req), choices=out,
-                                                      usage=self._usage(prompts, choices),
+        return self._json(request, CompletionResponse(id=rid, created=created, model=self.shown_name(req), choices=out,
+                                                      usage=self.usage(prompts, choices),
                                                       watermark=self.labelling.describe(wm)),
                           choices, self.labelling.headers(wm))
-
-    async def _stream_completion(self, request: Request, req: CompletionRequest, rid: str, created: int,
-                                 prompts: list[list[int]], texts: list[str], choices: list[Choice],
-                                 filters: list[Any] | None = None, wm: Any = None) -> AsyncIterator[str]:
-        want_lp = req.logprobs is not None
-        mark = self.labelling.describe(wm)
-
-        def chunk(items: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return sse(CompletionChunk(id=rid, created=created, model=self._shown(req), choices=items, usage=usage,
-                                       watermark=mark))
-
-        def with_logprobs(c: Choice, ev: Any, new: list) -> str:
-            lp = completion_logprobs(new, c.offset)
-            return chunk([CompletionChoice(index=c.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason)])
-
-        head = []
-        if req.echo:
-            for c in choices:
-                c.offset = len(texts[c.prompt_index])
-                head.append(chunk([CompletionChoice(index=c.index, text=texts[c.prompt_index])]))
-        enc = ChunkEncoder(rid, created, self._shown(req), chat=False, watermark=mark)
-        async for text in self._stream(request, choices, enc, head, with_logprobs if want_lp else None, filters):
-            yield text
-        if not any(c.error for c in choices) and req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], self._usage(prompts, choices))
-        yield SSE_DONE
-
-    async def _stream(self, request: Request, choices: list[Choice], enc: ChunkEncoder, head: list[str],
-                      with_logprobs: Callable[[Choice, Any, list], str] | None, filters: list[Any] | None
-                      ) -> AsyncIterator[str]:
-        """The token events of a stream, as SSE text: everything that arrived together in one write.
-        Ends early on an engine error (an error event) or the deadline (an error event); unfinished
-        choices are cancelled however it ends. The caller adds usage and [DONE]. A configured label is
-        the last content of each choice, on the chunk that carries its finish reason."""
-        started = time.perf_counter()
-        label = self.labelling.label()
-        try:
-            if head:
-                yield "".join(head)
-            async for batch in event_batches(choices, self._deadline(request)):
-                out = []
-                for c, ev in batch:
-                    new = c.add(ev, self.token_text, with_logprobs is not None)
-                    if c.error:
-                        out.append(self._stream_error(request, c))
-                        break
-                    if not (ev.text or ev.finish_reason or new):
-                        continue  # text held back (half a character, a possible stop string)
-                    if with_logprobs is not None:
-                        last = label and ev.finish_reason is not None
-                        out.append(with_logprobs(c, replace(ev, finish_reason=None) if last else ev, new))
-                        c.offset += len(ev.text)
-                        if last:
-                            out.append(enc.token(c.index, label, ev.finish_reason))
-                            c.offset += len(label)
-                    elif (text := c.release(ev.text, ev.finish_reason is not None, self.stream_interval)) is not None:
-                        if filters is not None:
-                            f = filters[c.index]
-                            text = f.feed(text) + (f.flush() if ev.finish_reason is not None else "")
-                            if not text and ev.finish_reason is None:
-                                continue  # held by the output guard until it can tell
-                        if label and ev.finish_reason is not None:  # the label: a chunk of its own, the last
-                            if text:
-                                out.append(enc.token(c.index, text, None))
-                                c.offset += len(text)
-                                c.shown.append(text)
-                            text = label
-                        out.append(enc.token(c.index, text, ev.finish_reason))
-                        c.offset += len(text)
-                        c.shown.append(text)
-                if out:
-                    if request.scope.get(FIRST_TOKEN) is None:
-                        request.scope[FIRST_TOKEN] = "pending"
-                    yield "".join(out)  # one write for everything that arrived together
-                if any(c.error for c, _ in batch):
-                    return
-        except DeadlineExceeded:
-            for c in choices:
-                c.error = c.error or "deadline"
-            yield sse(self._timeout_body())
-        finally:
-            self._end(choices)
-            if filters is not None:
-                self.app.observe_output(filters)
-                # the filter ran on each chunk as it streamed: its span is the stream's
-                tracing.record_span("guard_output", started, time.perf_counter(), {"genforge.streamed": True})
 
     # ------------------------------------------------------------ /v1/chat/completions
 
@@ -494,7 +394,7 @@ class LMService:
 
             prep = await self.app.prepare(req, fits, speculate=True)
             if prep.hit is not None:
-                return replay_chat(prep, req, self._shown(req), request, self.labelling.describe(wm), marked)
+                return replay_chat(prep, req, self.shown_name(req), request, self.labelling.describe(wm), marked)
             messages = [ChatMessage(**m) for m in prep.messages]
         size = sum(len(m.text()) for m in messages)
         prompt = await self._offload(size, render_chat, self.tokenizer, self.template, messages,
@@ -511,15 +411,15 @@ class LMService:
             try:
                 await self.app.settle(prep)
             except BaseException:
-                self._end(choices)
+                self.end_choices(choices)
                 raise
             if prep.hit is not None:
-                self._end(choices)
-                return replay_chat(prep, req, self._shown(req), request, self.labelling.describe(wm), marked)
+                self.end_choices(choices)
+                return replay_chat(prep, req, self.shown_name(req), request, self.labelling.describe(wm), marked)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return self._streaming(self._stream_chat(request, req, rid, created, prompt, choices, prep, wm),
-                                   {**(prep.headers() if prep is not None else {}), **marked})
+            return streaming_response(stream_chat(self, request, req, rid, created, prompt, choices, prep, wm),
+                                      {**(prep.headers() if prep is not None else {}), **marked})
         if (early := await self._collect(request, choices, req.logprobs)) is not None:
             return early
         if (failure := self._engine_failure(request, choices)) is not None:
@@ -533,44 +433,10 @@ class LMService:
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=text),
                           logprobs=chat_logprobs(c.logprobs) if req.logprobs else None,
                           finish_reason=c.finish_reason) for c, text in zip(choices, texts)]
-        body = ChatCompletionResponse(id=rid, created=created, model=self._shown(req), choices=out,
-                                      usage=self._usage([prompt], choices),
+        body = ChatCompletionResponse(id=rid, created=created, model=self.shown_name(req), choices=out,
+                                      usage=self.usage([prompt], choices),
                                       sources=prep.sources if prep is not None and prep.sources else None,
                                       watermark=self.labelling.describe(wm))
         if prep is not None:
             await self.app.remember(prep, body)
         return self._json(request, body, choices, {**(prep.headers() if prep is not None else {}), **marked})
-
-    async def _stream_chat(self, request: Request, req: ChatCompletionRequest, rid: str, created: int,
-                           prompt: list[int], choices: list[Choice], prep: Prepared | None = None, wm: Any = None
-                           ) -> AsyncIterator[str]:
-        mark = self.labelling.describe(wm)
-        enc = ChunkEncoder(rid, created, self._shown(req), chat=True, watermark=mark)
-        filters = [prep.output_filter() for _ in choices] if prep is not None else None
-        if filters is not None and filters[0] is None:
-            filters = None
-
-        def chunk(items: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
-            return sse(ChatCompletionChunk(id=rid, created=created, model=self._shown(req), choices=items,
-                                           usage=usage, watermark=mark))
-
-        def with_logprobs(c: Choice, ev: Any, new: list) -> str:
-            delta = DeltaMessage(content=ev.text) if ev.text else DeltaMessage()
-            return chunk([ChatChunkChoice(index=c.index, delta=delta, finish_reason=ev.finish_reason,
-                                          logprobs=chat_logprobs(new))])
-
-        # OpenAI opens every choice with the role; retrieved sources ride on that first chunk
-        head = ["".join(enc.role(c.index, prep.sources if prep is not None else None) for c in choices)]
-        async for text in self._stream(request, choices, enc, head, with_logprobs if req.logprobs else None,
-                                       filters):
-            yield text
-        if not any(c.error for c in choices):
-            usage = self._usage([prompt], choices)
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield chunk([], usage)
-            if prep is not None and not req.logprobs:
-                await self.app.remember(prep, ChatCompletionResponse(
-                    id=rid, created=created, model=self._shown(req), usage=usage, sources=prep.sources or None,
-                    choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.shown)),
-                                        finish_reason=c.finish_reason) for c in choices]))
-        yield SSE_DONE
