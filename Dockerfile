@@ -69,7 +69,8 @@ USER 10001:10001
 WORKDIR /home/genforge
 VOLUME ["/models"]
 EXPOSE 8000
-# /health answers 503 while the engine is failing; python is there anyway (slim images have no curl)
+# /health answers 503 while the engine is failing; python is there anyway (slim images have no curl).
+# Serving on another --port: give `docker run` a matching --health-cmd.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["genforge"]

@@ -68,7 +68,8 @@ def _render_in_python(folder: Path) -> list[dict]:
         docs += [d for d in yaml.safe_load_all((folder / resource).read_text()) if d]
     for d in docs:
         d["metadata"].setdefault("labels", {}).update(labels)
-        for c in _pod_spec(d).get("containers", []) if _pod_spec(d) else []:
+        pod = _pod_spec(d)
+        for c in pod["containers"] if pod else []:
             c["image"] = images.get(c["image"], c["image"])
     return docs
 
@@ -282,10 +283,10 @@ def test_the_autoscaler_scales_the_deployment_on_a_queue_depth_genforge_exports(
         series = re.match(r"'?([A-Za-z_:][A-Za-z0-9_:]*)\{", rule["seriesQuery"]).group(1)
         assert series in exported, f"prometheus-adapter asks for {series}, which genforge does not export"
         as_python = re.sub(r"\$\{(\d+)\}", r"\\g<\1>", rule["name"]["as"])  # Go's ${1} is Python's \g<1>
-        served[re.sub(rule["name"]["matches"], as_python, series)] = exported[series]
-    family = served[metric["pods"]["metric"]["name"]]
+        served[re.sub(rule["name"]["matches"], as_python, series)] = (rule, exported[series])
+    rule, family = served[metric["pods"]["metric"]["name"]]
     # a gauge summed per pod (no rate()): the queue's length now, 5 as bound above
-    assert family.type == "gauge" and "rate(" not in rules[0]["metricsQuery"]
+    assert family.type == "gauge" and "rate(" not in rule["metricsQuery"]
     assert [(s.labels, s.value) for s in family.samples] == [({"model_name": "demo"}, 5.0)]
 
 
