@@ -67,6 +67,11 @@ class Objective:
         """Write the trained model in its ecosystem's layout (HF / diffusers) into `model_dir`."""
         raise NotImplementedError
 
+    def parallel_modules(self) -> dict[str, nn.Module]:
+        """The modules DDP or FSDP goes on when several processes train (train/distributed.py): the ones
+        whose forward the loss calls, since both work through forward hooks. By default the trained ones."""
+        return self.modules
+
     def describe(self) -> dict[str, Any]:
         """Rows for the training section of report.md; by default the parameter count."""
         return {"parameters": sum(p.numel() for m in self.modules.values() for p in m.parameters())}
