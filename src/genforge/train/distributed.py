@@ -156,8 +156,8 @@ def blocks(module: nn.Module) -> list[nn.Module]:
 def _checkpoint_activations(name: str, module: nn.Module) -> None:
     """The libraries' own activation checkpointing: transformers' and diffusers' models recompute each
     block's activations in backward instead of keeping them."""
-    if hasattr(module, "gradient_checkpointing_enable"):  # transformers (and peft, which forwards it)
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers (and peft, which forwards it)
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif getattr(module, "_supports_gradient_checkpointing", False):  # diffusers' ModelMixin
         module.enable_gradient_checkpointing()
     else:
