@@ -168,6 +168,8 @@ def _checkpoint_activations(name: str, module: nn.Module) -> None:
 def prepare(objective: Objective, cfg: TrainConfig, ranks: Ranks, device: torch.device) -> None:
     """Activation checkpointing when asked, then DDP or FSDP2 on every module the loss calls; before the
     optimizers are made (FSDP2 replaces the parameters by their shards)."""
+    if ranks.world == 1 and not cfg.activation_checkpointing:
+        return
     modules = objective.parallel_modules()
     if cfg.activation_checkpointing:
         for name, module in modules.items():
@@ -184,8 +186,10 @@ def prepare(objective: Objective, cfg: TrainConfig, ranks: Ranks, device: torch.
             for block in blocks(module):
                 fully_shard(block)
             fully_shard(module)
+        elif device.type == "cuda":
+            replicate(module, device_ids=[device.index])
         else:
-            replicate(module, device_ids=[device.index]) if device.type == "cuda" else replicate(module)
+            replicate(module)
 
 
 # ------------------------------------------------------------------------------------------- data
