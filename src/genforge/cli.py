@@ -82,9 +82,12 @@ def _train_on_processes(a: argparse.Namespace) -> None:
 
     from genforge.common.config import load_recipe
     from genforge.common.errors import RunError
+    from genforge.jobs.train import check_fresh
     from genforge.train.distributed import check
 
-    check(load_recipe(a.recipe, a.set), a.nproc)
+    recipe = load_recipe(a.recipe, a.set)
+    check(recipe, a.nproc)
+    check_fresh(recipe, a.resume)
     argv = ["train", a.recipe, *(x for kv in a.set for x in ("--set", kv)), "--trace", a.trace]
     if a.resume:
         argv.append("--resume")

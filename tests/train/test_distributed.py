@@ -187,6 +187,15 @@ def test_cli_refuses_a_bad_distributed_recipe_on_one_line(tmp_path, char_dataset
     assert not (tmp_path / "runs").exists()  # refused before torchrun started anything
 
 
+def test_nproc_refuses_to_start_over_an_existing_run_before_starting_processes(tmp_path, char_dataset, capsys):
+    recipe = make_tiny_recipe(tmp_path, char_dataset)
+    (tmp_path / "runs" / "r" / "checkpoints" / "step-3").mkdir(parents=True)
+    code = main(["train", str(recipe), "--nproc", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: run {tmp_path / 'runs' / 'r'} already exists; continue it with "
+                                        "--resume") and err.count("\n") == 1
+
+
 def test_nccl_on_a_cpu_device_is_refused_by_the_recipe(tmp_path, char_dataset):
     with pytest.raises(ConfigError, match="train.backend: nccl runs on CUDA GPUs only, but train.device is cpu"):
         _recipe(tmp_path, char_dataset, backend="nccl", device="cpu")

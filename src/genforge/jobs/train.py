@@ -78,6 +78,15 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: boo
     return run_loaded_recipe(recipe, resume=resume)
 
 
+def check_fresh(recipe: Recipe, resume: bool) -> RunDir:
+    """The run's directory; refuses to start a run over an existing one's checkpoints."""
+    run = RunDir(recipe.run_dir)
+    if not resume and run.checkpoints():
+        raise RunError(f"run {run.path} already exists; continue it with --resume, "
+                       f"or train under another name (--set name=...)")
+    return run
+
+
 def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
     ranks = distributed.setup(recipe)  # under torchrun: join its process group (a no-op on one process)
     try:
@@ -89,10 +98,7 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
 
 def _run(recipe: Recipe, resume: bool, ranks: distributed.Ranks) -> TrainOutcome:
     cfg = recipe.train
-    run = RunDir(recipe.run_dir)
-    if not resume and run.checkpoints():
-        raise RunError(f"run {run.path} already exists; continue it with --resume, "
-                       f"or train under another name (--set name=...)")
+    run = check_fresh(recipe, resume)
     dataset = _dataset_identity(recipe)
     saved = None
     if resume:
