@@ -23,6 +23,8 @@ from genforge.common.runs import RunDir
 from genforge.jobs.train import run_recipe
 from genforge.train import checkpoint, distributed
 from tests.conftest import make_tiny_recipe
+from tests.train.test_sft import LORA, sft_recipe
+from tests.train.test_sft import base_run as base_run  # noqa: F401  (the module fixture, shared)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 STOP = 0.000001  # a time budget that stops a run after its first step (which is checkpointed)
@@ -113,6 +115,18 @@ def test_fsdp_trains_on_two_processes_and_its_checkpoint_and_model_load_in_one(o
     reference = AutoModelForCausalLM.from_pretrained(one / "model")
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_trains_on_two_processes_and_exports_its_adapter(tmp_path, base_run):
+    from transformers import AutoModelForCausalLM
+
+    recipe = sft_recipe(tmp_path, base_run, lora=LORA, max_steps=2, eval_every=2, checkpoint_every=2)
+    torchrun(str(recipe))
+    run = tmp_path / "runs" / "sft"
+    assert sorted(losses(run)) == [1, 2]
+    assert (run / "adapters" / "sft" / "adapter_model.safetensors").is_file()  # peft's layout, from rank 0
+    assert AutoModelForCausalLM.from_pretrained(run / "model").config.num_hidden_layers == 2  # merged, plain HF
 
 
 DIFFUSION = """name: {name}

@@ -363,19 +363,26 @@ def restore_rng(tensors: dict, meta: dict, ranks: Ranks, seed: int) -> None:
 
 
 def unsharded(objective: Objective, ranks: Ranks, rebuild: Callable[[], Objective] | None) -> Objective:
-    """The objective to export from: itself, unless FSDP sharded it; then (on rank 0) a fresh one-process
-    copy from `rebuild` holding the gathered weights, so model/ is the ecosystem's layout as always."""
-    if ranks.parallel != "fsdp":
+    """The objective rank 0 exports model/ from: itself on one process; on several, a fresh one-process
+    copy from `rebuild` holding the trained weights (FSDP's shards gathered), so export sees plain modules
+    (a DDP module refuses the deepcopy that merging a LoRA adapter makes, an FSDP one holds shards) and
+    writes the ecosystem's layout as always. Every rank calls it: gathering is collective."""
+    if ranks.world == 1:
         return objective
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    if ranks.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    opts = _full_options(cpu_offload=True)
-    states = {n: get_model_state_dict(m, options=opts) for n, m in objective.modules.items()}
+        opts = _full_options(cpu_offload=True)
+        states = {n: get_model_state_dict(m, options=opts) for n, m in objective.modules.items()}
+    else:
+        states = {n: m.state_dict() for n, m in objective.modules.items()}
     if not ranks.main:
         return objective
     if rebuild is None:
-        raise ConfigError("train.parallel: fsdp needs a way to rebuild the model in one process to export it; "
-                          "train through `genforge train`")
+        if ranks.parallel == "fsdp":
+            raise ConfigError("train.parallel: fsdp needs a way to rebuild the model in one process to export "
+                              "it; train through `genforge train`")
+        return objective
     plain = rebuild()
     for name, m in plain.modules.items():
         m.load_state_dict(states[name])
