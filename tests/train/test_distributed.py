@@ -23,7 +23,8 @@ from genforge.common.runs import RunDir
 from genforge.jobs.train import run_recipe
 from genforge.train import checkpoint, distributed
 from tests.conftest import make_tiny_recipe
-from tests.train.test_sft import LORA, sft_recipe
+from tests.train.test_dpo import dpo_recipe
+from tests.train.test_sft import LORA
 from tests.train.test_sft import base_run as base_run  # noqa: F401  (the module fixture, shared)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -118,15 +119,19 @@ def test_fsdp_trains_on_two_processes_and_its_checkpoint_and_model_load_in_one(o
 
 
 @pytest.mark.slow
-def test_a_lora_fine_tune_trains_on_two_processes_and_exports_its_adapter(tmp_path, base_run):
+def test_dpo_with_lora_on_two_processes_keeps_pairs_together_and_exports_its_adapter(tmp_path, base_run):
     from transformers import AutoModelForCausalLM
 
-    recipe = sft_recipe(tmp_path, base_run, lora=LORA, max_steps=2, eval_every=2, checkpoint_every=2)
-    torchrun(str(recipe))
-    run = tmp_path / "runs" / "sft"
-    assert sorted(losses(run)) == [1, 2]
-    assert (run / "adapters" / "sft" / "adapter_model.safetensors").is_file()  # peft's layout, from rank 0
-    assert AutoModelForCausalLM.from_pretrained(run / "model").config.num_hidden_layers == 2  # merged, plain HF
+    # a batch is B chosen rows then their B rejected rows: each process takes its pairs, both halves
+    recipes = [dpo_recipe(tmp_path, base_run, name=n, lora=LORA, max_steps=2, eval_every=2, checkpoint_every=2,
+                          log_every=1) for n in ("one", "two")]
+    run_recipe(recipes[0])
+    torchrun(str(recipes[1]))
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    assert_same(losses(two), losses(one))
+    assert_same(val_losses(two), val_losses(one))
+    assert (two / "adapters" / "two" / "adapter_model.safetensors").is_file()  # peft's layout, from rank 0
+    assert AutoModelForCausalLM.from_pretrained(two / "model").config.num_hidden_layers == 2  # merged, plain HF
 
 
 DIFFUSION = """name: {name}

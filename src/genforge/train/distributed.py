@@ -222,7 +222,10 @@ class RankShard:
 
     def train_batch(self, index: int) -> Any:
         batch = self.data.train_batch(index)
-        n, r, w = _length(batch), self.ranks.rank, self.ranks.world
+        r, w = self.ranks.rank, self.ranks.world
+        if hasattr(self.data, "shard"):  # rows that belong together (DPO's chosen and rejected halves)
+            return self.data.shard(batch, r, w)
+        n = _length(batch)
         return _rows(batch, r * n // w, (r + 1) * n // w)
 
     def val_batches(self, n: int) -> Any:

@@ -37,6 +37,10 @@ class DataSource(Protocol):
     def val_batches(self, n: int) -> Iterable[Any]:
         """A fixed list of up to `n` validation batches (the same ones every eval)."""
 
+    # Optional, for several processes (train/distributed.py): `shard(batch, rank, world)`, the rows of a
+    # training batch that process `rank` of `world` trains on, where a plain split of the rows would
+    # separate rows that belong together. Without it, each process takes an equal run of rows.
+
 
 @dataclass
 class OptimizerSpec:
