@@ -107,7 +107,7 @@ def setup(recipe: Recipe) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     ranks = current(recipe.train)
-    console.quiet = not ranks.main  # progress, messages and warnings printed once, by rank 0
+    console.quiet = not ranks.main  # the progress bar and messages are printed once, by rank 0
     return ranks
 
 
