@@ -66,9 +66,38 @@ def cmd_train(a: argparse.Namespace) -> None:
     from genforge.common.tracing import setup_tracing
     from genforge.jobs.train import run_recipe
 
+    if a.nproc is not None:
+        _train_on_processes(a)
+        return
     setup_tracing(a.trace)
     result = run_recipe(a.recipe, overrides=a.set, resume=a.resume)
-    print(result.summary())
+    if result.main:
+        print(result.summary())
+
+
+def _train_on_processes(a: argparse.Namespace) -> None:
+    """`--nproc N`: check the recipe here (one error line, not N), then hand the same command to torchrun,
+    which starts N processes on this machine and a free port of its own (--standalone)."""
+    import subprocess
+
+    from genforge.common.config import load_recipe
+    from genforge.common.errors import RunError
+    from genforge.jobs.train import check_fresh
+    from genforge.train.distributed import check
+
+    recipe = load_recipe(a.recipe, a.set)
+    check(recipe, a.nproc)
+    check_fresh(recipe, a.resume)
+    argv = ["train", a.recipe, *(x for kv in a.set for x in ("--set", kv)), "--trace", a.trace]
+    if a.resume:
+        argv.append("--resume")
+    # torchrun's default is one thread per process; on a CPU, the cores are shared out instead
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.nproc)), **os.environ}
+    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            str(a.nproc), "-m", "genforge", *argv], env=env)
+    if code:
+        raise RunError(f"training on {a.nproc} processes failed (torchrun exited with code {code}); the "
+                       "failing process's message is above")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -256,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    tr.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                    help="train on N processes of this machine (torchrun: DDP, or FSDP with train.parallel: "
+                    "fsdp); the recipe's batch_size is the global batch, split over them")
     trace_flag(tr, "data, step, eval and checkpoint")
     tr.set_defaults(func=cmd_train)
 
