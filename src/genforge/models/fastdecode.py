@@ -82,7 +82,7 @@ def fast_path_unsupported(model: torch.nn.Module, max_len: int | None = None) ->
 
 
 def _is_gated_mlp(mlp: torch.nn.Module) -> bool:
-    return all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def _is_moe_block(mlp: torch.nn.Module) -> bool:
