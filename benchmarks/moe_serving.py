@@ -8,6 +8,8 @@ the experts about evenly):
 - moe batched:   lm-moe-tiny (Mixtral, 4 experts, top-2, expert width 512) in LlamaRunner: attention
                  fused and prepacked (`genforge serve`'s default decode mode), each MoE layer the
                  model's own sparse block on all rows at once
+- moe batched, experts eager: the same, with transformers' `eager` experts kernel (a loop over the
+                 experts hit) instead of its default `grouped_mm`
 - moe HF:        the same model in HFRunner: the model's forward, one row at a time
 - dense active:  a Llama with lm-moe-tiny's attention and one MLP of width 2 x 512 = 1024, i.e. the
                  parameters a MoE token runs through (minus the 4 x 256 router), on the same fast path
@@ -46,6 +48,7 @@ WARMUP = 5
 # name -> (model folder, BatchGenerator options)
 CONTENDERS = {
     "moe batched (fast path)": ("lm-moe-tiny", {"prepack": True}),
+    "moe batched, experts eager": ("lm-moe-tiny", {"prepack": True, "experts": "eager"}),
     "moe HF row-at-a-time": ("lm-moe-tiny", {"fast": False}),
     "dense, same active params": ("dense-active", {"prepack": True}),
     "mamba2 batched": ("lm-mamba-tiny", {}),
@@ -87,6 +90,17 @@ def build_models(folder: Path) -> dict[str, dict]:
     return out
 
 
+def moe_timer(model) -> list[float]:
+    """Hooks that add the CPU time spent inside the model's sparse MoE blocks to the returned cell."""
+    total = [0.0]
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    for block in (lay.mlp for lay in layers if hasattr(lay.mlp, "experts")):
+        block.register_forward_pre_hook(lambda mod, args: setattr(mod, "_t0", time.process_time()))
+        block.register_forward_hook(lambda mod, args, out: total.__setitem__(0, total[0] + time.process_time()
+                                                                               - mod._t0))
+    return total
+
+
 def worker(cfg: dict) -> dict:
     """One contender in this (fresh) process: step times at each batch size."""
     import torch
@@ -97,27 +111,34 @@ def worker(cfg: dict) -> dict:
     from genforge.models.sampling import SamplingParams
 
     model, tok = load_lm(cfg["model"])
-    gen = BatchGenerator(model, tok, max_batch_size=max(ROWS), **cfg["options"])
+    options = dict(cfg["options"])
+    if "experts" in options:  # transformers' experts kernels: grouped_mm (its default here) or eager (a loop)
+        model.set_experts_implementation(options.pop("experts"))
+    gen = BatchGenerator(model, tok, max_batch_size=max(ROWS), **options)
     out = {"runner": type(gen.runner).__name__, "fast_path": gen.fast_path, "batched": gen.batched,
            "experts_implementation": getattr(model.config, "_experts_implementation", None), "rows": {}}
     steps = cfg["steps"]
     params = SamplingParams(max_new_tokens=WARMUP + steps + 2, temperature=0, ignore_eos=True)
+    in_moe = moe_timer(model)
     for n in ROWS:
         prompts = [[5 + (7 * i + j) % 4000 for j in range(PROMPT)] for i in range(n)]
         gen.add([gen.new_sequence(p, params) for p in prompts])
         while gen.num_prefilling:
             gen.step()
-        cpu, wall = [], []
+        cpu, wall, moe = [], [], []
         for k in range(WARMUP + steps):
+            in_moe[0] = 0.0
             c, w = time.process_time(), time.perf_counter()
             events = gen.step()
             if k >= WARMUP:
                 cpu.append(time.process_time() - c)
                 wall.append(time.perf_counter() - w)
+                moe.append(in_moe[0])
             assert len(events) == n, "every row decodes a token each step"
         gen.reset()
         out["rows"][str(n)] = {"step_cpu_ms": statistics.median(cpu) * 1e3, "step_wall_ms": statistics.median(wall) * 1e3,
-                               "tok_per_cpu_s": n / statistics.median(cpu), "tok_per_wall_s": n / statistics.median(wall)}
+                               "tok_per_cpu_s": n / statistics.median(cpu), "tok_per_wall_s": n / statistics.median(wall),
+                               "moe_blocks_cpu_ms": statistics.median(moe) * 1e3}
     return out
 
 
@@ -156,6 +177,12 @@ def main() -> None:
                      f"{models[m]['parameters'] / 1e6:.2f}M ({models[m]['active_parameters_per_token'] / 1e6:.2f}M)",
                      *[cell(name, n) for n in ROWS], *[cell(name, n, "tok_per_wall_s") for n in ROWS]]
                     for name, (m, _) in CONTENDERS.items()]))
+    moe_rows = [name for name, (m, _) in CONTENDERS.items() if m == "lm-moe-tiny" and "error" not in results[name]]
+    print("\n## Where a MoE decode step goes: CPU ms per step inside the model's sparse MoE blocks (4 layers)\n")
+    print(md_table(["contender", *[f"{n} row{'s' if n > 1 else ''}: MoE / step ms" for n in ROWS]],
+                   [[name, *[f"{results[name]['rows'][str(n)]['moe_blocks_cpu_ms']:.2f} / "
+                             f"{results[name]['rows'][str(n)]['step_cpu_ms']:.2f}" for n in ROWS]]
+                    for name in moe_rows]))
     import torch
 
     out = {"benchmark": "moe_serving", "rows": list(ROWS), "prompt_tokens": PROMPT, "warmup_steps": WARMUP,
