@@ -122,3 +122,4 @@ def test_dense_llama_has_no_moe_layers():
     model, tok = tiny_random_llama()
     gen = BatchGenerator(model, tok, max_batch_size=2)
     assert gen.fast_path and gen.runner.moe == [None, None]
+
