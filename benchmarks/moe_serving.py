@@ -84,7 +84,8 @@ def build_models(folder: Path) -> dict[str, dict]:
         cfg = model.config
         if getattr(cfg, "num_local_experts", None):  # a token runs top-k of the experts
             per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
-            active = total - cfg.num_hidden_layers * (cfg.num_local_experts - cfg.num_experts_per_tok) * per_expert
+            idle = cfg.num_local_experts - cfg.num_experts_per_tok
+            active = total - cfg.num_hidden_layers * idle * per_expert
         out[name] = {"path": str(path), "architecture": type(model).__name__, "parameters": total,
                      "active_parameters_per_token": active, "spec": spec}
     return out
@@ -136,15 +137,17 @@ def worker(cfg: dict) -> dict:
                 moe.append(in_moe[0])
             assert len(events) == n, "every row decodes a token each step"
         gen.reset()
-        out["rows"][str(n)] = {"step_cpu_ms": statistics.median(cpu) * 1e3, "step_wall_ms": statistics.median(wall) * 1e3,
-                               "tok_per_cpu_s": n / statistics.median(cpu), "tok_per_wall_s": n / statistics.median(wall),
+        step_cpu, step_wall = statistics.median(cpu), statistics.median(wall)
+        out["rows"][str(n)] = {"step_cpu_ms": step_cpu * 1e3, "step_wall_ms": step_wall * 1e3,
+                               "tok_per_cpu_s": n / step_cpu, "tok_per_wall_s": n / step_wall,
                                "moe_blocks_cpu_ms": statistics.median(moe) * 1e3}
     return out
 
 
 def run(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, cwd=ROOT, check=False)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, cwd=ROOT,
+                          check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -164,22 +167,26 @@ def main() -> None:
     for name, (model, options) in CONTENDERS.items():
         r = run({"model": models[model]["path"], "options": options, "steps": a.steps})
         results[name] = {"model": model, "options": options, **r}
-        print(f"{name}: {r.get('error') or {n: round(v['tok_per_cpu_s']) for n, v in r['rows'].items()}}", flush=True)
+        speeds = r.get("error") or {n: round(v["tok_per_cpu_s"]) for n, v in r["rows"].items()}
+        print(f"{name}: {speeds}", flush=True)
 
     def cell(name: str, n: int, key: str = "tok_per_cpu_s") -> str:
         r = results[name]
         return "error" if "error" in r else f"{r['rows'][str(n)][key]:.0f}"
 
     print("\n## Decode tokens/s by concurrent rows (per CPU second, one thread; fp32, random weights)\n")
-    print(md_table(["contender", "runner", "params (active/token)", *[f"{n} row{'s' if n > 1 else ''}" for n in ROWS],
+    rows_label = [f"{n} row{'s' if n > 1 else ''}" for n in ROWS]
+    print(md_table(["contender", "runner", "params (active/token)", *rows_label,
                     *[f"{n}, wall" for n in ROWS]],
                    [[name, results[name].get("runner", "-"),
-                     f"{models[m]['parameters'] / 1e6:.2f}M ({models[m]['active_parameters_per_token'] / 1e6:.2f}M)",
+                     f"{models[m]['parameters'] / 1e6:.2f}M "
+                     f"({models[m]['active_parameters_per_token'] / 1e6:.2f}M)",
                      *[cell(name, n) for n in ROWS], *[cell(name, n, "tok_per_wall_s") for n in ROWS]]
                     for name, (m, _) in CONTENDERS.items()]))
-    moe_rows = [name for name, (m, _) in CONTENDERS.items() if m == "lm-moe-tiny" and "error" not in results[name]]
-    print("\n## Where a MoE decode step goes: CPU ms per step inside the model's sparse MoE blocks (4 layers)\n")
-    print(md_table(["contender", *[f"{n} row{'s' if n > 1 else ''}: MoE / step ms" for n in ROWS]],
+    moe_rows = [name for name, (m, _) in CONTENDERS.items()
+                if m == "lm-moe-tiny" and "error" not in results[name]]
+    print("\n## Where a MoE decode step goes: CPU ms per step in the model's sparse MoE blocks (4 layers)\n")
+    print(md_table(["contender", *[f"{label}: MoE / step ms" for label in rows_label]],
                    [[name, *[f"{results[name]['rows'][str(n)]['moe_blocks_cpu_ms']:.2f} / "
                              f"{results[name]['rows'][str(n)]['step_cpu_ms']:.2f}" for n in ROWS]]
                     for name in moe_rows]))
@@ -187,8 +194,9 @@ def main() -> None:
 
     out = {"benchmark": "moe_serving", "rows": list(ROWS), "prompt_tokens": PROMPT, "warmup_steps": WARMUP,
            "steps": a.steps, "dtype": "float32", "threads": 1, "models": models, "results": results,
-           "method": "each contender a fresh process; BatchGenerator.step() with n decoding rows, greedy; median "
-                     "CPU time (time.process_time) and wall time of a step after warm-up; tokens/s = n / step time",
+           "method": "each contender a fresh process; BatchGenerator.step() with n decoding rows, greedy; "
+                     "median CPU time (time.process_time) and wall time of a step after warm-up; "
+                     "tokens/s = n / step time",
            "torch": torch.__version__, "versions": versions("torch", "transformers"), "cpu": cpu_info(),
            "git_commit": git_commit(ROOT), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ PROMPTS = [list(range(5, 17)), list(range(30, 33)), list(range(100, 140)), [7]] 
 
 def mamba2() -> Mamba2ForCausalLM:
     return Mamba2ForCausalLM(Mamba2Config(
-        vocab_size=300, hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=32, num_heads=4, n_groups=1,
-        chunk_size=16, max_position_embeddings=128, eos_token_id=0, pad_token_id=0)).eval()
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=32, num_heads=4,
+        n_groups=1, chunk_size=16, max_position_embeddings=128, eos_token_id=0, pad_token_id=0)).eval()
 
 
 def test_batched_mamba2_equals_hf_generate_with_chunked_prefill():
@@ -47,7 +47,8 @@ def test_rows_leaving_and_joining_keep_their_states():
     seqs = [gen.new_sequence(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
             for p, n in zip(PROMPTS, lengths)]
     out: dict[int, list[int]] = {id(s): [] for s in seqs}
-    pending = [gen.new_sequence([42, 43, 44, 45], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))]
+    greedy6 = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    pending = [gen.new_sequence([42, 43, 44, 45], greedy6)]
     out[id(pending[0])] = []
     events = gen.add(seqs)
     while gen.rows or pending:
@@ -82,8 +83,9 @@ def test_hf_fallback_gives_state_space_models_their_cache():
     """HFRunner (one row at a time) on Mamba2 and Mamba: the state is carried from step to step,
     and Mamba's chunked prefill continues from the cached state."""
     torch.manual_seed(2)
-    for model in (mamba2(), MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,
-                                                         state_size=8, eos_token_id=0, pad_token_id=0)).eval()):
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                         eos_token_id=0, pad_token_id=0)).eval()
+    for model in (mamba2(), mamba):
         ref = hf_greedy(model, PROMPTS[:2], 6)
         _, tok = tiny_random_llama()
         gen = BatchGenerator(model, tok, max_batch_size=2, fast=False)

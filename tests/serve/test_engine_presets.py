@@ -25,10 +25,10 @@ TEXTS = ["The for statement", "x", "Built-in functions and the", "class A:\n    
 
 def train(tmp_path: Path, dataset: Path, recipe: str, *overrides: str) -> RunDir:
     """`genforge train configs/RECIPE` with tiny settings; the run directory."""
-    sets = [f"dataset={dataset}", f"out_dir={tmp_path / 'runs'}", "model.context_length=64", "train.max_steps=40",
-            "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=5", "train.eval_every=10",
-            "train.eval_batches=4", "train.checkpoint_every=40", "train.keep_last=1", "train.device=cpu",
-            *overrides]
+    sets = [f"dataset={dataset}", f"out_dir={tmp_path / 'runs'}", "model.context_length=64",
+            "train.max_steps=40", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=5",
+            "train.eval_every=10", "train.eval_batches=4", "train.checkpoint_every=40",
+            "train.keep_last=1", "train.device=cpu", *overrides]
     args = ["train", str(CONFIGS / recipe)]
     for s in sets:
         args += ["--set", s]
@@ -58,8 +58,8 @@ def serve_concurrently(engine: Engine, prompts: list[list[int]], new: list[int])
 
 def reference(model, prompts: list[list[int]], new: list[int]) -> list[list[int]]:
     with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):]
-                .tolist() for p, n in zip(prompts, new)]
+        return [model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False)[0, len(p):].tolist() for p, n in zip(prompts, new)]
 
 
 def widest_batch(model) -> tuple[list[int], object]:
@@ -72,8 +72,8 @@ def widest_batch(model) -> tuple[list[int], object]:
 
 SHRINK = {  # the shipped recipes, made tiny for a test
     "lm-mamba-tiny.yaml": ["model.hidden_size=64", "model.num_layers=2", "model.state_size=16"],
-    "lm-moe-tiny.yaml": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-                         "model.intermediate_size=96"],
+    "lm-moe-tiny.yaml": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+                         "model.num_kv_heads=2", "model.intermediate_size=96"],
 }
 
 

@@ -13,12 +13,13 @@ Prefill and decode run the same transformer code (`_Core`, with a query-length a
 a chunk, or L = 1); only the decode step is torch.compiled.
 
 `LlamaRunner` is the fast path: it runs the weights of a Llama-style transformers model (Llama,
-Mistral, Qwen2 without sliding window; Mixtral and Qwen2-MoE, see below) directly, with fused qkv and gate/up matmuls, RoPE applied
-to q and k in one go, a preallocated cache and one `scaled_dot_product_attention` per layer with a
-per-row length mask. The model's q/k/v and gate/up weights become views into the fused tensors, so
-the weights are in memory once. On a 2-core CPU the HF forward spends most of a small model's step in Python
-and tiny kernels (mask construction, cache bookkeeping, rotary per layer); this path issues about
-15 kernels per layer. It must give the HF model's logits (tests check max |diff| < 1e-4 in fp32).
+Mistral, Qwen2 without sliding window; Mixtral and Qwen2-MoE, see below) directly, with fused qkv
+and gate/up matmuls, RoPE applied to q and k in one go, a preallocated cache and one
+`scaled_dot_product_attention` per layer with a per-row length mask. The model's q/k/v and gate/up
+weights become views into the fused tensors, so the weights are in memory once. On a 2-core CPU the
+HF forward spends most of a small model's step in Python and tiny kernels (mask construction, cache
+bookkeeping, rotary per layer); this path issues about 15 kernels per layer. It must give the HF
+model's logits (tests check max |diff| < 1e-4 in fp32).
 
 Mixture of experts (Mixtral, Qwen2-MoE): attention runs as above; a layer whose MLP is a sparse
 MoE block runs that block itself, the model's own module (router, top-k, experts, and a shared
@@ -298,7 +299,8 @@ class LlamaRunner:
         self.prepacked = prepack
         if prepack:
             self._take_and_prepack(model, slots)
-        self.act = F.silu if cfg.hidden_act == "silu" else getattr(inner.layers[0].mlp, "act_fn", None)
+        gated_mlps = [lay.mlp for lay in inner.layers if _is_gated_mlp(lay.mlp)]  # a MoE block brings its own
+        self.act = F.silu if cfg.hidden_act == "silu" or not gated_mlps else gated_mlps[0].act_fn
         # RoPE tables for every position, read from the model's own rotary module so scaled
         # variants (llama3, linear, yarn) come out exactly as HF computes them.
         rot = inner.rotary_emb
@@ -336,15 +338,16 @@ class LlamaRunner:
     def _take_and_prepack(self, model: torch.nn.Module, rows: int) -> None:
         """Prepack the fused matrices (and an untied lm_head); release the model's originals."""
         matrices = (1, 3, 6, 8)  # wqkv, wo, wgu, wd in a layer's tuple (see _NAMES)
-        self.layers = [tuple(_prepack(t, rows) if i in matrices and t is not None else t for i, t in enumerate(layer))
-                       for layer in self.layers]
+        self.layers = [tuple(_prepack(t, rows) if i in matrices and t is not None else t  # None: a MoE layer
+                             for i, t in enumerate(layer)) for layer in self.layers]
         tied = self.lm_head.untyped_storage().data_ptr() == self.embed.untyped_storage().data_ptr()
         if not tied:  # a tied lm_head is the embedding table, which the prefill still reads
             self.lm_head = _prepack(self.lm_head, rows)
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            mlp = (m.gate_proj, m.up_proj, m.down_proj) if _is_gated_mlp(m) else ()  # a MoE block keeps its own
+            # a MoE block keeps its own weights
+            mlp = (m.gate_proj, m.up_proj, m.down_proj) if _is_gated_mlp(m) else ()
             for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, *mlp):
                 lin.weight.data = empty  # biases stay: views of the fused biases the runner keeps
         if not tied:

@@ -223,9 +223,10 @@ class BatchGenerator:
                 getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, next(model.parameters()).dtype)
             source = None
             if kv_cache_bytes is None and (kv_cache_bytes := device_kv_budget(self.device)) is not None:
-                source = f"the KV cache budget (90% of the {self.device} device's free memory, {kv_cache_bytes} bytes)"
-            self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len, kv_cache_bytes,
-                                                source=source)
+                source = (f"the KV cache budget (90% of the {self.device} device's free memory, "
+                          f"{kv_cache_bytes} bytes)")
+            self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len,
+                                                kv_cache_bytes, source=source)
         self.max_prefill_tokens = max_prefill_tokens
         self.runner: LlamaRunner | StateSpaceRunner | HFRunner = make_runner(
             model, max_len=self.max_model_len, slots=min(self.max_batch_size, 8), fast=fast, compile=compile,

@@ -40,7 +40,8 @@ class HFRunner:
             return self._forward(ids[-1:], cache, start + len(ids) - 1)
         inp = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)[None]
-        out = self.model(input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        out = self.model(input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: cache})
         return out.logits[0, -1].float()
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:

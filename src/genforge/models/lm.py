@@ -71,8 +71,8 @@ PRESETS: dict[str, dict] = {
     # state-space (Mamba2): 2 x hidden channels in heads of `head_dim`, each carrying a state of
     # `state_size` per channel; the state is the whole "cache", the same size at any context length.
     # chunk_size 64: the reference chunk scan is quadratic within a chunk, linear across chunks.
-    "lm-mamba-tiny": dict(hidden_size=256, num_hidden_layers=4, state_size=32, head_dim=32, context_length=256,
-                          chunk_size=64),
+    "lm-mamba-tiny": dict(hidden_size=256, num_hidden_layers=4, state_size=32, head_dim=32,
+                          context_length=256, chunk_size=64),
 }
 STATE_SPACE = ("lm-mamba-tiny",)  # presets without attention (Mamba2ForCausalLM)
 MAMBA_EXPAND = 2  # Mamba2's inner width is expand x hidden_size
@@ -133,8 +133,8 @@ class LMSpec(Spec):
                      "num_hidden_layers": self.num_layers, "state_size": self.state_size}
         p.update({k: v for k, v in overrides.items() if v is not None})
         if (MAMBA_EXPAND * p["hidden_size"]) % p["head_dim"]:
-            raise ConfigError(f"model.hidden_size: {p['hidden_size']} x {MAMBA_EXPAND} must be a multiple of the "
-                              f"head size {p['head_dim']}")
+            raise ConfigError(f"model.hidden_size: {p['hidden_size']} x {MAMBA_EXPAND} must be a multiple "
+                              f"of the head size {p['head_dim']}")
         return p
 
 
@@ -268,7 +268,8 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu",
         torch_dtype = compute_dtype(method, dtype, torch_dtype)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        attention = {} if is_state_space(config) else {"attn_implementation": "sdpa"}  # Mamba has no attention
+        # Mamba has no attention to choose a kernel for
+        attention = {} if is_state_space(config) else {"attn_implementation": "sdpa"}
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype,
                                                      trust_remote_code=False, **attention)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

@@ -62,8 +62,10 @@ class StateSpaceRunner:
         """(Re)allocate room for `slots` rows, keeping the rows held so far."""
         old = list(zip(self.conv, self.ssm))
         n = len(self.model.backbone.layers)
-        self.conv = [torch.zeros((slots, *self.conv_shape), dtype=self.dtype, device=self.device) for _ in range(n)]
-        self.ssm = [torch.zeros((slots, *self.ssm_shape), dtype=torch.float32, device=self.device) for _ in range(n)]
+        self.conv = [torch.zeros((slots, *self.conv_shape), dtype=self.dtype, device=self.device)
+                     for _ in range(n)]
+        self.ssm = [torch.zeros((slots, *self.ssm_shape), dtype=torch.float32, device=self.device)
+                    for _ in range(n)]
         for (c, s), new_c, new_s in zip(old, self.conv, self.ssm):
             new_c[:c.shape[0]].copy_(c)
             new_s[:s.shape[0]].copy_(s)
@@ -123,7 +125,8 @@ class StateSpaceRunner:
         return out
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], *, free_slot: int | None = None) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int], *,
+               free_slot: int | None = None) -> torch.Tensor:
         """Feed tokens[i] to the row in slot i; next-token logits [n, vocab]. One forward for all rows:
         the cache's states are views of rows 0..n-1, updated in place."""
         n = len(tokens)

@@ -132,9 +132,9 @@ class AdapterRegistry:
                               "generic path (merge each adapter with `genforge merge` and serve those instead)",
                               param="adapter")
         if any(block is not None for block in getattr(runner, "moe", ())):
-            raise ConfigError("adapters are not served per row over a mixture-of-experts base (its MoE layers "
-                              "run the model's own expert block); merge each adapter with `genforge merge` and "
-                              "serve those instead", param="adapter")
+            raise ConfigError("adapters are not served per row over a mixture-of-experts base (its MoE "
+                              "layers run the model's own expert block); merge each adapter with `genforge "
+                              "merge` and serve those instead", param="adapter")
         self.lora = MultiLora(model, list(self.infos.values()), self.max_loaded, dtype=runner.dtype,
                               device=runner.device)
         runner.lora = self.lora

@@ -54,8 +54,8 @@ class LMObjective(SingleLoss):
     def signature(self) -> dict:
         c = self.model.config
         keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "intermediate_size", "max_position_embeddings", "num_local_experts", "state_size",
-                "tie_word_embeddings")
+                "num_key_value_heads", "intermediate_size", "max_position_embeddings", "num_local_experts",
+                "state_size", "tie_word_embeddings")
         return {k: getattr(c, k, None) for k in keys}
 
     def export(self, model_dir: Path) -> None:
