@@ -150,11 +150,3 @@ def test_mamba_run_served_by_genforge_serve(trained, tmp_path):
         log = server.log.read_text()
     assert got == expected
     assert "runner=StateSpaceRunner" in log and "batched=True" in log, log[-2000:]
-
-
-def test_state_space_preset_refuses_attention_options(tmp_path, char_dataset, capsys):
-    code = main(["train", str(CONFIGS / "lm-mamba-tiny.yaml"), "--set", f"dataset={char_dataset}",
-                 "--set", f"out_dir={tmp_path / 'runs'}", "--set", "model.num_heads=4"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
-    assert "model.num_heads: preset lm-mamba-tiny is a state-space model" in err
