@@ -104,8 +104,8 @@ def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, te
         engine.shutdown(drain=False)
     dt = time.perf_counter() - t0
     tokens = sum(s.completion_tokens for s in streams)
-    print(f"[{tokens} tokens in {dt:.2f} s, {tokens / max(dt, 1e-9):.0f} tok/s, "
-          f"{'fast path' if engine.fast_path else 'HF forward'}; finish: "
+    path = "fast path" if engine.fast_path else "batched HF forward" if engine.gen.batched else "HF forward"
+    print(f"[{tokens} tokens in {dt:.2f} s, {tokens / max(dt, 1e-9):.0f} tok/s, {path}; finish: "
           f"{', '.join(s.finish_reason or '?' for s in streams)}"
           f"{f'; watermarked ({watermark.header()})' if watermark is not None else ''}]", file=sys.stderr)
     return texts
