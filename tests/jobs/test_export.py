@@ -219,3 +219,24 @@ def test_text_to_image_export_generates_images_like_torch(t2i_run, tmp_path):
     a = np.asarray(Image.open(tmp_path / "onnx.png"), dtype=int)
     b = np.asarray(Image.open(tmp_path / "torch.png"), dtype=int)
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+@pytest.mark.slow
+def test_moe_model_folder_exports_with_cache_parity(tmp_path):
+    """A Mixtral-style MoE (an HF folder): transformers' grouped_mm experts have no ONNX form, so the
+    export switches them to batched_mm; the logits still match over the prompt and the cached steps."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.conftest import tiny_random_llama
+
+    _, tok = tiny_random_llama()
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, eos_token_id=tok.eos_token_id)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    record = export_run(tmp_path / "moe", "onnx", tmp_path / "moe-onnx")
+    assert record["model"] == "MixtralForCausalLM"
+    assert record["parity"]["logits_max_abs_diff_prompt"] < PARITY
+    assert record["parity"]["logits_max_abs_diff_decode"] < PARITY

@@ -198,13 +198,17 @@ def run_exporter(module: torch.nn.Module, args: tuple, path: str | Path, input_n
 
 def quantize_int8(source: str | Path, target: str | Path) -> None:
     """onnxruntime's dynamic int8 quantization: int8 weights of MatMul/Gemm (and Conv), activations
-    quantized per call; the graph is shape-inferred first, as onnxruntime's docs ask."""
+    quantized per call; the graph is shape-inferred and optimized first, as onnxruntime's docs ask (ONNX
+    shape inference only: onnxruntime's symbolic pass stops at the exporter's cache-length expressions)."""
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     source, target = Path(source), Path(target)
     prepared = target.with_name(target.stem + ".pre.onnx")
     try:
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
+    except Exception as e:  # onnxruntime.quantization raises plain Exceptions
+        summary = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ExportError(f"int8 quantization of the exported graph failed: {summary[:300]}") from None
     finally:
         prepared.unlink(missing_ok=True)
