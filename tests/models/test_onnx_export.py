@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genforge.models.onnx_export import ExportError, run_exporter, unsupported_operator
+from genforge.common.errors import GenforgeError
+from genforge.models.onnx_export import ExportError, require, run_exporter, unsupported_operator
 
 
 class Eigenvalues(torch.nn.Module):
@@ -33,3 +34,9 @@ def test_unsupported_operator_is_named(tmp_path):
 ])
 def test_operator_found_in_exporter_messages(text, op):
     assert unsupported_operator(text) == op
+
+
+def test_a_missing_extra_is_one_clear_error():
+    require("onnx", "onnxscript", "onnxruntime")  # installed with the onnx extra
+    with pytest.raises(GenforgeError, match=r"genforge_no_such_module not installed; .*genforge\[onnx\]"):
+        require("onnx", "genforge_no_such_module")

@@ -75,6 +75,7 @@ def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None
     if not 14 <= opset <= 23:
         raise ConfigError(f"--opset {opset}: the dynamo exporter writes opsets 14..23 (default {ox.OPSET})",
                           param="opset")
+    ox.require("onnx", "onnxscript", "onnxruntime")
     out = Path(out) if out is not None else default_export_dir(run)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new folder (export never "

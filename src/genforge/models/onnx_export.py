@@ -30,6 +30,16 @@ class ExportError(GenforgeError):
     """The exporter could not turn the model into ONNX; the message names the operator when it can."""
 
 
+def require(*modules: str) -> None:
+    """A one-line error, not an ImportError, when the `onnx` extra is missing: the exporter needs onnx and
+    onnxscript, generation onnxruntime."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GenforgeError(f"{', '.join(missing)} not installed; install the onnx extra: pip install 'genforge[onnx]'")
+
+
 # ------------------------------------------------------------------------------------------- the LM
 
 def lm_cache_shape(config) -> tuple[int, int, int]:

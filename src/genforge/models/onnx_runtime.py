@@ -22,7 +22,7 @@ import torch
 
 from genforge.common.errors import RunError
 from genforge.models.generation import Sequence, TokenEvent, eos_token_ids
-from genforge.models.onnx_export import lm_io_names
+from genforge.models.onnx_export import lm_io_names, require
 from genforge.models.sampling import BatchSampler, SamplingParams
 
 EXPORT_FILE = "genforge_export.json"
@@ -45,6 +45,7 @@ def is_export_folder(path: str | Path) -> bool:
 def make_session(path: str | Path, threads: int | None = None):
     """An onnxruntime CPU session with `threads` intra-op threads (default: torch's, so a comparison with
     PyTorch runs both on the same cores) and one inter-op thread (a decode step is a chain of small ops)."""
+    require("onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
