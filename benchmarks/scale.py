@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -189,12 +190,13 @@ def onnx_section(args: argparse.Namespace) -> dict:
         print(f"{kind} {label}: {r.get('decode_tok_per_s', r.get('images_per_s', float('nan'))):.1f} "
               f"{r.get('error', '')}", flush=True)
     _agreement(rows)
+    shutil.rmtree(exports, ignore_errors=True)
     return {"section": "onnx", "threads": args.threads, "repeats": args.repeats,
             "lm": {"model": str(lm), "preset": "lm-tiny (random weights)", "prompt_tokens": PROMPT_TOKENS,
                    "new_tokens": NEW_TOKENS, "batch": 1, "sampling": "greedy, EOS ignored"},
             "unet": {"model": str(unet), "spec": "DiffusionSpec defaults at 8x8x1, 10 classes (random weights)",
                      "images": IMAGES, "ddim_steps": IMAGE_STEPS, "guidance": GUIDANCE},
-            "exports": records, "rows": rows,
+            "exports": records, "rows": rows,  # each record's "out" was a temp folder, removed after the run
             "method": "each contender a fresh process, the same threads (torch.set_num_threads, OMP_NUM_THREADS, "
                       "onnxruntime intra_op_num_threads; inter_op 1); one warm-up, median of the repeats; "
                       "decode = tokens 2..N over the time after the first token"}
