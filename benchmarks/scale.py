@@ -1,158 +1,62 @@
-"""How genforge's training scales, section by section.
+"""How genforge scales, one section per claim (`--only SECTION`, repeatable; every section by default).
 
-    .venv/bin/python benchmarks/scale.py                      # every section
-    .venv/bin/python benchmarks/scale.py --only distributed   # one section
-    .venv/bin/python benchmarks/scale.py --quick              # a few steps, one round: checks the script
+- distributed: one LM recipe on 1 process (1 and N threads) and on N torchrun processes (DDP, FSDP2);
+  benchmarks/scale_distributed.py.
+- onnx: PyTorch vs onnxruntime fp32 and int8, LM decode tokens/s and diffusion images/s;
+  benchmarks/scale_onnx.py.
+- canary: switching model versions under load inside one server (registry promote / rollback) against
+  restarting it; benchmarks/scale_canary.py.
 
-Section "distributed": one recipe trained by `genforge train` on 1 process and on 2 processes started by
-torchrun (DDP, and FSDP2), each contender a process (group) of its own, one after the other, `--rounds`
-times in turn. Model: the lm-nano preset (hidden 128, 4 layers, context 256, ~0.8M parameters, random
-init), char-level tokens of the CPython docs (`pydoc_data.topics`), global batch `--batch-size`
-sequences of 256 tokens, fp32, AdamW, no eval during the timed steps. The recipe's batch is the global
-batch, so every contender takes the same steps on the same data. Throughput is taken from the run's
-metrics.jsonl `elapsed` (rank 0's clock): sequences (samples) and tokens per second over the steps
-after `--warmup`, i.e. without process start-up, imports and the first steps. Contenders:
-  1 proc x 1 thread     genforge train, train.threads 1
-  1 proc x N threads    genforge train, train.threads N (every core in one process)
-  N procs x 1 thread    torchrun --nproc-per-node N -m genforge train, DDP over gloo
-  N procs x 1 thread    ... with train.parallel: fsdp
-On a machine with N cores, "N processes x 1 thread" against "1 process x N threads" is the comparison
-that tells whether data parallelism beats intra-op threading for this model size.
+    .venv/bin/python benchmarks/scale.py --only distributed [--steps 40 --rounds 3 | --quick]
+    .venv/bin/python benchmarks/scale.py --only onnx [--threads 1] [--repeats 5]
+    .venv/bin/python benchmarks/scale.py --only canary [--canary-clients 8] [--canary-duration 60]
 
-Writes benchmarks/results/scale_<section>.json (..._quick.json with --quick) and prints markdown tables.
+Writes benchmarks/results/scale_<section>.json and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_info, fmt, git_commit, md_table, median, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONTEXT = 256
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import cpu_info, git_commit, versions  # noqa: E402
+from scale_canary import add_canary_args, canary_section, print_canary  # noqa: E402
+from scale_distributed import add_distributed_args, print_distributed, section_distributed  # noqa: E402
+from scale_onnx import add_onnx_args, onnx_section, print_onnx  # noqa: E402
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _char_dataset(root: Path) -> Path:
-    from pydoc_data.topics import topics
-
-    from genforge.data.tokens import prepare_text_dataset
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    (root / "docs.txt").write_text(text, encoding="utf-8")
-    prepare_text_dataset(str(root / "docs.txt"), str(root / "ds"), tokenizer="char", val_fraction=0.05,
-                         doc_split="file")
-    return root / "ds"
-
-
-def _recipe(root: Path, dataset: Path, steps: int, batch_size: int) -> Path:
-    path = root / "scale.yaml"
-    path.write_text(f"""name: scale
-family: lm
-dataset: {dataset}
-out_dir: {root / 'runs'}
-model: {{preset: lm-nano}}
-train: {{max_steps: {steps}, batch_size: {batch_size}, lr: 1e-3, warmup_steps: 5, precision: fp32,
-         device: cpu, eval_every: {steps}, eval_batches: 1, log_every: 1, checkpoint_every: {steps}, seed: 0}}
-""")
-    return path
-
-
-def _train(recipe: Path, name: str, nproc: int, threads: int, parallel: str) -> list[dict]:
-    """One contender in a process (group) of its own; its metrics.jsonl rows."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
-    args = ["train", str(recipe), "--set", f"name={name}", "--set", f"train.threads={threads}",
-            "--set", f"train.parallel={parallel}"]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "genforge", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "genforge", *args]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-    rows = (recipe.parent / "runs" / name / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(r) for r in rows]
-
-
-def _throughput(rows: list[dict], warmup: int, batch_size: int) -> dict:
-    by_step = {r["step"]: r for r in rows if "loss" in r}
-    last = max(by_step)
-    seconds = by_step[last]["elapsed"] - by_step[warmup]["elapsed"]
-    samples = (last - warmup) * batch_size
-    return {"samples_per_s": samples / seconds, "tokens_per_s": samples * CONTEXT / seconds,
-            "timed_steps": last - warmup, "final_loss": by_step[last]["loss"]}
-
-
-def section_distributed(a: argparse.Namespace) -> dict:
-    cores = os.cpu_count() or 1
-    n = max(2, cores) if a.nproc is None else a.nproc
-    contenders = [("1 proc x 1 thread", 1, 1, "ddp"), (f"1 proc x {n} threads", 1, n, "ddp"),
-                  (f"{n} procs x 1 thread, DDP", n, 1, "ddp"), (f"{n} procs x 1 thread, FSDP", n, 1, "fsdp")]
-    results: dict[str, list[dict]] = {c[0]: [] for c in contenders}
-    with tempfile.TemporaryDirectory(prefix="genforge-scale-") as tmp:
-        root = Path(tmp)
-        recipe = _recipe(root, _char_dataset(root), a.warmup + a.steps, a.batch_size)
-        for r in range(a.rounds):
-            for i, (label, nproc, threads, parallel) in enumerate(contenders):
-                rows = _train(recipe, f"c{i}-r{r}", nproc, threads, parallel)
-                results[label].append(_throughput(rows, a.warmup, a.batch_size))
-                print(f"round {r + 1}: {label}: {results[label][-1]['samples_per_s']:.1f} samples/s", flush=True)
-    base = median([x["samples_per_s"] for x in results[contenders[0][0]]])
-    rows, table = [], []
-    for label, nproc, threads, parallel in contenders:
-        sps = median([x["samples_per_s"] for x in results[label]])
-        tps = median([x["tokens_per_s"] for x in results[label]])
-        rows.append({"contender": label, "processes": nproc, "threads_per_process": threads,
-                     "parallel": parallel if nproc > 1 else "none", "samples_per_s": sps, "tokens_per_s": tps,
-                     "speedup_vs_1x1": sps / base, "rounds": results[label]})
-        table.append([label, fmt(sps, ".1f"), fmt(tps, ",.0f"), fmt(sps / base, ".2f") + "x",
-                      fmt(results[label][-1]["final_loss"], ".4f")])
-    md = md_table(["contender", "samples/s", "tokens/s", "vs 1x1", f"loss at step {a.warmup + a.steps}"], table)
-    print(md)
-    return {"settings": {"model": "lm-nano (preset)", "context": CONTEXT, "global_batch": a.batch_size,
-                         "warmup_steps": a.warmup, "timed_steps": a.steps, "rounds": a.rounds,
-                         "precision": "fp32", "backend": "gloo", "dataset": "char-level pydoc_data.topics"},
-            "rows": rows, "table": md}
-
-
-SECTIONS = {"distributed": section_distributed}
+SECTIONS = {"distributed": (section_distributed, print_distributed, ("torch", "transformers")),
+            "onnx": (onnx_section, print_onnx, ("torch", "transformers", "diffusers", "onnx", "onnxruntime",
+                                                "onnxscript")),
+            "canary": (canary_section, print_canary, ("torch", "transformers", "fastapi", "uvicorn", "httpx"))}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only this section (repeatable)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per contender")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=3, help="every contender this many times, in turn")
-    p.add_argument("--batch-size", type=int, default=16, help="the global batch (sequences)")
-    p.add_argument("--nproc", type=int, default=None, help="distributed: processes (default: the cores, >= 2)")
-    p.add_argument("--quick", action="store_true", help="3 + 2 steps, one round")
-    a = p.parse_args()
-    if a.quick:
-        a.steps, a.warmup, a.rounds = 3, 2, 1
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in a.only or sorted(SECTIONS):
-        print(f"## {name}", flush=True)
-        out = {"section": name, "cpu": cpu_info(), "versions": versions("torch", "transformers"),
-               "git_commit": git_commit(ROOT), **SECTIONS[name](a)}
-        path = RESULTS / f"scale_{name}{'_quick' if a.quick else ''}.json"
-        path.write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {path}")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=list(SECTIONS), action="append", default=None, help="run only these sections")
+    add_distributed_args(ap)
+    add_onnx_args(ap)
+    add_canary_args(ap)
+    a = ap.parse_args()
+    for section in a.only or list(SECTIONS):
+        print(f"## {section}", flush=True)
+        run, show, packages = SECTIONS[section]
+        cpu = cpu_info()  # the load average before the section starts
+        result = run(a)
+        result.update(section=section, cpu=cpu, versions=versions(*packages), git_commit=git_commit(ROOT),
+                      time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        show(result)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        quick = "_quick" if section == "distributed" and a.quick else ""
+        path = RESULTS / f"scale_{section}{quick}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

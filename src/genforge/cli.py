@@ -20,6 +20,7 @@ from genforge.cli_args import (
     trace_flag,
 )
 from genforge.cli_detect import add_watermark_flags
+from genforge.cli_export import add_backend_flag
 from genforge.common.errors import ConfigError, GenforgeError
 
 
@@ -101,33 +102,37 @@ def _train_on_processes(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from genforge.cli_export import resolve_backend
     from genforge.models.text_to_image import is_text_to_image
 
-    if is_text_to_image(a.run):
-        _generate_from_text(a)
+    backend, exported = resolve_backend(a)  # exported: what an ONNX export holds (None for torch)
+    if exported == "text-unet" or (exported is None and is_text_to_image(a.run)):
+        _generate_from_text(a, backend)
         return
     for flag, value in (("--negative-prompt", a.negative_prompt), ("--init-image", a.init_image),
                         ("--strength", a.strength), ("--mask", a.mask)):
         if value is not None:
             raise GenforgeError(f"generate: {flag} is for text-to-image (latent-diffusion) runs only")
-    if run_family(a.run) == "lm":
+    if exported == "causal-lm" or (exported is None and run_family(a.run) == "lm"):
         if a.prompt is None:
             raise GenforgeError("generate: --prompt is required for a language model")
         if a.visible_label:
             raise GenforgeError("generate: --visible-label is for image runs; text takes --label-text")
         from genforge.cli_detect import watermark_from_args
+        from genforge.jobs.onnxgen import generate_onnx_to_terminal
         from genforge.jobs.textgen import generate_to_terminal
 
-        generate_to_terminal(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                             top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                             stop=a.stop, seed=a.seed, num_samples=a.num_samples, watermark=watermark_from_args(a),
-                             label_text=a.label_text)
+        generate = generate_onnx_to_terminal if backend == "onnxruntime" else generate_to_terminal
+        generate(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                 top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                 stop=a.stop, seed=a.seed, num_samples=a.num_samples, watermark=watermark_from_args(a),
+                 label_text=a.label_text)
     else:
         from genforge.jobs.imagegen import generate_grid
 
         out = generate_grid(a.run, num_samples=a.num_samples, class_label=a.class_label, guidance=a.guidance,
                             steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out,
-                            watermark=_image_watermark_key(a), visible_label=a.visible_label)
+                            watermark=_image_watermark_key(a), visible_label=a.visible_label, backend=backend)
         print(f"wrote {out}")
 
 
@@ -143,7 +148,7 @@ def _image_watermark_key(a: argparse.Namespace) -> str | None:
     return resolve_key(a.watermark, a.watermark_key_file, flag="--watermark")
 
 
-def _generate_from_text(a: argparse.Namespace) -> None:
+def _generate_from_text(a: argparse.Namespace, backend: str) -> None:
     if a.prompt is None:
         raise GenforgeError("generate: --prompt is required for a text-to-image run (\"\" for unconditional)")
     if a.class_label is not None:
@@ -155,7 +160,7 @@ def _generate_from_text(a: argparse.Namespace) -> None:
     result = generate_from_text(a.run, a.prompt, negative_prompt=a.negative_prompt, num_samples=a.num_samples,
                                 guidance=a.guidance, steps=a.steps, seed=a.seed, init_image=a.init_image,
                                 strength=a.strength, mask=a.mask, out=a.out, watermark=_image_watermark_key(a),
-                                visible_label=a.visible_label)
+                                visible_label=a.visible_label, backend=backend)
     print(f"wrote {result['grid']}")
     if result["edit"] is not None:
         print(f"wrote {result['edit']} (input | mask | outputs)")
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_watermark_flags(ge)  # --watermark / --watermark-key-file: the text mark for LMs, the invisible one for images
     ge.add_argument("--visible-label", action="store_true",
                     help="image runs: draw a visible 'AI-generated' label in a corner (>= 5%% of the shortest side)")
+    add_backend_flag(ge)
     ge.set_defaults(func=cmd_generate)
 
     mg = sub.add_parser("merge", help="fold a run's LoRA adapter into its base: a plain Hugging Face folder")
@@ -339,11 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     from genforge.cli_app import add_app_commands
     from genforge.cli_detect import add_detect_commands
     from genforge.cli_eval import add_eval_command
+    from genforge.cli_export import add_export_command
     from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
     add_detect_commands(sub)
     add_eval_command(sub)
+    add_export_command(sub)
     add_runs_commands(sub)
 
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
