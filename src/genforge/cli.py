@@ -307,12 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     from genforge.cli_app import add_app_commands
     from genforge.cli_detect import add_detect_commands
     from genforge.cli_eval import add_eval_command
+    from genforge.cli_registry import add_registry_commands
     from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
     add_detect_commands(sub)
     add_eval_command(sub)
     add_runs_commands(sub)
+    add_registry_commands(sub)
 
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
     de.add_argument("--out-dir", default="runs")
