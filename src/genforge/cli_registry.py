@@ -85,6 +85,43 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
     print(json.dumps({**v.record, "folder": str(v.path)}, indent=2, sort_keys=True, default=str))
 
 
+def add_serve_registry_flags(se: argparse.ArgumentParser) -> None:
+    rg = se.add_argument_group("registry versions (with --model NAME@REF; the store is --store's)")
+    rg.add_argument("--canary", default=None, metavar="REF=SHARE%",
+                    help="send SHARE percent of requests to another version, e.g. nano@4=10%% (sticky per the "
+                    "x-genforge-route-key header, else the request's `user`)")
+    rg.add_argument("--shadow", default=None, metavar="REF",
+                    help="mirror every request to this version; its answers are logged, never returned")
+    rg.add_argument("--shadow-log", default=None, metavar="JSONL",
+                    help="where the shadow's answers go (default: REGISTRY_DIR/shadow/NAME@N.jsonl)")
+    rg.add_argument("--registry-dir", default=None, metavar="DIR", help=ROOT_HELP)
+
+
+def serve_from_registry(a: argparse.Namespace, ref: str, *, app_config, api_keys: list[str], watermark,
+                        kv_cache_bytes: int | None, adapters: dict) -> None:
+    from genforge.common.errors import ConfigError
+    from genforge.serve.versioned_app import serve_versions_forever
+    from genforge.serve.versions import parse_canary
+
+    canary = parse_canary(a.canary) if a.canary else None
+    if adapters:
+        raise ConfigError("--adapter: registry versions are served without LoRA adapters; merge them first "
+                          "(`genforge merge`) and push the merged model", param="adapter")
+    if a.image_label or a.image_watermark or a.image_watermark_key_file:
+        raise ConfigError("--image-label / --image-watermark: registry serving runs language models", param="model")
+    if a.served_model_name:
+        raise ConfigError("--served-model-name: a registry version is served under its registry name", param="model")
+    registry = open_registry(a.store or a.state_dir, a.registry_dir)
+    serve_versions_forever(
+        registry, ref, host=a.host, port=a.port, shutdown_timeout=a.shutdown_timeout, header_timeout=a.header_timeout,
+        keep_alive=a.keep_alive, root_path=a.root_path, http=a.http, loop=a.loop, trace=a.trace, canary=canary,
+        shadow=a.shadow, shadow_log=a.shadow_log, max_model_len=a.max_model_len, dtype=a.dtype,
+        max_batch_size=a.max_batch_size, max_queue=a.max_queue, api_keys=api_keys,
+        decode="eager" if a.enforce_eager else a.decode, request_timeout=a.request_timeout or None,
+        body_timeout=a.body_timeout, limit_concurrency=a.limit_concurrency, kv_cache_bytes=kv_cache_bytes,
+        stream_interval=a.stream_interval, app_config=app_config, watermark=watermark, label_text=a.label_text)
+
+
 def add_registry_commands(sub: argparse._SubParsersAction) -> None:
     reg = sub.add_parser("registry", help="named, immutable model versions and aliases (serve --model NAME@REF)"
                          ).add_subparsers(dest="registry_command", required=True)
