@@ -2,13 +2,13 @@
 
     genforge serve --model nano@production --shadow nano@5 --shadow-log shadow.jsonl
 
-The copy is started after the primary's request was handed to the primary's service, as a task of
-its own that the primary's response never waits for. It runs without the application layer (no
+The copy starts as the request is handed to the version that answers it (primary or canary), as a
+task of its own that the response never waits for. It runs without the application layer (no
 cache writes, no retrieval: the candidate sees the request as the client sent it), non-streamed,
 and at most `max_pending` copies run at once: beyond that a copy is dropped (and counted) rather
-than queued, so a slow candidate can never build up a backlog that takes the primary's CPU for
-longer than the traffic lasts. One JSON line per copy: when, which versions, the request, the
-shadow's answer, its latency and tokens, and the primary's answer when the primary's was not a stream.
+than queued, so a slow candidate can never build up a backlog that takes the serving versions' CPU
+for longer than the traffic lasts. One JSON line per copy: when, which versions, the request, the
+shadow's answer, its latency and tokens, and the answer the client got when it was not a stream.
 """
 
 from __future__ import annotations
@@ -49,24 +49,23 @@ async def _never_disconnects() -> dict:
 class Shadow:
     """Mirrors requests to `served` (a versions.Served); `on_result(outcome, seconds)` feeds metrics."""
 
-    def __init__(self, served: Any, log_path: Path, *, max_pending: int, primary_ref: Any,
-                 on_result: Any = None):
+    def __init__(self, served: Any, log_path: Path, *, max_pending: int, on_result: Any = None):
         self.served, self.log_path, self.max_pending = served, Path(log_path), max_pending
-        self.primary_ref = primary_ref  # a callable: the primary's ref now
         self.on_result = on_result or (lambda outcome, seconds: None)
         self.pending: set[asyncio.Task] = set()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def mirror(self, kind: str, body: Any, request_id: str, primary: asyncio.Future) -> None:
-        """Start the copy of one request; `primary` resolves to the primary's answer texts (or None)."""
+    def mirror(self, kind: str, body: Any, request_id: str, served_by: str, primary: asyncio.Future) -> None:
+        """Start the copy of one request that `served_by` answers; `primary` resolves to that answer's
+        texts (None for a stream)."""
         if len(self.pending) >= self.max_pending:
             self.on_result("dropped", 0.0)
             return
-        task = asyncio.get_running_loop().create_task(self._run(kind, body, request_id, primary))
+        task = asyncio.get_running_loop().create_task(self._run(kind, body, request_id, served_by, primary))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 
-    async def _run(self, kind: str, body: Any, request_id: str, primary: asyncio.Future) -> None:
+    async def _run(self, kind: str, body: Any, request_id: str, served_by: str, primary: asyncio.Future) -> None:
         started = time.perf_counter()
         copy = body.model_copy(update={"stream": False, "stream_options": None})
         scope = {"type": "http", "method": "POST", "path": f"/v1/{kind}", "headers": [], "query_string": b"",
@@ -91,7 +90,7 @@ class Shadow:
         seconds = time.perf_counter() - started
         self.on_result(outcome, seconds)
         primary_texts = None
-        try:  # the primary's answer, when it has one by now (a stream's is not kept)
+        try:  # the answer the client got, when it has one by now (a stream's is not kept)
             primary_texts = await asyncio.wait_for(asyncio.shield(primary), timeout=60)
         except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
             pass
@@ -102,9 +101,9 @@ class Shadow:
         if isinstance(request.get("prompt"), str):
             request["prompt"] = _clip(request["prompt"])
         line = {"time": time.time(), "request_id": request_id, "endpoint": kind, "shadow": self.served.ref,
-                "primary": self.primary_ref(), "outcome": outcome, "seconds": round(seconds, 4),
+                "served_by": served_by, "outcome": outcome, "seconds": round(seconds, 4),
                 "request": request, "shadow_answers": [_clip(t) for t in texts] if texts is not None else None,
-                "primary_answers": [_clip(t) for t in primary_texts] if primary_texts is not None else None,
+                "served_answers": [_clip(t) for t in primary_texts] if primary_texts is not None else None,
                 "usage": usage, "error": error}
         try:
             # one short append per line (O_APPEND): replicas sharing the file never interleave lines

@@ -191,7 +191,7 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
     if versions.shadow is not None:
         path = Path(shadow_log) if shadow_log is not None else registry.root / "shadow" / f"{versions.shadow.ref}.jsonl"
         shadows["now"] = Shadow(versions.shadow, path, max_pending=SHADOW_MAX_PENDING,
-                                primary_ref=lambda: versions.primary.ref, on_result=_shadow_result(versions.shadow))
+                                on_result=_shadow_result(versions.shadow))
     _gauges()
 
     @contextlib.asynccontextmanager
@@ -243,7 +243,7 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
         mirror = shadows["now"]
         primary_answer: asyncio.Future = asyncio.get_running_loop().create_future()
         if mirror is not None and mirror.served is not served:
-            mirror.mirror(kind, body, request.scope.get(REQUEST_ID, ""), primary_answer)
+            mirror.mirror(kind, body, request.scope.get(REQUEST_ID, ""), served.ref, primary_answer)
         served.in_flight += 1
         handler = served.service.chat if kind == "chat/completions" else served.service.completions
         try:
