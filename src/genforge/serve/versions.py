@@ -152,26 +152,24 @@ class VersionSet:
             self.registry.files_of(version)
             served = self._build(version)
         except GenforgeError as e:
-            raise VersionLoadFailed(f"{version.ref} cannot be served: {e.message}{self._still()}",
-                                    param="version") from e
+            raise self._failed(f"{version.ref} cannot be served: {e.message}", e) from e
         except Exception as e:  # a damaged weight file raises whatever its reader raises
-            log.exception("loading %s failed", version.ref)
-            raise VersionLoadFailed(f"{version.ref} failed to load ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}){self._still()}",
-                                    param="version") from e
+            reason = str(e).splitlines()[0][:200] if str(e) else ""
+            raise self._failed(f"{version.ref} failed to load ({type(e).__name__}: {reason})", e) from e
         try:
             served.service.engine.start()
             health_check(served.service)
         except Exception as e:
             served.service.engine.shutdown(drain=False)
-            log.error("%s failed its health check: %s", version.ref, e)
-            raise VersionLoadFailed(f"{version.ref} failed its health check ({e}){self._still()}",
-                                    param="version") from e
+            raise self._failed(f"{version.ref} failed its health check ({e})", e) from e
         log.info("%s loaded and healthy", version.ref)
         return served
 
-    def _still(self) -> str:
-        return f"; still serving {self.primary.ref}" if self.primary is not None else ""
+    def _failed(self, what: str, cause: Exception) -> VersionLoadFailed:
+        """The error for the admin call, also logged (with the traceback) for whoever reads the log."""
+        message = what + (f"; still serving {self.primary.ref}" if self.primary is not None else "")
+        log.error("%s", message, exc_info=cause)
+        return VersionLoadFailed(message, param="version")
 
     def start(self, canary: tuple[str, float] | None = None, shadow: str | None = None) -> None:
         """Load the primary (and canary, shadow) before the server takes requests (blocking)."""
