@@ -10,6 +10,8 @@ import argparse
 import json
 import time
 
+from genforge.cli_args import positive_float
+
 STORE_HELP = "postgresql://... shared by replicas, or a folder (default: ~/.cache/genforge/serve-state, as serve)"
 ROOT_HELP = "folder of the registry's model files (default: $GENFORGE_REGISTRY_DIR or ~/.cache/genforge/registry)"
 
@@ -95,6 +97,9 @@ def add_serve_registry_flags(se: argparse.ArgumentParser) -> None:
     rg.add_argument("--shadow-log", default=None, metavar="JSONL",
                     help="where the shadow's answers go (default: REGISTRY_DIR/shadow/NAME@N.jsonl)")
     rg.add_argument("--registry-dir", default=None, metavar="DIR", help=ROOT_HELP)
+    rg.add_argument("--follow-interval", type=positive_float, default=None, metavar="SECONDS",
+                    help="resolve NAME@ALIAS again every SECONDS, following an alias moved by another replica or "
+                    "`genforge registry alias` (default: only on POST /admin/reload)")
 
 
 def serve_from_registry(a: argparse.Namespace, ref: str, *, app_config, api_keys: list[str], watermark,
@@ -119,7 +124,8 @@ def serve_from_registry(a: argparse.Namespace, ref: str, *, app_config, api_keys
         max_batch_size=a.max_batch_size, max_queue=a.max_queue, api_keys=api_keys,
         decode="eager" if a.enforce_eager else a.decode, request_timeout=a.request_timeout or None,
         body_timeout=a.body_timeout, limit_concurrency=a.limit_concurrency, kv_cache_bytes=kv_cache_bytes,
-        stream_interval=a.stream_interval, app_config=app_config, watermark=watermark, label_text=a.label_text)
+        stream_interval=a.stream_interval, app_config=app_config, watermark=watermark, label_text=a.label_text,
+        follow_interval=a.follow_interval)
 
 
 def add_registry_commands(sub: argparse._SubParsersAction) -> None:

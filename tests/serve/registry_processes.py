@@ -47,12 +47,13 @@ def push_all(runs: list[Path], name: str, store: str, registry_dir: Path) -> Non
 
 
 @contextlib.contextmanager
-def serving_ref(ref: str, *args: str, store: str, registry_dir: Path, logs: Path, env: dict | None = None,
-                count: int = 1) -> Iterator[list[CliServer]]:
-    """`count` processes of `genforge serve --model REF ARGS...` on free ports, stopped with SIGTERM."""
+def serving_ref(ref: str, *argsets: list[str], store: str, registry_dir: Path, logs: Path,
+                env: dict | None = None) -> Iterator[list[CliServer]]:
+    """`genforge serve --model REF ARGS...` once per argument list, each on a free port; all start at
+    once (their model loads overlap) and are stopped with SIGTERM on exit."""
     servers = []
     try:
-        for _ in range(count):
+        for args in argsets or ([],):
             sock = free_socket()
             port = sock.getsockname()[1]
             sock.close()  # the CLI binds it itself; the gap is a few milliseconds

@@ -40,8 +40,8 @@ def registry_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def canary_server(registry_env):
     shadow_log = registry_env["root"] / "shadow.jsonl"
-    with serving_ref("nano@production", "--canary", "nano@2=50%", "--shadow", "nano@3", "--shadow-log",
-                     str(shadow_log), store=registry_env["store"], registry_dir=registry_env["registry_dir"],
+    with serving_ref("nano@production", ["--canary", "nano@2=50%", "--shadow", "nano@3", "--shadow-log",
+                     str(shadow_log)], store=registry_env["store"], registry_dir=registry_env["registry_dir"],
                      logs=registry_env["root"]) as (server,):
         server.shadow_log = shadow_log
         yield server
@@ -120,7 +120,7 @@ def switch_server(registry_env):
     streams of 40 tokens are still running while the admin calls switch versions. The tests below
     share it in file order; each leaves it as it found it (primary nano@1, canary nano@2 at 50%),
     so each also passes alone."""
-    with serving_ref("nano@production", "--canary", "nano@2=50%", store=registry_env["store"],
+    with serving_ref("nano@production", ["--canary", "nano@2=50%"], store=registry_env["store"],
                      registry_dir=registry_env["registry_dir"], logs=registry_env["root"],
                      env={"GENFORGE_TEST_STEP_DELAY": "0.025"}) as (server,):
         yield server

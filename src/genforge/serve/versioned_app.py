@@ -133,9 +133,13 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
                          body_timeout: float = DEFAULT_BODY_TIMEOUT_S, limit_concurrency: int | None = None,
                          kv_cache_bytes: int | None = None, stream_interval: int = 1,
                          app_config: AppConfig | None = None, watermark: Any = None,
-                         label_text: str | None = None) -> Gate:
+                         label_text: str | None = None, follow_interval: float | None = None) -> Gate:
     """The ASGI app serving registry reference `ref` (NAME@N, NAME@latest, NAME@ALIAS). Every version
-    named is loaded and health-checked here, before any port is bound; a failure is one clear error."""
+    named is loaded and health-checked here, before any port is bound; a failure is one clear error.
+    `follow_interval`: seconds between resolutions of `ref` again (as POST /admin/reload does), so a
+    replica follows an alias moved elsewhere by itself; None: only on /admin/reload."""
+    if follow_interval is not None and not follow_interval > 0:
+        raise ConfigError(f"--follow-interval {follow_interval}: must be > 0 seconds", param="follow_interval")
     from genforge.serve.layer_process import LayerProcess
     from genforge.serve.layer_steps import LocalSteps
     from genforge.serve.options import check_keys
@@ -194,11 +198,23 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
                                 on_result=_shadow_result(versions.shadow))
     _gauges()
 
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(follow_interval)
+            try:
+                async with versions.lock:
+                    await versions.reload()
+            except Exception as e:  # logged (a failed load says why); the versions serving stay as they are
+                log.warning("following %s: %s", ref, getattr(e, "message", e))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        follower = asyncio.get_running_loop().create_task(follow()) if follow_interval else None
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
             if shadows["now"] is not None:
                 await shadows["now"].close()
             await versions.close()
