@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -318,13 +319,28 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
                 limit_concurrency=limit_concurrency)
 
 
-async def _counted(body: AsyncIterator, served: Served) -> AsyncIterator:
-    """A stream's body that marks its version's request done when it ends, however it ends."""
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        served.in_flight -= 1
+def _counted(body: AsyncIterator, served: Served) -> AsyncIterator:
+    """A stream's body that marks its version's request done when it ends, however it ends: also when
+    the client left before the first chunk, so the body was never started (then only the collection
+    of the unstarted generator can tell)."""
+    ended = False
+
+    def end() -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            served.in_flight -= 1
+
+    async def counted() -> AsyncIterator:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            end()
+
+    stream = counted()
+    weakref.finalize(stream, end)
+    return stream
 
 
 def serve_versions_forever(registry: Registry, ref: str, *, host: str = "127.0.0.1", port: int = 8000,
