@@ -134,7 +134,7 @@ class _SamplingFields(_Request):
     presence_penalty: Annotated[float, _range("presence_penalty")] = 0.0
     frequency_penalty: Annotated[float, _range("frequency_penalty")] = 0.0
     # OpenAI's end-user id; registry serving keeps each user on one version (serve/versions.py)
-    user: Annotated[str, Field(max_length=256)] | None = None
+    user: str | None = None
     # genforge / vLLM extensions
     top_k: Annotated[int, _range("top_k")] | None = None  # -1 or 0: no top-k cut
     repetition_penalty: Annotated[float, _range("repetition_penalty")] | None = None
