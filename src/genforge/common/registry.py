@@ -90,7 +90,7 @@ class Registry:
 
     def __init__(self, store: Store, root: str | Path | None = None):
         self.store = store
-        self.root = Path(root).expanduser() if root is not None else default_registry_root()
+        self.root = (Path(root).expanduser() if root is not None else default_registry_root()).absolute()
 
     # ------------------------------------------------------------------ push
     def push(self, run: str | Path, name: str) -> ModelVersion:

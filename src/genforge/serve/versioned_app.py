@@ -101,13 +101,12 @@ def build_version(version: ModelVersion, *, name: str, settings: dict, steps: An
     """Load one version into its own LMService (blocking; called from a worker thread at runtime)."""
     import torch
 
+    from genforge.common.config import IMAGE_FAMILIES
     from genforge.models.lm import load_lm
     from genforge.serve.pipeline import AppLayer
     from genforge.serve.service import LMService
 
     family = str(version.record.get("family", "lm"))
-    from genforge.common.config import IMAGE_FAMILIES
-
     if family in IMAGE_FAMILIES:
         raise ConfigError(f"{version.ref} is a {family} model; registry serving runs language models", param="model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
