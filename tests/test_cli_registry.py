@@ -80,5 +80,6 @@ def test_bad_serve_registry_flags_are_one_line_and_exit_2(tmp_path: Path, where:
     one_error(*genforge("serve", "--model", "nano@1", "--canary", "nano@1=-5", *where)[::2], "between 0 and 100")
     one_error(*genforge("serve", "--model", "nano@1", "--canary", "nano@1", *where)[::2], "NAME@VERSION=SHARE%")
     one_error(*genforge("serve", "--model", "nano@1", "--canary", "nano@1=ten", *where)[::2], "not a number")
+    one_error(*genforge("serve", "--model", "nano@latest", "--canary", "nano@1=5%", *where)[::2], "that is the primary")
     one_error(*genforge("serve", str(tmp_path / "run"), "--model", "nano@1", *where)[::2], "give the model once")
     one_error(*genforge("serve", "--model", "nano@1", "--adapter", f"a={tmp_path}", *where)[::2], "--adapter")

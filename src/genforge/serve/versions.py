@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from genforge.common.errors import ConfigError, GenforgeError
@@ -88,7 +88,6 @@ class Served:
     service: Any  # serve.service.LMService
     metrics: Any  # serve.metrics.ServeMetrics, exported with a `version` label
     in_flight: int = 0
-    loaded_at: float = field(default_factory=time.time)
 
     @property
     def ref(self) -> str:
@@ -173,7 +172,12 @@ class VersionSet:
 
     def start(self, canary: tuple[str, float] | None = None, shadow: str | None = None) -> None:
         """Load the primary (and canary, shadow) before the server takes requests (blocking)."""
-        self.primary = self._keep(self.load(self.resolve(self.follows)))
+        primary = self.resolve(self.follows)
+        for flag, ref in (("--canary", canary[0] if canary else None), ("--shadow", shadow)):
+            if ref is not None and self.resolve(ref).version == primary.version:
+                raise ConfigError(f"{flag} {ref}: that is the primary ({primary.ref}); name another version",
+                                  param=flag[2:])
+        self.primary = self._keep(self.load(primary))
         if canary is not None:
             self.canary, self.canary_share = self._keep(self.load(self.resolve(canary[0]))), canary[1]
         if shadow is not None:
