@@ -172,8 +172,6 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
         if steps is not None:
             steps.close()
         raise
-    shadows: dict[str, Shadow | None] = {"now": None}
-
     def _switched(action: str) -> None:
         router.switches.labels(name, action).inc()
         _gauges()
@@ -192,10 +190,10 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
                 router.shadow_errors.labels(name, v).inc()
         return record
 
+    mirror = None
     if versions.shadow is not None:
         path = Path(shadow_log) if shadow_log is not None else registry.root / "shadow" / f"{versions.shadow.ref}.jsonl"
-        shadows["now"] = Shadow(versions.shadow, path, max_pending=SHADOW_MAX_PENDING,
-                                on_result=_shadow_result(versions.shadow))
+        mirror = Shadow(versions.shadow, path, max_pending=SHADOW_MAX_PENDING, on_result=_shadow_result(versions.shadow))
     _gauges()
 
     async def follow() -> None:
@@ -215,8 +213,8 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
         finally:
             if follower is not None:
                 follower.cancel()
-            if shadows["now"] is not None:
-                await shadows["now"].close()
+            if mirror is not None:
+                await mirror.close()
             await versions.close()
             if steps is not None:
                 steps.close()
@@ -256,7 +254,6 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
         key = request.headers.get(ROUTE_KEY_HEADER) or getattr(body, "user", None)
         served, role = versions.pick(key)
         router.requests.labels(name, str(served.version.version), role).inc()
-        mirror = shadows["now"]
         primary_answer: asyncio.Future = asyncio.get_running_loop().create_future()
         if mirror is not None and mirror.served is not served:
             mirror.mirror(kind, body, request.scope.get(REQUEST_ID, ""), served.ref, primary_answer)
