@@ -199,8 +199,17 @@ def cmd_demo(a: argparse.Namespace) -> None:
     run_demo(out_dir=a.out_dir, minutes=a.minutes)
 
 
+def _served_model(a: argparse.Namespace) -> str:
+    """MODEL (a folder) or --model (a folder or a registry reference NAME@REF): exactly one of them."""
+    if (a.model is None) == (a.model_ref is None):
+        raise ConfigError("serve: give the model once, as MODEL (a run or model folder) or --model "
+                          "(a folder or a registry reference such as nano@production)", param="model")
+    return a.model if a.model is not None else a.model_ref
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     from genforge.cli_detect import watermark_from_args
+    from genforge.common.registry import looks_like_ref
     from genforge.serve.adapters import parse_adapter_flags
     from genforge.serve.app_config import load_app_config
     from genforge.serve.options import parse_bytes, resolve_api_keys
@@ -214,13 +223,19 @@ def cmd_serve(a: argparse.Namespace) -> None:
     watermark = watermark_from_args(a)
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
+    model = _served_model(a)
+    if looks_like_ref(model) or a.canary or a.shadow:
+        from genforge.cli_registry import serve_from_registry
+
+        return serve_from_registry(a, model, app_config=app_config, api_keys=keys, watermark=watermark,
+                                   kv_cache_bytes=kv_bytes, adapters=adapters)
     from genforge.data.image_labels import ImageLabelling, VisibleLabel, resolve_key
     from genforge.data.image_watermark import InvisibleMark
 
     image_key = resolve_key(a.image_watermark, a.image_watermark_key_file, dict(os.environ), flag="--image-watermark")
     image_labelling = ImageLabelling(visible=VisibleLabel() if a.image_label else None,
                                      mark=InvisibleMark(image_key) if image_key else None)
-    serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
+    serve_forever(model, host=a.host, port=a.port, served_model_name=a.served_model_name,
                   max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
                   max_queue=a.max_queue, api_keys=keys, decode="eager" if a.enforce_eager else a.decode,
                   request_timeout=a.request_timeout or None, shutdown_timeout=a.shutdown_timeout,
@@ -346,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     from genforge.cli_detect import add_detect_commands
     from genforge.cli_eval import add_eval_command
     from genforge.cli_export import add_export_command
+    from genforge.cli_registry import add_registry_commands, add_serve_registry_flags
     from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
@@ -353,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(sub)
     add_export_command(sub)
     add_runs_commands(sub)
+    add_registry_commands(sub)
 
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
     de.add_argument("--out-dir", default="runs")
@@ -364,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_demo)
 
     se = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or HF model folder")
-    se.add_argument("model")
+    se.add_argument("model", nargs="?", default=None, help="a run directory or model folder")
+    se.add_argument("--model", dest="model_ref", default=None, metavar="REF",
+                    help="a folder, or a registry version: NAME@N, NAME@latest, NAME@ALIAS (see `genforge registry`)")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--served-model-name", default=None)
@@ -437,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
+    add_serve_registry_flags(se)
     add_watermark_flags(se)
     il = se.add_argument_group("image runs: labels on generated images (the AIGC metadata is always written)")
     il.add_argument("--image-label", action="store_true",
