@@ -20,6 +20,7 @@ from genforge.cli_args import (
     trace_flag,
 )
 from genforge.cli_detect import add_watermark_flags
+from genforge.cli_export import add_backend_flag
 from genforge.common.errors import ConfigError, GenforgeError
 
 
@@ -66,39 +67,72 @@ def cmd_train(a: argparse.Namespace) -> None:
     from genforge.common.tracing import setup_tracing
     from genforge.jobs.train import run_recipe
 
+    if a.nproc is not None:
+        _train_on_processes(a)
+        return
     setup_tracing(a.trace)
     result = run_recipe(a.recipe, overrides=a.set, resume=a.resume)
-    print(result.summary())
+    if result.main:
+        print(result.summary())
+
+
+def _train_on_processes(a: argparse.Namespace) -> None:
+    """`--nproc N`: check the recipe here (one error line, not N), then hand the same command to torchrun,
+    which starts N processes on this machine and a free port of its own (--standalone)."""
+    import subprocess
+
+    from genforge.common.config import load_recipe
+    from genforge.common.errors import RunError
+    from genforge.jobs.train import check_fresh
+    from genforge.train.distributed import check
+
+    recipe = load_recipe(a.recipe, a.set)
+    check(recipe, a.nproc)
+    check_fresh(recipe, a.resume)
+    argv = ["train", a.recipe, *(x for kv in a.set for x in ("--set", kv)), "--trace", a.trace]
+    if a.resume:
+        argv.append("--resume")
+    # torchrun's default is one thread per process; on a CPU, the cores are shared out instead
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.nproc)), **os.environ}
+    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            str(a.nproc), "-m", "genforge", *argv], env=env)
+    if code:
+        raise RunError(f"training on {a.nproc} processes failed (torchrun exited with code {code}); the "
+                       "failing process's message is above")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from genforge.cli_export import resolve_backend
     from genforge.models.text_to_image import is_text_to_image
 
-    if is_text_to_image(a.run):
-        _generate_from_text(a)
+    backend, exported = resolve_backend(a)  # exported: what an ONNX export holds (None for torch)
+    if exported == "text-unet" or (exported is None and is_text_to_image(a.run)):
+        _generate_from_text(a, backend)
         return
     for flag, value in (("--negative-prompt", a.negative_prompt), ("--init-image", a.init_image),
                         ("--strength", a.strength), ("--mask", a.mask)):
         if value is not None:
             raise GenforgeError(f"generate: {flag} is for text-to-image (latent-diffusion) runs only")
-    if run_family(a.run) == "lm":
+    if exported == "causal-lm" or (exported is None and run_family(a.run) == "lm"):
         if a.prompt is None:
             raise GenforgeError("generate: --prompt is required for a language model")
         if a.visible_label:
             raise GenforgeError("generate: --visible-label is for image runs; text takes --label-text")
         from genforge.cli_detect import watermark_from_args
+        from genforge.jobs.onnxgen import generate_onnx_to_terminal
         from genforge.jobs.textgen import generate_to_terminal
 
-        generate_to_terminal(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                             top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                             stop=a.stop, seed=a.seed, num_samples=a.num_samples, watermark=watermark_from_args(a),
-                             label_text=a.label_text)
+        generate = generate_onnx_to_terminal if backend == "onnxruntime" else generate_to_terminal
+        generate(a.run, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                 top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                 stop=a.stop, seed=a.seed, num_samples=a.num_samples, watermark=watermark_from_args(a),
+                 label_text=a.label_text)
     else:
         from genforge.jobs.imagegen import generate_grid
 
         out = generate_grid(a.run, num_samples=a.num_samples, class_label=a.class_label, guidance=a.guidance,
                             steps=a.steps, sampler=a.sampler, seed=a.seed, out=a.out,
-                            watermark=_image_watermark_key(a), visible_label=a.visible_label)
+                            watermark=_image_watermark_key(a), visible_label=a.visible_label, backend=backend)
         print(f"wrote {out}")
 
 
@@ -114,7 +148,7 @@ def _image_watermark_key(a: argparse.Namespace) -> str | None:
     return resolve_key(a.watermark, a.watermark_key_file, flag="--watermark")
 
 
-def _generate_from_text(a: argparse.Namespace) -> None:
+def _generate_from_text(a: argparse.Namespace, backend: str) -> None:
     if a.prompt is None:
         raise GenforgeError("generate: --prompt is required for a text-to-image run (\"\" for unconditional)")
     if a.class_label is not None:
@@ -126,7 +160,7 @@ def _generate_from_text(a: argparse.Namespace) -> None:
     result = generate_from_text(a.run, a.prompt, negative_prompt=a.negative_prompt, num_samples=a.num_samples,
                                 guidance=a.guidance, steps=a.steps, seed=a.seed, init_image=a.init_image,
                                 strength=a.strength, mask=a.mask, out=a.out, watermark=_image_watermark_key(a),
-                                visible_label=a.visible_label)
+                                visible_label=a.visible_label, backend=backend)
     print(f"wrote {result['grid']}")
     if result["edit"] is not None:
         print(f"wrote {result['edit']} (input | mask | outputs)")
@@ -165,8 +199,17 @@ def cmd_demo(a: argparse.Namespace) -> None:
     run_demo(out_dir=a.out_dir, minutes=a.minutes)
 
 
+def _served_model(a: argparse.Namespace) -> str:
+    """MODEL (a folder) or --model (a folder or a registry reference NAME@REF): exactly one of them."""
+    if (a.model is None) == (a.model_ref is None):
+        raise ConfigError("serve: give the model once, as MODEL (a run or model folder) or --model "
+                          "(a folder or a registry reference such as nano@production)", param="model")
+    return a.model if a.model is not None else a.model_ref
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     from genforge.cli_detect import watermark_from_args
+    from genforge.common.registry import looks_like_ref
     from genforge.serve.adapters import parse_adapter_flags
     from genforge.serve.app_config import load_app_config
     from genforge.serve.options import parse_bytes, resolve_api_keys
@@ -180,13 +223,19 @@ def cmd_serve(a: argparse.Namespace) -> None:
     watermark = watermark_from_args(a)
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
+    model = _served_model(a)
+    if looks_like_ref(model) or a.canary or a.shadow:
+        from genforge.cli_registry import serve_from_registry
+
+        return serve_from_registry(a, model, app_config=app_config, api_keys=keys, watermark=watermark,
+                                   kv_cache_bytes=kv_bytes, adapters=adapters)
     from genforge.data.image_labels import ImageLabelling, VisibleLabel, resolve_key
     from genforge.data.image_watermark import InvisibleMark
 
     image_key = resolve_key(a.image_watermark, a.image_watermark_key_file, dict(os.environ), flag="--image-watermark")
     image_labelling = ImageLabelling(visible=VisibleLabel() if a.image_label else None,
                                      mark=InvisibleMark(image_key) if image_key else None)
-    serve_forever(a.model, host=a.host, port=a.port, served_model_name=a.served_model_name,
+    serve_forever(model, host=a.host, port=a.port, served_model_name=a.served_model_name,
                   max_model_len=a.max_model_len, dtype=a.dtype, max_batch_size=a.max_batch_size,
                   max_queue=a.max_queue, api_keys=keys, decode="eager" if a.enforce_eager else a.decode,
                   request_timeout=a.request_timeout or None, shutdown_timeout=a.shutdown_timeout,
@@ -256,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    tr.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                    help="train on N processes of this machine (torchrun: DDP, or FSDP with train.parallel: "
+                    "fsdp); the recipe's batch_size is the global batch, split over them")
     trace_flag(tr, "data, step, eval and checkpoint")
     tr.set_defaults(func=cmd_train)
 
@@ -286,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_watermark_flags(ge)  # --watermark / --watermark-key-file: the text mark for LMs, the invisible one for images
     ge.add_argument("--visible-label", action="store_true",
                     help="image runs: draw a visible 'AI-generated' label in a corner (>= 5%% of the shortest side)")
+    add_backend_flag(ge)
     ge.set_defaults(func=cmd_generate)
 
     mg = sub.add_parser("merge", help="fold a run's LoRA adapter into its base: a plain Hugging Face folder")
@@ -307,12 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     from genforge.cli_app import add_app_commands
     from genforge.cli_detect import add_detect_commands
     from genforge.cli_eval import add_eval_command
+    from genforge.cli_export import add_export_command
+    from genforge.cli_registry import add_registry_commands, add_serve_registry_flags
     from genforge.cli_runs import add_runs_commands
 
     add_app_commands(sub)
     add_detect_commands(sub)
     add_eval_command(sub)
+    add_export_command(sub)
     add_runs_commands(sub)
+    add_registry_commands(sub)
 
     de = sub.add_parser("demo", help="the main job on built-in data: prepare, train, eval, sample")
     de.add_argument("--out-dir", default="runs")
@@ -324,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_demo)
 
     se = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or HF model folder")
-    se.add_argument("model")
+    se.add_argument("model", nargs="?", default=None, help="a run directory or model folder")
+    se.add_argument("--model", dest="model_ref", default=None, metavar="REF",
+                    help="a folder, or a registry version: NAME@N, NAME@latest, NAME@ALIAS (see `genforge registry`)")
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--served-model-name", default=None)
@@ -397,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
+    add_serve_registry_flags(se)
     add_watermark_flags(se)
     il = se.add_argument_group("image runs: labels on generated images (the AIGC metadata is always written)")
     il.add_argument("--image-label", action="store_true",

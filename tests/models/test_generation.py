@@ -317,7 +317,9 @@ def test_compiled_decode_matches_hf():
     assert logits.shape[0] == 1 and (logits - full_ref[4]).abs().max() < 1e-4
 
 
-def test_moe_falls_back_to_hf_forward_and_matches_generate(tok):
+def test_moe_on_the_hf_fallback_matches_generate(tok):
+    """fast=False: the HF forward, one row at a time, still serves a MoE model (the fast path's
+    own MoE tests are in test_fastdecode_moe.py)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(3)
@@ -325,8 +327,8 @@ def test_moe_falls_back_to_hf_forward_and_matches_generate(tok):
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
         eos_token_id=0)).eval()
-    assert fast_path_unsupported(m) is not None
-    gen = BatchGenerator(m, tok, max_batch_size=2)
+    assert fast_path_unsupported(m) is None
+    gen = BatchGenerator(m, tok, max_batch_size=2, fast=False)
     assert isinstance(gen.runner, HFRunner)
     prompt = tok.encode(CORPUS[0])
     ours = [e.token_id for e in gen.generate(prompt, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))]

@@ -92,7 +92,8 @@ def test_fast_path_property(tok):
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                            num_local_experts=4, num_experts_per_tok=2,
                                            max_position_embeddings=128)).eval()
-    assert not BatchGenerator(moe, tok, max_batch_size=2).fast_path
+    assert BatchGenerator(moe, tok, max_batch_size=2).fast_path  # its MoE blocks run on the batch
+    assert not BatchGenerator(moe, tok, max_batch_size=2, fast=False).fast_path
 
 
 def test_cuda_default_budget_is_the_free_memory(monkeypatch):

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from genforge.common.errors import GenforgeError, RunError
+from genforge.common.errors import ConfigError, GenforgeError, RunError
 from genforge.models.lm import load_lm
 from genforge.models.sampling import SamplingParams
 from genforge.serve.adapters import AdapterRegistry, parse_adapter_flags
@@ -212,3 +212,13 @@ def test_bad_adapters_refused_at_start(setup: dict, tmp_path: Path) -> None:
     with pytest.raises(GenforgeError, match="expected NAME=PATH"):
         parse_adapter_flags(["nameonly"], None)
     assert parse_adapter_flags([], str(root / "adapters")) == {n: root / "adapters" / n for n in sorted(ADAPTERS)}
+
+
+def test_adapters_over_a_moe_base_are_refused_with_the_fix():
+    from genforge.models.fastdecode import LlamaRunner
+    from tests.models.test_fastdecode_moe import mixtral
+
+    model = mixtral()
+    registry = AdapterRegistry({}, model, "base", served_path=None)
+    with pytest.raises(ConfigError, match="mixture-of-experts base.*genforge merge"):
+        registry.attach(LlamaRunner(model, max_len=64), model)

@@ -204,8 +204,11 @@ def to_dict(obj: Any) -> Any:
 
 # Settings of how a run executes, not of what it learns: a `--resume` may change these and no others
 # (the schedule, batch, optimizer, precision and seed must stay, or the resumed run is not the same run).
+# A checkpoint holds full (unsharded) state and the data position is the global step, so a resume may also
+# change how many processes train and how they split the work.
 RESUME_MAY_CHANGE = frozenset({"time_budget", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                               "keep_last", "device", "threads", "compile"})
+                               "keep_last", "device", "threads", "compile", "parallel", "backend",
+                               "activation_checkpointing", "tensor_parallel_size"})
 
 
 # The families whose runs hold an image model; every other family's run holds a causal LM (pre-trained,
@@ -238,10 +241,28 @@ class TrainConfig(Spec):
     keep_last: int = rng(2, min=1)
     ema_decay: float | None = rng(None, min=0, max=1)
     threads: int | None = rng(None, min=1, help="CPU threads; default: all cores")
+    # Several processes (torchrun, or `genforge train --nproc N`); train/distributed.py. batch_size stays
+    # the global batch: each of N processes trains on batch_size / N rows of it.
+    parallel: str = rng("ddp", choices=["none", "ddp", "fsdp"],
+                        help="on several processes: ddp replicates the model, fsdp shards it (FSDP2); "
+                        "none refuses to run on more than one")
+    backend: str = rng("auto", choices=["auto", "gloo", "nccl"], help="auto: nccl on CUDA, gloo on CPU")
+    activation_checkpointing: bool = False
+    tensor_parallel_size: int = rng(1, min=1, help="reserved: only 1 (no tensor parallelism) is implemented")
 
     def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("train: set max_steps or max_tokens (time_budget alone does not size the schedule)")
+        if self.tensor_parallel_size > 1:
+            raise ConfigError(f"train.tensor_parallel_size: {self.tensor_parallel_size} asks for tensor "
+                              "parallelism, which is not implemented yet; set it to 1 (shard a large model "
+                              "over processes with train.parallel: fsdp)")
+        if self.backend == "nccl" and self.device in ("cpu", "mps"):
+            raise ConfigError(f"train.backend: nccl runs on CUDA GPUs only, but train.device is {self.device}; "
+                              "use train.backend: gloo (or auto)")
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ConfigError("train.precision: fp16 is not supported with train.parallel: fsdp (its grad "
+                              "scaler is not shard-aware); use bf16 or fp32")
         for i, b in enumerate(self.betas):
             if not 0 <= b < 1:
                 raise ConfigError(f"train.betas[{i}]: {b} is out of range (must be in [0, 1))")

@@ -1,4 +1,5 @@
-"""The one storage interface for cache entries, document chunks and their vectors.
+"""The one storage interface for cache entries, document chunks and their vectors, and the model
+registry's versions and aliases (common/registry.py owns their meaning; here they are rows).
 
 Two backends: an embedded SQLite file under a state folder (the default, one process or a few on one
 machine) and PostgreSQL + pgvector (several replicas sharing one database). `open_store` picks one
@@ -117,6 +118,27 @@ class Store(ABC):
 
     @abstractmethod
     def cache_count(self) -> int: ...
+
+    # --- model registry (common/registry.py): versions are immutable rows, aliases point at one ---
+    @abstractmethod
+    def registry_add(self, name: str, record: dict) -> int:
+        """Records the next version of `name` (1 for the first) in one transaction; returns its number."""
+
+    @abstractmethod
+    def registry_versions(self, name: str) -> list[dict]:
+        """Every version of `name`, oldest first: its record plus `name`, `version` and `created`."""
+
+    @abstractmethod
+    def registry_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def registry_aliases(self, name: str) -> dict[str, tuple[int, int | None]]:
+        """alias -> (version, the version it pointed at before its last move, or None)."""
+
+    @abstractmethod
+    def registry_move_alias(self, name: str, alias: str, version: int, *, expect: int | None = None) -> bool:
+        """Points `alias` at `version` (remembering where it pointed before); with `expect`, only if it
+        still points at `expect` (False otherwise: another replica moved it meanwhile)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS gf_cache (id bigserial PRIMARY KEY, key text NOT NULL
     last_used double precision NOT NULL);
 CREATE INDEX IF NOT EXISTS gf_cache_key ON gf_cache (key);
 CREATE INDEX IF NOT EXISTS gf_cache_last_used ON gf_cache (last_used);
+CREATE TABLE IF NOT EXISTS gf_models (name text NOT NULL, version integer NOT NULL, record jsonb NOT NULL,
+    created double precision NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS gf_model_aliases (name text NOT NULL, alias text NOT NULL, version integer NOT NULL,
+    previous integer, updated double precision NOT NULL, PRIMARY KEY (name, alias));
 """
 _SCHEMA_LOCK = 0x67660001  # advisory lock id: two processes opening a new database create tables once
 
@@ -452,6 +456,48 @@ class PgStore(Store):
 
     def cache_count(self) -> int:
         return self._tx(lambda c: c.execute("SELECT count(*) FROM gf_cache").fetchone()[0])
+
+    # --- model registry ---
+    def registry_add(self, name: str, record: dict) -> int:
+        text = to_json(record, f"registry record of {name!r}")
+
+        def fn(c: psycopg.Connection) -> int:
+            # one push of a name at a time (replicas, CI jobs): the next number is read and taken atomically
+            c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("gf_model:" + name,))
+            version = c.execute("SELECT coalesce(max(version), 0) + 1 FROM gf_models WHERE name = %s",
+                                (name,)).fetchone()[0]
+            c.execute("INSERT INTO gf_models VALUES (%s, %s, %s::jsonb, %s)", (name, version, text, time.time()))
+            return version
+        return self._tx(fn)
+
+    def registry_versions(self, name: str) -> list[dict]:
+        rows = self._tx(lambda c: c.execute("SELECT version, record, created FROM gf_models WHERE name = %s "
+                                            "ORDER BY version", (name,)).fetchall())
+        return [{**r, "name": name, "version": v, "created": t} for v, r, t in rows]
+
+    def registry_names(self) -> list[str]:
+        return self._tx(lambda c: [r[0] for r in c.execute(
+            'SELECT DISTINCT name COLLATE "C" FROM gf_models ORDER BY 1')])
+
+    def registry_aliases(self, name: str) -> dict[str, tuple[int, int | None]]:
+        rows = self._tx(lambda c: c.execute("SELECT alias, version, previous FROM gf_model_aliases "
+                                            'WHERE name = %s ORDER BY alias COLLATE "C"', (name,)).fetchall())
+        return {a: (v, p) for a, v, p in rows}
+
+    def registry_move_alias(self, name: str, alias: str, version: int, *, expect: int | None = None) -> bool:
+        def fn(c: psycopg.Connection) -> bool:
+            c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"gf_alias:{name}@{alias}",))
+            row = c.execute("SELECT version FROM gf_model_aliases WHERE name = %s AND alias = %s",
+                            (name, alias)).fetchone()
+            current = row[0] if row else None
+            if expect is not None and current != expect:
+                return False
+            if current != version:
+                c.execute("INSERT INTO gf_model_aliases VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name, alias) "
+                          "DO UPDATE SET version = excluded.version, previous = excluded.previous, "
+                          "updated = excluded.updated", (name, alias, version, current, time.time()))
+            return True
+        return self._tx(fn)
 
     def close(self) -> None:
         self._pool.close()

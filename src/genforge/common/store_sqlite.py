@@ -57,6 +57,10 @@ CREATE INDEX IF NOT EXISTS cache_key ON cache(key);
 CREATE INDEX IF NOT EXISTS cache_last_used ON cache(last_used);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('cache_version', 0);
+CREATE TABLE IF NOT EXISTS models (name TEXT NOT NULL, version INTEGER NOT NULL, record TEXT NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS model_aliases (name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
+    previous INTEGER, updated REAL NOT NULL, PRIMARY KEY (name, alias));
 COMMIT;
 """
 
@@ -397,6 +401,41 @@ class SqliteStore(Store):
 
     def cache_count(self) -> int:
         return self._run(lambda c: c.execute("SELECT count(*) FROM cache").fetchone()[0])
+
+    # --- model registry ---
+    def registry_add(self, name: str, record: dict) -> int:
+        text = to_json(record, f"registry record of {name!r}")
+
+        def fn(c: sqlite3.Connection) -> int:  # BEGIN IMMEDIATE: two pushes never read the same max
+            version = c.execute("SELECT coalesce(max(version), 0) + 1 FROM models WHERE name=?", (name,)).fetchone()[0]
+            c.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (name, version, text, time.time()))
+            return version
+        return self._run(fn, write=True)
+
+    def registry_versions(self, name: str) -> list[dict]:
+        rows = self._run(lambda c: c.execute("SELECT version, record, created FROM models WHERE name=? "
+                                             "ORDER BY version", (name,)).fetchall())
+        return [{**json.loads(r), "name": name, "version": v, "created": t} for v, r, t in rows]
+
+    def registry_names(self) -> list[str]:
+        return self._run(lambda c: [r[0] for r in c.execute("SELECT DISTINCT name FROM models ORDER BY name")])
+
+    def registry_aliases(self, name: str) -> dict[str, tuple[int, int | None]]:
+        rows = self._run(lambda c: c.execute("SELECT alias, version, previous FROM model_aliases WHERE name=? "
+                                             "ORDER BY alias", (name,)).fetchall())
+        return {a: (v, p) for a, v, p in rows}
+
+    def registry_move_alias(self, name: str, alias: str, version: int, *, expect: int | None = None) -> bool:
+        def fn(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT version FROM model_aliases WHERE name=? AND alias=?", (name, alias)).fetchone()
+            current = row[0] if row else None
+            if expect is not None and current != expect:
+                return False
+            if current != version:
+                c.execute("INSERT OR REPLACE INTO model_aliases VALUES (?, ?, ?, ?, ?)",
+                          (name, alias, version, current, time.time()))
+            return True
+        return self._run(fn, write=True)
 
     def close(self) -> None:
         with self._lock:

@@ -153,6 +153,13 @@ class PreferenceBatches(ChatBatches):
                  val_fraction: float = 0.1):
         super().__init__(pairs, batch_size, max_length, pad_id, seed, val_fraction, packing=False)
 
+    def shard(self, batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+        """Process `rank` of `world`'s pairs of a batch (several processes train, train/distributed.py):
+        its share of the chosen rows and the same pairs' rejected rows, still chosen first."""
+        n = len(batch["input_ids"]) // 2
+        mine = torch.arange(rank * n // world, (rank + 1) * n // world)
+        return {k: v[torch.cat([mine, mine + n])] for k, v in batch.items()}
+
     def collate(self, units: list[list[EncodedPair]]) -> dict[str, torch.Tensor]:
         pairs = [unit[0] for unit in units]
         return collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], self.pad_id, None)

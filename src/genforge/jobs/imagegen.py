@@ -37,21 +37,30 @@ def labelling_for(watermark: str | None = None, visible_label: bool = False) -> 
 def generate_grid(run: str | Path, *, num_samples: int = 64, class_label: str | int | None = None,
                   guidance: float | None = None, steps: int | None = None, sampler: str = "ddim",
                   seed: int | None = None, out: str | Path | None = None, watermark: str | None = None,
-                  visible_label: bool = False) -> Path:
+                  visible_label: bool = False, backend: str = "torch") -> Path:
     """Sample `num_samples` images from an image run; return the grid's path.
 
     Without `class_label`, a conditional model cycles through its classes (one column per class).
     `seed` defaults to 0 so the same command gives the same images. Every PNG carries the AIGC label;
-    `watermark` (a key) adds the invisible mark, `visible_label` the visible one.
+    `watermark` (a key) adds the invisible mark, `visible_label` the visible one. `backend="onnxruntime"`
+    runs the UNet exported by `genforge export` (RUN/onnx, or `run` is the export folder itself).
     """
     labelling = labelling_for(watermark, visible_label)
-    run_dir = RunDir.open(run)
+    if backend == "onnxruntime":
+        from genforge.models.onnx_runtime import find_export, load_onnx_diffusion
+
+        folder = find_export(run)
+        run_dir = RunDir(run) if RunDir(run).recipe_path.is_file() else None
+    else:
+        run_dir = RunDir.open(run)
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise GenforgeError(f"--num-samples: {num_samples} is out of range (1..{MAX_SAMPLES})", param="n")
+    if out is None and run_dir is None:
+        raise GenforgeError(f"--out is required: {run} is an export folder outside a run", param="out")
     out = Path(out) if out is not None else run_dir.samples_dir / "grid.png"
     if out.suffix.lower() != ".png":
         raise GenforgeError(f"--out: {out} must be a .png file (the grid is written as PNG)", param="out")
-    model = load_image_generator(run_dir.path)
+    model = load_onnx_diffusion(folder) if backend == "onnxruntime" else load_image_generator(run_dir.path)
     labels = model.labels_for(class_label, num_samples)
     seed = 0 if seed is None else int(seed)
     _, n_steps = model.check_request(labels=labels, guidance=guidance, steps=steps, sampler=sampler, n=num_samples)
@@ -64,11 +73,12 @@ def generate_grid(run: str | Path, *, num_samples: int = 64, class_label: str | 
     else:
         images = model.sample(num_samples, labels=labels, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
     return write_images(images, out, settings={
-        "run": str(run_dir.path), "family": model.family, "num_samples": num_samples, "seed": seed,
+        "run": str(run), "family": model.family, "num_samples": num_samples, "seed": seed,
         "class": None if labels is None else sorted({model.class_names[k] for k in labels}),
-        "guidance": guidance, "steps": steps, "sampler": sampler if model.family == "diffusion" else None},
+        "guidance": guidance, "steps": steps, "sampler": sampler if model.family == "diffusion" else None,
+        "backend": backend},
         nrow=model.num_classes if labels is not None and class_label is None else None, labelling=labelling,
-        fields={"model": run_dir.path.name, "run": str(run_dir.path), "family": model.family})
+        fields={"model": Path(run).name, "run": str(run), "family": model.family})
 
 
 def write_images(images: torch.Tensor, out: Path, settings: dict | None = None, nrow: int | None = None,

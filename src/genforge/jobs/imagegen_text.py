@@ -42,11 +42,12 @@ def generate_from_text(run: str | Path, prompt: str, *, negative_prompt: str | N
                        guidance: float | None = None, steps: int | None = None, seed: int | None = None,
                        init_image: str | Path | None = None, strength: float | None = None,
                        mask: str | Path | None = None, out: str | Path | None = None, watermark: str | None = None,
-                       visible_label: bool = False) -> dict:
+                       visible_label: bool = False, backend: str = "torch") -> dict:
     """Text-to-image, image-to-image (`init_image`, `strength`) or inpainting (`init_image` + `mask`);
     returns the paths written and, for inpainting, the VAE round-trip error the copy-back hides.
     Every PNG carries the AIGC label; `watermark` (a key) adds the invisible mark, `visible_label` the
-    visible one."""
+    visible one. `backend="onnxruntime"` runs the UNet exported by `genforge export` (RUN/onnx, or `run` is
+    the export folder itself); the text encoder and VAE stay PyTorch."""
     out = Path(out) if out is not None else _default_out(Path(run))
     if out.suffix.lower() != ".png":
         raise GenforgeError(f"--out: {out} must be a .png file (the grid is written as PNG)", param="out")
@@ -59,7 +60,12 @@ def generate_from_text(run: str | Path, prompt: str, *, negative_prompt: str | N
     steps = t2i.DEFAULT_STEPS if steps is None else int(steps)
     seed = 0 if seed is None else int(seed)
     strength = (1.0 if mask is not None else 0.6) if strength is None else float(strength)
-    pipe = t2i.load_pipeline(run)
+    if backend == "onnxruntime":
+        from genforge.models.onnx_runtime import find_export, load_onnx_text_to_image
+
+        pipe = load_onnx_text_to_image(find_export(run))
+    else:
+        pipe = t2i.load_pipeline(run)
     long_prompt = t2i.read_meta(run).get("text_encoder", {}).get("long_prompt", "truncate")
     used = t2i.check_prompt(pipe, prompt, long_prompt=long_prompt)  # warns once, here
     if negative_prompt is not None:
@@ -89,7 +95,7 @@ def generate_from_text(run: str | Path, prompt: str, *, negative_prompt: str | N
 
     settings = {"run": str(run), "mode": mode, "prompt": prompt, "prompt_used": used,
                 "negative_prompt": negative_prompt, "num_samples": num_samples, "guidance": guidance,
-                "steps": steps, "seed": seed}
+                "steps": steps, "seed": seed, "backend": backend}
     result: dict = {"grid": out, "edit": None}
     if image is not None:
         settings.update(init_image=str(init_image), strength=strength, mask=None if mask is None else str(mask))

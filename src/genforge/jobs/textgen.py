@@ -25,7 +25,7 @@ _FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top
           "seed": "--seed", "prompt": "--prompt"}
 
 
-def _flag_error(e: GenforgeError) -> GenforgeError:
+def flag_error(e: GenforgeError) -> GenforgeError:
     flag = _FLAGS.get(e.param or "", e.param)
     msg = e.message.split(": ", 1)[1] if e.param and e.message.startswith(f"{e.param}: ") else e.message
     return GenforgeError(f"{flag}: {msg}", param=flag)
@@ -45,7 +45,7 @@ def build_params(*, max_new_tokens: int, temperature: float, top_k: int | None, 
     try:
         params.validate()
     except GenforgeError as e:
-        raise _flag_error(e) from None
+        raise flag_error(e) from None
     return params
 
 
@@ -75,7 +75,7 @@ def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, te
     try:
         params.validate(engine.max_model_len, len(prompt_ids))
     except GenforgeError as e:
-        raise _flag_error(e) from None
+        raise flag_error(e) from None
     texts: list[str] = []
     t0 = time.perf_counter()
     engine.start()
@@ -104,8 +104,8 @@ def generate_to_terminal(run: str, prompt: str, *, max_new_tokens: int = 128, te
         engine.shutdown(drain=False)
     dt = time.perf_counter() - t0
     tokens = sum(s.completion_tokens for s in streams)
-    print(f"[{tokens} tokens in {dt:.2f} s, {tokens / max(dt, 1e-9):.0f} tok/s, "
-          f"{'fast path' if engine.fast_path else 'HF forward'}; finish: "
+    path = "fast path" if engine.fast_path else "batched HF forward" if engine.gen.batched else "HF forward"
+    print(f"[{tokens} tokens in {dt:.2f} s, {tokens / max(dt, 1e-9):.0f} tok/s, {path}; finish: "
           f"{', '.join(s.finish_reason or '?' for s in streams)}"
           f"{f'; watermarked ({watermark.header()})' if watermark is not None else ''}]", file=sys.stderr)
     return texts

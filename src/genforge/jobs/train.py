@@ -15,6 +15,7 @@ from genforge.common.config import Recipe, load_recipe, to_dict
 from genforge.common.errors import ConfigError, DataError, RunError
 from genforge.common.progress import console
 from genforge.common.runs import RunDir, environment_info, update_report
+from genforge.train import distributed
 from genforge.train.checkpoint import check_same_model, read_meta, resume_point
 from genforge.train.loop import TrainResult, pick_device, pick_dtype, train
 from genforge.train.objective import DataSource, Objective
@@ -25,6 +26,7 @@ class TrainOutcome:
     run: RunDir
     recipe: Recipe
     result: TrainResult
+    main: bool = True  # False in the processes other than rank 0 of a torchrun launch, which print nothing
 
     def summary(self) -> str:
         r = self.result
@@ -76,12 +78,27 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, resume: boo
     return run_loaded_recipe(recipe, resume=resume)
 
 
-def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
-    cfg = recipe.train
+def check_fresh(recipe: Recipe, resume: bool) -> RunDir:
+    """The run's directory; refuses to start a run over an existing one's checkpoints."""
     run = RunDir(recipe.run_dir)
     if not resume and run.checkpoints():
         raise RunError(f"run {run.path} already exists; continue it with --resume, "
                        f"or train under another name (--set name=...)")
+    return run
+
+
+def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
+    ranks = distributed.setup(recipe)  # under torchrun: join its process group (a no-op on one process)
+    try:
+        return _run(recipe, resume, ranks)
+    finally:
+        if ranks.world > 1:
+            distributed.teardown()
+
+
+def _run(recipe: Recipe, resume: bool, ranks: distributed.Ranks) -> TrainOutcome:
+    cfg = recipe.train
+    run = check_fresh(recipe, resume)
     dataset = _dataset_identity(recipe)
     saved = None
     if resume:
@@ -94,22 +111,28 @@ def run_loaded_recipe(recipe: Recipe, resume: bool = False) -> TrainOutcome:
                            f"(content hash differs); use a new run name")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = distributed.local_device(pick_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # the same on every rank: FSDP shards, and DDP checks, identical initial weights
     objective, data = build_family(recipe, device)
+    distributed.seed_rank(cfg.seed, ranks)  # ... then each rank its own random stream
     if saved is not None:  # ... or a changed model: refused before this segment's recipe is written
         check_same_model(saved["signature"], objective.signature(), run)
         _check_same_sections(run, recipe)
-    run.create()
-    run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device)},
-                     resumed_from=saved["step"] if saved is not None else None)
-    console.print(f"training [bold]{recipe.name}[/] ({recipe.family}) on {device}, "
+    processes = {"processes": ranks.world, "parallel": ranks.parallel} if ranks.world > 1 else {}
+    if ranks.main:
+        run.create()
+        run.write_recipe(to_dict(recipe), {"dataset": dataset, "device": str(device), **processes},
+                         resumed_from=saved["step"] if saved is not None else None)
+    on = f"{ranks.world} processes ({ranks.parallel}, {distributed.backend_for(cfg)})" if ranks.world > 1 else device
+    console.print(f"training [bold]{recipe.name}[/] ({recipe.family}) on {on}, "
                   f"precision {str(pick_dtype(cfg.precision, device)).replace('torch.', '')}")
-    result = train(objective, data, cfg, run, device=device, resume=resume)
-    update_report(run, "header", _header(recipe, dataset))
-    update_report(run, "training", _training_section(recipe, objective, result, device, run))
-    tracking.log_artifacts(run)  # report and plots to MLflow, when the run logs there
-    return TrainOutcome(run=run, recipe=recipe, result=result)
+    result = train(objective, data, cfg, run, device=device, resume=resume,
+                   rebuild=lambda: build_family(recipe, torch.device("cpu"))[0])
+    if ranks.main:
+        update_report(run, "header", _header(recipe, dataset))
+        update_report(run, "training", _training_section(recipe, objective, result, device, run, ranks))
+        tracking.log_artifacts(run)  # report and plots to MLflow, when the run logs there
+    return TrainOutcome(run=run, recipe=recipe, result=result, main=ranks.main)
 
 
 def _flat(tree: object, prefix: str) -> dict[str, object]:
@@ -145,10 +168,13 @@ def _header(recipe: Recipe, dataset: dict) -> str:
 
 
 def _training_section(recipe: Recipe, objective: Objective, result: TrainResult, device: torch.device,
-                      run: RunDir) -> str:
+                      run: RunDir, ranks: distributed.Ranks) -> str:
     desc = objective.describe()
     rows = [("steps", f"{result.steps}" + (" (stopped by time budget)" if result.stopped_early else "")),
             ("wall time", f"{result.wall_time:.1f} s"), ("device", str(device))]
+    if ranks.world > 1:
+        rows.append(("processes", f"{ranks.world} ({ranks.parallel}; global batch {recipe.train.batch_size}, "
+                                  f"{recipe.train.batch_size // ranks.world} per process)"))
     if result.tokens:
         rows.append(("tokens seen", f"{result.tokens:,}"))
         rows.append(("throughput", f"{result.tokens / max(result.wall_time, 1e-9):,.0f} tokens/s"))

@@ -168,7 +168,7 @@ class DiffusionModel(ClassNamesMixin):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.unet.device  # diffusers' ModelMixin.device, or an onnxruntime UNet's (models/onnx_runtime.py)
 
     def check_request(self, *, labels: list[int] | None, guidance: float | None, steps: int | None,
                       sampler: str, n: int = 1) -> tuple[float, int]:

@@ -13,15 +13,22 @@ Prefill and decode run the same transformer code (`_Core`, with a query-length a
 a chunk, or L = 1); only the decode step is torch.compiled.
 
 `LlamaRunner` is the fast path: it runs the weights of a Llama-style transformers model (Llama,
-Mistral, Qwen2 without sliding window) directly, with fused qkv and gate/up matmuls, RoPE applied
-to q and k in one go, a preallocated cache and one `scaled_dot_product_attention` per layer with a
-per-row length mask. The model's q/k/v and gate/up weights become views into the fused tensors, so
-the weights are in memory once. On a 2-core CPU the HF forward spends most of a small model's step in Python
-and tiny kernels (mask construction, cache bookkeeping, rotary per layer); this path issues about
-15 kernels per layer. It must give the HF model's logits (tests check max |diff| < 1e-4 in fp32).
+Mistral, Qwen2 without sliding window; Mixtral and Qwen2-MoE, see below) directly, with fused qkv
+and gate/up matmuls, RoPE applied to q and k in one go, a preallocated cache and one
+`scaled_dot_product_attention` per layer with a per-row length mask. The model's q/k/v and gate/up
+weights become views into the fused tensors, so the weights are in memory once. On a 2-core CPU the
+HF forward spends most of a small model's step in Python and tiny kernels (mask construction, cache
+bookkeeping, rotary per layer); this path issues about 15 kernels per layer. It must give the HF
+model's logits (tests check max |diff| < 1e-4 in fp32).
 
-`HFRunner` is the fallback for everything else (MoE, state-space, custom attention): the model's
-own forward with one transformers `DynamicCache` per row. Correct for any causal LM; slow.
+Mixture of experts (Mixtral, Qwen2-MoE): attention runs as above; a layer whose MLP is a sparse
+MoE block runs that block itself, the model's own module (router, top-k, experts, and a shared
+expert where the model has one), on all the batch's tokens at once. The experts' dispatch is
+data-dependent, so such a model's step is not torch.compiled (eager, prepacked attention).
+
+`StateSpaceRunner` (models/ssmrunner.py) batches Mamba2: its per-row state replaces the KV cache.
+`HFRunner` is the fallback for everything else (Mamba, custom attention): the model's own forward
+with one transformers `DynamicCache` per row. Correct for any causal LM; slow.
 
 `torch.compile` of the decode step (weights not frozen, so held once): see LlamaRunner._compile.
 `prepack=True` (CPU) keeps the weights only in oneDNN's prepacked layout for prefill and decode:
@@ -39,10 +46,12 @@ import torch.nn.functional as F
 from genforge.models.hfrunner import HFRunner
 from genforge.models.kvcache import KVCache
 from genforge.models.multilora import MultiLora
+from genforge.models.ssmrunner import StateSpaceRunner, batches_state_space
 
-__all__ = ["LlamaRunner", "HFRunner", "make_runner", "fast_path_unsupported", "compile_cache_dir"]
+__all__ = ["LlamaRunner", "HFRunner", "StateSpaceRunner", "make_runner", "fast_path_unsupported",
+           "compile_cache_dir"]
 
-_FAST_TYPES = ("llama", "mistral", "qwen2")
+_FAST_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies do not change with length
 
 
@@ -63,14 +72,28 @@ def fast_path_unsupported(model: torch.nn.Module, max_len: int | None = None) ->
     layer = inner.layers[0]
     if not all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "attention without q/k/v/o projections"
-    if not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        return "MLP is not gated (e.g. mixture of experts)"
+    if not all(_is_gated_mlp(lay.mlp) or _is_moe_block(lay.mlp) for lay in inner.layers):
+        return "MLP is neither gated nor a sparse mixture-of-experts block"
     if hasattr(layer.self_attn, "q_norm"):
         return "per-head q/k norms"
     linear = layer.self_attn.q_proj
     if not isinstance(linear, torch.nn.Linear) or type(linear.weight.data) is not torch.Tensor:
         return "quantized weights (models/quantize.py): the model's own quantized linears run them"
     return None
+
+
+def _is_gated_mlp(mlp: torch.nn.Module) -> bool:
+    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _is_moe_block(mlp: torch.nn.Module) -> bool:
+    """A transformers sparse MoE block: a router (`gate`) and the experts, called on [n, L, hidden]."""
+    return hasattr(mlp, "gate") and hasattr(mlp, "experts")
+
+
+def _run_moe(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    out = block(h)
+    return out[0] if isinstance(out, tuple) else out  # some blocks also return their router logits
 
 
 @torch.no_grad()
@@ -124,6 +147,7 @@ class _Core(torch.nn.Module):
         self.hidden, self.eps, self.act = runner.hidden, runner.eps, runner.act
         self.layers = torch.nn.ModuleList(_Weights(dict(zip(_NAMES, w))) for w in runner.layers)
         self.final = _Weights({"norm": runner.norm_w, "lm_head": runner.lm_head})
+        self.moe = runner.moe  # per layer: the model's own sparse MoE block, or None (a gated MLP)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 write_rows: torch.Tensor, write_pos: torch.Tensor, keep: torch.Tensor | None,
@@ -156,7 +180,11 @@ class _Core(torch.nn.Module):
             else:
                 att = att.view(n, Hkv, rep, L, D).permute(0, 3, 1, 2, 4).reshape(n, L, H * D)
             x = x + proj(i, "o", att, w.wo, w.bo)
-            gate, up = proj(i, "gu", F.rms_norm(x, (self.hidden,), w.w_post, self.eps), w.wgu, w.bgu).chunk(2, -1)
+            h = F.rms_norm(x, (self.hidden,), w.w_post, self.eps)
+            if self.moe[i] is not None:
+                x = x + _run_moe(self.moe[i], h)
+                continue
+            gate, up = proj(i, "gu", h, w.wgu, w.bgu).chunk(2, -1)
             x = x + proj(i, "d", self.act(gate) * up, w.wd, w.bd)
         last = F.rms_norm(x[:, -1], (self.hidden,), self.final.norm, self.eps)
         return _linear(last, self.final.lm_head, None)
@@ -255,20 +283,24 @@ class LlamaRunner:
         self.norm_w = inner.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()
         self.layers = []
+        self.moe: list[torch.nn.Module | None] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
+            gated = _is_gated_mlp(m)
+            self.moe.append(None if gated else m)
             self.layers.append((
                 layer.input_layernorm.weight.detach(),
                 *_fuse([a.q_proj, a.k_proj, a.v_proj]),
                 *_fuse([a.o_proj]),
                 layer.post_attention_layernorm.weight.detach(),
-                *_fuse([m.gate_proj, m.up_proj]),
-                *_fuse([m.down_proj]),
+                *(_fuse([m.gate_proj, m.up_proj]) if gated else (None, None)),
+                *(_fuse([m.down_proj]) if gated else (None, None)),
             ))
         self.prepacked = prepack
         if prepack:
             self._take_and_prepack(model, slots)
-        self.act = F.silu if cfg.hidden_act == "silu" else inner.layers[0].mlp.act_fn
+        gated_mlps = [lay.mlp for lay in inner.layers if _is_gated_mlp(lay.mlp)]  # a MoE block brings its own
+        self.act = F.silu if cfg.hidden_act == "silu" or not gated_mlps else gated_mlps[0].act_fn
         # RoPE tables for every position, read from the model's own rotary module so scaled
         # variants (llama3, linear, yarn) come out exactly as HF computes them.
         rot = inner.rotary_emb
@@ -293,6 +325,12 @@ class LlamaRunner:
         self.freeze = freeze  # see _compile: faster fp32 step, a second copy of the weights
         if compile not in (False, True, "background"):
             raise ValueError(f"compile: expected False, True or 'background', got {compile!r}")
+        if compile and any(b is not None for b in self.moe):
+            import warnings
+
+            warnings.warn("torch.compile of the decode step: not for mixture-of-experts layers (their expert "
+                          "dispatch is data-dependent); running eager", stacklevel=2)
+            compile = False
         if compile:
             self._compile(background=compile == "background")
 
@@ -300,15 +338,17 @@ class LlamaRunner:
     def _take_and_prepack(self, model: torch.nn.Module, rows: int) -> None:
         """Prepack the fused matrices (and an untied lm_head); release the model's originals."""
         matrices = (1, 3, 6, 8)  # wqkv, wo, wgu, wd in a layer's tuple (see _NAMES)
-        self.layers = [tuple(_prepack(t, rows) if i in matrices else t for i, t in enumerate(layer))
-                       for layer in self.layers]
+        self.layers = [tuple(_prepack(t, rows) if i in matrices and t is not None else t  # None: a MoE layer
+                             for i, t in enumerate(layer)) for layer in self.layers]
         tied = self.lm_head.untyped_storage().data_ptr() == self.embed.untyped_storage().data_ptr()
         if not tied:  # a tied lm_head is the embedding table, which the prefill still reads
             self.lm_head = _prepack(self.lm_head, rows)
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            # a MoE block keeps its own weights
+            mlp = (m.gate_proj, m.up_proj, m.down_proj) if _is_gated_mlp(m) else ()
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, *mlp):
                 lin.weight.data = empty  # biases stay: views of the fused biases the runner keeps
         if not tied:
             model.lm_head.weight.data = empty
@@ -501,6 +541,8 @@ def make_runner(model: torch.nn.Module, *, max_len: int, slots: int = 4, fast: b
                 freeze: bool = False, prepack: bool = False) -> LlamaRunner | HFRunner:
     """The fast path where it covers the model (or `fast=True` insists), else the HF fallback.
     `prepack` (CPU with oneDNN, fast path only; see LlamaRunner) takes the model's weights."""
+    if fast is None and batches_state_space(model):
+        return StateSpaceRunner(model, max_len=max_len, slots=slots, max_slots=max_slots)
     if fast is None:
         fast = fast_path_unsupported(model, max_len) is None
     if fast:

@@ -26,9 +26,9 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from genforge.common.errors import ConfigError, GenforgeError
-from genforge.models.fastdecode import HFRunner, LlamaRunner, make_runner
+from genforge.models.fastdecode import HFRunner, LlamaRunner, StateSpaceRunner, make_runner
 from genforge.models.kvcache import device_kv_budget, fit_kv_budget, kv_bytes_per_position
-from genforge.models.lm import context_length
+from genforge.models.lm import context_length, is_state_space
 from genforge.models.sampling import BatchSampler, RowSampler, SamplingParams
 
 __all__ = ["SamplingParams", "TokenEvent", "Sequence", "BatchGenerator", "generate", "generate_many",
@@ -212,17 +212,23 @@ class BatchGenerator:
         self.max_model_len = context_length(model, max_model_len)
         self.device = next(model.parameters()).device
         cfg = model.config.get_text_config()
-        heads = cfg.num_attention_heads
-        per_position = kv_bytes_per_position(
-            cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads,
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, next(model.parameters()).dtype)
-        source = None
-        if kv_cache_bytes is None and (kv_cache_bytes := device_kv_budget(self.device)) is not None:
-            source = f"the KV cache budget (90% of the {self.device} device's free memory, {kv_cache_bytes} bytes)"
-        self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len, kv_cache_bytes,
-                                            source=source)
+        if is_state_space(cfg):
+            # no KV cache: a row's state is a few hundred KiB at any length; the batch is not trimmed
+            kv_cache_bytes = None
+            self.max_batch_size = max_batch_size
+        else:
+            heads = cfg.num_attention_heads
+            per_position = kv_bytes_per_position(
+                cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads,
+                getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, next(model.parameters()).dtype)
+            source = None
+            if kv_cache_bytes is None and (kv_cache_bytes := device_kv_budget(self.device)) is not None:
+                source = (f"the KV cache budget (90% of the {self.device} device's free memory, "
+                          f"{kv_cache_bytes} bytes)")
+            self.max_batch_size = fit_kv_budget(per_position, max_batch_size, self.max_model_len,
+                                                kv_cache_bytes, source=source)
         self.max_prefill_tokens = max_prefill_tokens
-        self.runner: LlamaRunner | HFRunner = make_runner(
+        self.runner: LlamaRunner | StateSpaceRunner | HFRunner = make_runner(
             model, max_len=self.max_model_len, slots=min(self.max_batch_size, 8), fast=fast, compile=compile,
             max_slots=self.max_batch_size if kv_cache_bytes is not None else None, prepack=prepack,
             freeze=freeze)
@@ -235,8 +241,14 @@ class BatchGenerator:
 
     @property
     def fast_path(self) -> bool:
-        """Whether the Llama fast path runs this model (False: the HF forward, one row at a time)."""
+        """Whether the Llama fast path runs this model (dense or MoE; False: the HF forward)."""
         return self.runner.fast_path
+
+    @property
+    def batched(self) -> bool:
+        """Whether a decode step runs all rows at once (the fast path, or Mamba2's StateSpaceRunner);
+        False: HFRunner, one forward per row."""
+        return self.runner.fast_path or getattr(self.runner, "batched", False)
 
     @property
     def rows(self) -> list[Sequence]:

@@ -1,12 +1,20 @@
-"""The fallback runner for any causal LM (MoE, state-space, custom attention): the model's own
-forward with one transformers `DynamicCache` per row, one row at a time. Correct for any causal LM;
-slow. Same interface as `fastdecode.LlamaRunner` (extend / prefill / decode / move / swap / release).
+"""The fallback runner for any causal LM (custom attention, Mamba): the model's own forward with
+one transformers `DynamicCache` per row, one row at a time. Correct for any causal LM; slow. Same
+interface as `fastdecode.LlamaRunner` (extend / prefill / decode / move / swap / release).
+
+`DynamicCache(config=...)` builds the right layers for the model: key/value layers for attention,
+LinearAttentionLayer (convolution + recurrent state) for Mamba/Mamba2, whose transformers 5 classes
+keep their state in it (the separate MambaCache class of transformers 4 is gone). Those models take
+it as `cache_params`, not `past_key_values`: passed under the wrong name, it is silently ignored and
+every step would see only its own token.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+from genforge.models.lm import is_state_space
 
 
 class HFRunner:
@@ -20,13 +28,20 @@ class HFRunner:
         self.vocab_size = model.config.get_text_config().vocab_size
         self.device = next(model.parameters()).device
         self.caches: dict[int, DynamicCache] = {}
+        self.cache_arg = "cache_params" if is_state_space(model.config) else "past_key_values"
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
+        if start and len(ids) > 1 and self.model.config.model_type == "mamba":
+            # Mamba's reference selective scan starts from a zero state, not the cached one: a
+            # prompt continued in chunks goes in one token at a time (the recurrent step reads it)
+            for i, t in enumerate(ids[:-1]):
+                self._forward([t], cache, start + i)
+            return self._forward(ids[-1:], cache, start + len(ids) - 1)
         inp = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)[None]
-        out = self.model(input_ids=inp, position_ids=pos, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: cache})
         return out.logits[0, -1].float()
 
     def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:

@@ -273,8 +273,9 @@ def model_folder(path: str | Path) -> Path:
     return path / "model" if (path / "model" / "model_index.json").is_file() else path
 
 
-def load_text_to_image(folder: str | Path, device: str | torch.device = "cpu"):
-    """A StableDiffusionPipeline (eval mode, on `device`) from a latent-diffusion run or model folder."""
+def load_text_to_image(folder: str | Path, device: str | torch.device = "cpu", unet=None):
+    """A StableDiffusionPipeline (eval mode, on `device`) from a latent-diffusion run or model folder;
+    `unet` replaces the folder's (an onnxruntime one, models/onnx_runtime.py)."""
     from diffusers import StableDiffusionPipeline
 
     path = model_folder(folder)
@@ -285,7 +286,11 @@ def load_text_to_image(folder: str | Path, device: str | torch.device = "cpu"):
     if json.loads(index.read_text(encoding="utf-8")).get("_class_name") != "StableDiffusionPipeline":
         raise ConfigError(f"{folder}: model_index.json is not a StableDiffusionPipeline's; text-to-image "
                           "needs one (unet, vae, text_encoder, tokenizer, scheduler)")
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True).to(device)
+    # diffusers' loader type-checks a passed UNet against ModelMixin, so another one is set after loading
+    extra = {"unet": None} if unet is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **extra).to(device)
+    if unet is not None:
+        pipe.unet = unet
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.eval()
     pipe.set_progress_bar_config(disable=True)

@@ -61,11 +61,11 @@ def is_text_to_image(path: str | Path) -> bool:
     return read_meta(path).get("family") == FAMILY
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> Any:
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", unet: Any = None) -> Any:
     """The StableDiffusionPipeline of a latent-diffusion run or model folder (models/latent_diffusion.py
-    loads it), in eval mode, without progress bars or the loaders' notes."""
+    loads it), in eval mode, without progress bars or the loaders' notes; `unet` replaces the folder's."""
     with _quiet():
-        pipe = load_text_to_image(model_folder(path), device=device)
+        pipe = load_text_to_image(model_folder(path), device=device, unet=unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -131,6 +131,10 @@ class AdapterRegistry:
             raise ConfigError("adapters are served on the Llama-style fast path only; this base runs on the "
                               "generic path (merge each adapter with `genforge merge` and serve those instead)",
                               param="adapter")
+        if any(block is not None for block in getattr(runner, "moe", ())):
+            raise ConfigError("adapters are not served per row over a mixture-of-experts base (its MoE "
+                              "layers run the model's own expert block); merge each adapter with `genforge "
+                              "merge` and serve those instead", param="adapter")
         self.lora = MultiLora(model, list(self.infos.values()), self.max_loaded, dtype=runner.dtype,
                               device=runner.device)
         runner.lora = self.lora

@@ -133,6 +133,8 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, _range("presence_penalty")] = 0.0
     frequency_penalty: Annotated[float, _range("frequency_penalty")] = 0.0
+    # OpenAI's end-user id; registry serving keeps each user on one version (serve/versions.py)
+    user: str | None = None
     # genforge / vLLM extensions
     top_k: Annotated[int, _range("top_k")] | None = None  # -1 or 0: no top-k cut
     repetition_penalty: Annotated[float, _range("repetition_penalty")] | None = None

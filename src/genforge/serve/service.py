@@ -144,6 +144,7 @@ class LMService:
         runner = self.engine.gen.runner
         param = next(self.engine.model.parameters(), None)
         return {"decode": self.decode, "fast_path": self.engine.gen.fast_path,
+                "batched": self.engine.gen.batched, "runner": type(runner).__name__,
                 "prepacked": bool(getattr(runner, "prepacked", False)),
                 "compiled": bool(getattr(runner, "compiled", False)),
                 "dtype": str(getattr(runner, "dtype", None) or (param.dtype if param is not None else None)),

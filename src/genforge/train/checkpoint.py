@@ -1,6 +1,7 @@
 """Checkpoints that cannot run code, and the checks that make a resume exact.
 
-    checkpoints/step-N/ state.pt    tensors only: modules, optimizers, EMA, grad scaler, torch RNG;
+    checkpoints/step-N/ state.pt    tensors only: modules, optimizers, EMA, grad scaler, torch RNG (of
+                                    every rank, when several processes trained: train/distributed.py);
                                     read with torch.load(weights_only=True), so a checkpoint from
                                     elsewhere is data, never code
                         meta.json   step, model signature, the training recipe, best val loss,
@@ -65,13 +66,18 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
         torch.cuda.set_rng_state_all([t.cpu() for t in tensors["cuda"]])
 
 
-def save(run: RunDir, name: str, tensors: dict, meta: dict) -> None:
-    rng_tensors, rng_plain = rng_state()
+def save(run: RunDir, name: str, tensors: dict, meta: dict, rngs: list[tuple[dict, dict]] | None = None) -> None:
+    """`rngs`: every rank's `rng_state()` when several processes train (rank 0's is kept as "rng", the
+    others' as "rng_ranks"); this process's own by default."""
+    (rng_tensors, rng_plain), *others = rngs or [rng_state()]
     with atomic_dir(run.checkpoints_dir / name) as tmp:
-        torch.save({**tensors, "rng": rng_tensors}, tmp / STATE_FILE)
+        extra = {"rng_ranks": [t for t, _ in others]} if others else {}
+        torch.save({**tensors, "rng": rng_tensors, **extra}, tmp / STATE_FILE)
         best = meta.get("best_val_loss")
         meta = {"format": FORMAT, **meta, "rng": rng_plain,
                 "best_val_loss": None if best is None or math.isinf(best) else best}
+        if others:
+            meta["rng_ranks"] = [p for _, p in others]
         atomic_write_text(tmp / META_FILE, json.dumps(_plain(meta), indent=1) + "\n")
 
 

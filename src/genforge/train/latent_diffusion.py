@@ -232,6 +232,13 @@ class LatentDiffusionObjective(SingleLoss):
         # fixed noise, timesteps and captions: val_loss moves only when the model does
         return {"loss": float(self._loss(batch, torch.Generator().manual_seed(0)))}
 
+    def parallel_modules(self) -> dict[str, torch.nn.Module]:
+        if self.learned is not None:
+            raise ConfigError("train: latent-diffusion's learned caption tokens train outside the UNet's forward, "
+                              "which DDP, FSDP and activation checkpointing work through; train this recipe on "
+                              "one process, without train.activation_checkpointing")
+        return {"unet": self.unet}
+
     def signature(self) -> dict:
         vae = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
         return {**to_dict(self.spec), "vae_config": json.loads(json.dumps(vae))}

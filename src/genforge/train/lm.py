@@ -56,7 +56,10 @@ class LMObjective(SingleLoss):
         keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size", "max_position_embeddings", "num_local_experts",
                 "tie_word_embeddings")
-        return {k: getattr(c, k, None) for k in keys}
+        signature = {k: getattr(c, k, None) for k in keys}
+        if getattr(c, "state_size", None) is not None:  # state-space only: other runs' signatures stay as saved
+            signature["state_size"] = c.state_size
+        return signature
 
     def export(self, model_dir: Path) -> None:
         save_lm(self.model, self.tokenizer, model_dir)

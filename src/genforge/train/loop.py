@@ -7,7 +7,9 @@ metrics.jsonl (mirrored to TensorBoard and MLflow by common/tracking.py) and los
 checkpoints (common/tracing.py; no-ops otherwise). Every step is traced: a span costs microseconds
 against a step's milliseconds, and the exporter's batch queue bounds memory on long runs (it drops
 spans rather than grow). A family owns its objective (see objective.py); checkpoint files are
-checkpoint.py's, optimizer stepping and EMA optim.py's.
+checkpoint.py's, optimizer stepping and EMA optim.py's. On several processes (torchrun) the same
+loop runs in each; the few lines that differ call train/distributed.py (wrap the modules, shard the
+data, average what is logged, gather what is checkpointed, write files on rank 0 only).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +28,7 @@ from genforge.common.progress import console, plot_curves, progress_bar
 from genforge.common.runs import RunDir, atomic_dir
 from genforge.common.tracing import span
 from genforge.common.tracking import TrackedMetrics
-from genforge.train import checkpoint
+from genforge.train import checkpoint, distributed
 from genforge.train.objective import DataSource, MultiStep, Objective, SingleLoss
 from genforge.train.optim import EMA, Stepper, maybe
 
@@ -89,10 +92,11 @@ class TrainResult:
 
 
 def train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir, *,
-          device: torch.device, resume: bool = False) -> TrainResult:
-    """Train `objective` on `data` into `run`; with `resume`, continue from its latest checkpoint."""
+          device: torch.device, resume: bool = False, rebuild: Callable[[], Objective] | None = None) -> TrainResult:
+    """Train `objective` on `data` into `run`; with `resume`, continue from its latest checkpoint.
+    `rebuild` makes a fresh one-process objective: with FSDP, model/ is exported from one."""
     with _denormals_flushed(device.type == "cpu"), span("train", {"genforge.run": run.path.name}):
-        return _train(objective, data, cfg, run, device=device, resume=resume)
+        return _train(objective, data, cfg, run, device=device, resume=resume, rebuild=rebuild)
 
 
 @contextlib.contextmanager
@@ -110,33 +114,43 @@ def _denormals_flushed(on: bool):
 
 
 def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir, *,
-           device: torch.device, resume: bool) -> TrainResult:
+           device: torch.device, resume: bool, rebuild: Callable[[], Objective] | None) -> TrainResult:
+    ranks = distributed.current(cfg)  # rank 0 of 1 unless torchrun started several processes
+    distributed.prepare(objective, cfg, ranks, device)  # activation checkpointing; DDP or FSDP2 in place
+    if ranks.world > 1:
+        data = distributed.RankShard(data, ranks)  # this rank's rows of each global batch
     steps = total_steps(cfg, data)
     stepper = Stepper(objective.optimizers(cfg), cfg, device, pick_dtype(cfg.precision, device))
     ema = EMA(objective.modules, cfg.ema_decay) if cfg.ema_decay else None
-    metrics = TrackedMetrics(run)  # metrics.jsonl, TensorBoard (runs/<name>/tb/) and MLflow when configured
-    checkpoint.remove_stale_temps(run)
+    # metrics.jsonl, TensorBoard (runs/<name>/tb/) and MLflow when configured; written by rank 0 alone
+    metrics = TrackedMetrics(run) if ranks.main else None
+    if ranks.main:
+        checkpoint.remove_stale_temps(run)
     start, best, elapsed_before, tokens = 0, math.inf, 0.0, 0
     if resume:
         start, best, elapsed_before, tokens = _restore(checkpoint.resume_point(run, cfg), objective, stepper,
-                                                       ema, run, device)
-        metrics.truncate_after(start)
+                                                       ema, run, device, ranks, cfg.seed)
+        if metrics:
+            metrics.truncate_after(start)
         console.print(f"resuming {run.path} from step {start}")
-    else:
+    elif metrics:
         metrics.reset()  # a fresh run starts fresh logs
 
     def evaluate() -> dict:
         for m in objective.modules.values():
             m.eval()
         sums: dict[str, float] = {}
-        n = 0
+        n = 0.0
         with torch.no_grad(), stepper.autocast(), maybe(ema and ema.swapped_in(objective.modules)):
-            for batch in data.val_batches(cfg.eval_batches):
+            # each rank evaluates its share of the batches; the sums are added up over ranks
+            for batch, weight in distributed.my_share(list(data.val_batches(cfg.eval_batches)), ranks):
                 for k, v in objective.eval_step(to_device(batch, device)).items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n += 1
+                    sums[k] = sums.get(k, 0.0) + weight * float(v)
+                n += weight
         for m in objective.modules.values():
             m.train()
+        sums = distributed.sum_over_ranks({**sums, "_n": n}, ranks)
+        n = sums.pop("_n")
         return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
 
     for m in objective.modules.values():
@@ -175,51 +189,58 @@ def _train(objective: Objective, data: DataSource, cfg: TrainConfig, run: RunDir
             tok_count += tokens_per_step
 
             elapsed = elapsed_before + time.perf_counter() - t0
-            timed_out = cfg.time_budget is not None and elapsed >= cfg.time_budget
+            timed_out = cfg.time_budget is not None and distributed.any_rank(elapsed >= cfg.time_budget, ranks)
             last = done == steps or timed_out
             if _due(done, cfg.log_every, last):
                 now = time.perf_counter()
                 tps = tok_count / max(now - tok_t0, 1e-9)
                 tok_t0, tok_count = now, 0
-                row = {"step": done, "lr": lr, **row, "elapsed": elapsed}
+                row = {"step": done, "lr": lr, **distributed.mean_over_ranks(row, ranks), "elapsed": elapsed}
                 if data.tokens_per_batch:
                     row["tokens_per_s"] = tps
-                metrics.log(row)
+                if metrics:
+                    metrics.log(row)
                 info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "loss_g", "loss_d") if k in row)
                 bar.update(task, info=info + (f" tok/s={tps:,.0f}" if data.tokens_per_batch else ""))
             is_best = False
             if _due(done, cfg.eval_every, last):
                 with span("eval", {"genforge.step": done}):
                     last_val = evaluate()
-                metrics.log({"step": done, **last_val})
+                if metrics:
+                    metrics.log({"step": done, **last_val})
                 bar.console.print(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
                 is_best = last_val.get("val_loss", math.inf) < best
                 best = min(best, last_val.get("val_loss", math.inf))
             periodic = _due(done, cfg.checkpoint_every, last)
             if periodic or is_best:
-                tensors = {"modules": {n: m.state_dict() for n, m in objective.modules.items()},
-                           "optimizers": [o.state_dict() for o in stepper.optimizers],
-                           "ema": ema.shadow if ema else None,
-                           "scaler": stepper.scaler.state_dict() if stepper.scaler else None}
-                meta = {"step": done, "signature": objective.signature(), "train": checkpoint.training_recipe(cfg),
-                        "best_val_loss": best, "elapsed": elapsed_before + time.perf_counter() - t0,
-                        "tokens": tokens}
                 with span("checkpoint", {"genforge.step": done}):
-                    for name in [f"step-{done}"] * periodic + ["best"] * is_best:
-                        checkpoint.save(run, name, tensors, meta)
-                    checkpoint.prune(run, cfg.keep_last)
+                    # full tensors and every rank's RNG, gathered to rank 0, which writes once
+                    tensors = distributed.checkpoint_tensors(objective, stepper, ema, ranks)
+                    rngs = distributed.gather_rng(ranks)
+                    meta = {"step": done, "signature": objective.signature(),
+                            "train": checkpoint.training_recipe(cfg), "best_val_loss": best,
+                            "elapsed": elapsed_before + time.perf_counter() - t0, "tokens": tokens,
+                            "world_size": ranks.world}
+                    if ranks.main:
+                        for name in [f"step-{done}"] * periodic + ["best"] * is_best:
+                            checkpoint.save(run, name, tensors, meta, rngs)
+                        checkpoint.prune(run, cfg.keep_last)
             bar.update(task, completed=done)
             if timed_out and done < steps:
                 stopped_early = True
                 console.print(f"time budget of {cfg.time_budget:.0f}s reached at step {done}/{steps}")
                 break
     wall = elapsed_before + time.perf_counter() - t0
-    metrics.close()
-    with atomic_dir(run.model_dir) as tmp, maybe(ema and ema.swapped_in(objective.modules)):
-        objective.export(tmp)
-    rows = run.read_metrics()
-    loss_keys = sorted({k for r in rows for k in r if "loss" in k and not k.startswith("val_")})
-    plot_curves(rows, loss_keys + ["val_loss"], run.plots_dir / "loss.png", title=f"{run.path.name}: loss")
+    with maybe(ema and ema.swapped_in(objective.modules)):
+        exported = distributed.unsharded(objective, ranks, rebuild)  # FSDP: a one-process copy, on rank 0
+        if ranks.main:
+            with atomic_dir(run.model_dir) as tmp:
+                exported.export(tmp)
+    if metrics:
+        metrics.close()
+        rows = run.read_metrics()
+        loss_keys = sorted({k for r in rows for k in r if "loss" in k and not k.startswith("val_")})
+        plot_curves(rows, loss_keys + ["val_loss"], run.plots_dir / "loss.png", title=f"{run.path.name}: loss")
     return TrainResult(steps=done, final_val=last_val, best_val_loss=best, wall_time=wall,
                        tokens=tokens, stopped_early=stopped_early)
 
@@ -230,17 +251,13 @@ def _due(done: int, every: int, last: bool) -> bool:
 
 
 def _restore(path, objective: Objective, stepper: Stepper, ema: EMA | None, run: RunDir,
-             device: torch.device) -> tuple[int, float, float, int]:
-    """Load checkpoint `path` into the live objects; (step, best val loss, elapsed, tokens)."""
+             device: torch.device, ranks: distributed.Ranks, seed: int) -> tuple[int, float, float, int]:
+    """Load checkpoint `path` into the live objects (every rank reads it); (step, best val loss, elapsed,
+    tokens). The checkpoint may come from any number of processes: its tensors are full ones."""
     tensors, meta = checkpoint.load(path, device)
     checkpoint.check_same_model(meta["signature"], objective.signature(), run)
-    for name, m in objective.modules.items():
-        m.load_state_dict(tensors["modules"][name])
-    for opt, s in zip(stepper.optimizers, tensors["optimizers"]):
-        opt.load_state_dict(s)
-    if ema is not None and tensors.get("ema"):
-        ema.shadow = tensors["ema"]
+    distributed.load_checkpoint_tensors(tensors, objective, stepper, ema, ranks)
     if stepper.scaler is not None and tensors.get("scaler"):
         stepper.scaler.load_state_dict(tensors["scaler"])
-    checkpoint.set_rng_state(tensors["rng"], meta["rng"])
+    distributed.restore_rng(tensors, meta, ranks, seed)
     return meta["step"], meta["best_val_loss"], meta["elapsed"], meta["tokens"]

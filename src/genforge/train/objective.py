@@ -37,6 +37,10 @@ class DataSource(Protocol):
     def val_batches(self, n: int) -> Iterable[Any]:
         """A fixed list of up to `n` validation batches (the same ones every eval)."""
 
+    # Optional, for several processes (train/distributed.py): `shard(batch, rank, world)`, the rows of a
+    # training batch that process `rank` of `world` trains on, where a plain split of the rows would
+    # separate rows that belong together. Without it, each process takes an equal run of rows.
+
 
 @dataclass
 class OptimizerSpec:
@@ -66,6 +70,11 @@ class Objective:
     def export(self, model_dir: Path) -> None:
         """Write the trained model in its ecosystem's layout (HF / diffusers) into `model_dir`."""
         raise NotImplementedError
+
+    def parallel_modules(self) -> dict[str, nn.Module]:
+        """The modules DDP or FSDP goes on when several processes train (train/distributed.py): the ones
+        whose forward the loss calls, since both work through forward hooks. By default the trained ones."""
+        return self.modules
 
     def describe(self) -> dict[str, Any]:
         """Rows for the training section of report.md; by default the parameter count."""

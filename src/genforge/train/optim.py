@@ -53,6 +53,8 @@ class Stepper:
             self.scaler.unscale_(opt)
         params = [p for g in opt.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP's parameters are shards (DTensors): the norm over all of them
+            norm = norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(opt)
             self._stepped.add(i)

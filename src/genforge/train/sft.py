@@ -95,6 +95,9 @@ class SFTObjective(SingleLoss):
         lora = None if self.lora is None else {k: v for k, v in self.lora.model_dump().items() if k != "name"}
         return {**{k: getattr(c, k, None) for k in keys}, "base": str(self.base), "lora": lora}
 
+    def parallel_modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model}  # what the loss calls (a LoRA run checkpoints only the adapter's weights)
+
     @property
     def adapter_dir(self) -> Path:
         return self.run.adapters_dir / self.adapter_name
