@@ -101,6 +101,14 @@ def test_semantic_cache_hits_on_the_second_request(pair) -> None:
     assert first.headers["x-genforge-cache"] == "miss"
     assert second.headers["x-genforge-cache"] == "hit"
     assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    # a streamed miss is stored once its stream has ended, and the next request hits it
+    streamed = {**body, "messages": [{"role": "user", "content": "What does yield do?"}], "stream": True,
+                "stream_options": {"include_usage": True}}
+    chunks = list(client(gateway).chat.completions.create(**streamed))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    again = httpx.post(gateway.v1 + "/chat/completions", json={**streamed, "stream": False}, timeout=60)
+    assert again.headers["x-genforge-cache"] == "hit"
+    assert again.json()["choices"][0]["message"]["content"] == text
 
 
 def test_refused_engine_flags_are_one_line_errors() -> None:

@@ -21,7 +21,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from genforge.common.errors import GenforgeError
+from genforge.serve.gate import FIRST_TOKEN
 from genforge.serve.labelling import Labelling
+from genforge.serve.metrics import ServeMetrics
 from genforge.serve.pipeline import AppLayer, replay_chat
 from genforge.serve.protocol import SSE_DONE, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest
 from genforge.serve.sse_stream import streaming_response
@@ -45,11 +47,13 @@ class UpstreamError(GenforgeError):
 class UpstreamService:
     def __init__(self, url: str, *, api_key: str | None = None, model: str | None = None,
                  timeout: float | None = 600.0, max_model_len: int | None = None,
-                 app_layer: AppLayer | None = None, labelling: Labelling | None = None):
+                 app_layer: AppLayer | None = None, labelling: Labelling | None = None,
+                 metrics: ServeMetrics | None = None):
         """`model`: the name sent upstream (None: the client's `model`). `timeout`: seconds per upstream
         request (None: none). `max_model_len`: the upstream's context in tokens, for fitting RAG sources
         (estimated at CHARS_PER_TOKEN characters a token; None: sources are not trimmed)."""
         self.url = url.rstrip("/")
+        self.metrics = metrics
         self.model = model
         self.max_model_len = max_model_len
         self.app = app_layer
@@ -106,6 +110,13 @@ class UpstreamService:
                               "code": None}}
         return JSONResponse(body, status_code=resp.status_code)
 
+    def _observe_usage(self, usage: dict | None) -> None:
+        """The upstream's token counts into this server's counters (the engine's own ones are upstream's)."""
+        if self.metrics is None or not usage:
+            return
+        self.metrics.observe_prompt(int(usage.get("prompt_tokens") or 0))
+        self.metrics.generation_tokens.labels(self.metrics.model_name).inc(int(usage.get("completion_tokens") or 0))
+
     async def models(self) -> Response:
         resp = await self._send("GET", "/v1/models", timeout=10.0)
         return JSONResponse(resp.json(), status_code=resp.status_code)
@@ -133,7 +144,7 @@ class UpstreamService:
         if guard is not None and req.logprobs is not None and guard.policy != "log":
             raise GenforgeError("logprobs: not available while the output guard filters responses (its "
                                 "tokens would show what the filter removed)", param="logprobs")
-        return await self._forward("/v1/completions", body, req, chat=False, prep=None,
+        return await self._forward("/v1/completions", body, req, request, chat=False, prep=None,
                                    make_filter=(lambda: guard.output_filter()) if guard is not None else None)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
@@ -159,18 +170,20 @@ class UpstreamService:
                 return replay_chat(prep, req, body.get("model") or "", request, None, {})
             body["messages"] = prep.messages
         make_filter = prep.output_filter if prep is not None and prep.output_filter() is not None else None
-        return await self._forward("/v1/chat/completions", body, req, chat=True, prep=prep, make_filter=make_filter)
+        return await self._forward("/v1/chat/completions", body, req, request, chat=True, prep=prep,
+                                   make_filter=make_filter)
 
     # ------------------------------------------------------------ forwarding
 
-    async def _forward(self, path: str, body: dict, req: Any, *, chat: bool, prep: Any, make_filter: Any
-                       ) -> Response:
+    async def _forward(self, path: str, body: dict, req: Any, request: Request, *, chat: bool, prep: Any,
+                       make_filter: Any) -> Response:
         extra = prep.headers() if prep is not None else {}
         if not req.stream:
             resp = await self._send("POST", path, body)
             if resp.status_code != 200:
                 return await self._error(resp)
             out = resp.json()
+            self._observe_usage(out.get("usage"))
             touched = make_filter is not None or self.labelling.label_text
             if touched:
                 filters = [make_filter() if make_filter is not None else None for _ in out.get("choices", [])]
@@ -194,18 +207,25 @@ class UpstreamService:
                     parsed = None  # an upstream answer genforge cannot model is passed on, not cached
                 if parsed is not None:
                     await self.app.remember(prep, parsed)
+            request.scope[FIRST_TOKEN] = "pending"  # the gate times the first token at this write
             return JSONResponse(out, headers=extra)
         resp = await self._send("POST", path, body, stream=True)
         if resp.status_code != 200:
             return await self._error(resp)
-        return streaming_response(self._relay(resp, chat, make_filter), extra)
+        return streaming_response(self._relay(resp, request, chat, make_filter, prep), extra)
 
-    async def _relay(self, resp: httpx.Response, chat: bool, make_filter: Any) -> AsyncIterator[str]:
+    async def _relay(self, resp: httpx.Response, request: Request, chat: bool, make_filter: Any, prep: Any
+                     ) -> AsyncIterator[str]:
         """The upstream's SSE events, one by one. Untouched answers pass as they came; with an output
         guard or a label, each event's text goes through its choice's filter, and what the filter still
-        holds (and the label) goes out with the choice's finishing event."""
+        holds (and the label) goes out with the choice's finishing event. A cache miss's streamed answer
+        is stored once the stream has ended."""
         touched = make_filter is not None or bool(self.labelling.label_text)
         filters: dict[int, Any] = {}
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str] = {}
+        usage = None
+        keep = prep is not None and self.app is not None and self.app.cache_on and prep.cache == "miss"
         try:
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -214,10 +234,21 @@ class UpstreamService:
                 if data == "[DONE]":
                     yield SSE_DONE
                     continue
-                if not touched:
+                if request.scope.get(FIRST_TOKEN) is None and ('"content"' in data or '"text"' in data):
+                    request.scope[FIRST_TOKEN] = "pending"  # the gate times the first token at this write
+                if not touched and not keep and '"usage"' not in data:
                     yield f"data: {data}\n\n"
                     continue
                 event = json.loads(data)
+                usage = event.get("usage") or usage
+                if not touched:
+                    for choice in event.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        texts.setdefault(choice.get("index", 0), []).append(text or "")
+                        if choice.get("finish_reason") is not None:
+                            finish[choice.get("index", 0)] = choice["finish_reason"]
+                    yield f"data: {data}\n\n"
+                    continue
                 for choice in event.get("choices") or []:
                     f = filters.setdefault(choice.get("index", 0), make_filter() if make_filter else None)
                     holder = choice.get("delta") if chat else choice
@@ -229,6 +260,9 @@ class UpstreamService:
                         out = (out or "") + (f.flush() if f is not None else "") + self.labelling.label()
                     if text is not None or choice.get("finish_reason") is not None:
                         holder["content" if chat else "text"] = out
+                    texts.setdefault(choice.get("index", 0), []).append(out or "")
+                    if choice.get("finish_reason") is not None:
+                        finish[choice.get("index", 0)] = choice["finish_reason"]
                 yield f"data: {json.dumps(event)}\n\n"
         except httpx.TransportError:
             yield "data: " + json.dumps({"error": {"message": f"the upstream {self.url} broke off the stream",
@@ -237,5 +271,11 @@ class UpstreamService:
             yield SSE_DONE
         finally:
             await resp.aclose()
+            self._observe_usage(usage)
             if self.app is not None and make_filter is not None:
                 self.app.observe_output(list(filters.values()))
+        if keep and usage and texts and set(finish) == set(texts):
+            await self.app.remember(prep, ChatCompletionResponse.model_validate({
+                "id": "stream", "created": 0, "model": "", "usage": usage, "sources": prep.sources or None,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                             "finish_reason": finish[i]} for i in sorted(texts)]}))

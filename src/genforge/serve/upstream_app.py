@@ -49,7 +49,7 @@ def create_upstream_app(url: str, *, api_key: str | None = None, upstream_model:
                              model_version=f"upstream:{url}:{upstream_model or ''}")
     service = UpstreamService(url, api_key=api_key, model=upstream_model, timeout=request_timeout,
                               max_model_len=max_model_len, app_layer=app_layer,
-                              labelling=Labelling(None, label_text or None))
+                              labelling=Labelling(None, label_text or None), metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
