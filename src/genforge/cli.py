@@ -223,6 +223,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     watermark = watermark_from_args(a)
     kv_bytes = parse_bytes(a.kv_cache_memory) if a.kv_cache_memory is not None else None
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
+    if a.upstream is not None:
+        return _serve_upstream(a, app_config=app_config, api_keys=keys, watermark=watermark, adapters=adapters)
     model = _served_model(a)
     if looks_like_ref(model) or a.canary or a.shadow:
         from genforge.cli_registry import serve_from_registry
@@ -244,6 +246,29 @@ def cmd_serve(a: argparse.Namespace) -> None:
                   root_path=a.root_path, stream_interval=a.stream_interval, app_config=app_config,
                   http=a.http, loop=a.loop, adapters=adapters, max_loaded_adapters=a.max_loaded_adapters,
                   trace=a.trace, image_labelling=image_labelling, watermark=watermark, label_text=a.label_text)
+
+
+def _serve_upstream(a: argparse.Namespace, *, app_config, api_keys, watermark, adapters) -> None:
+    """`serve --upstream URL`: the request path in front of another engine; its engine flags are refused."""
+    from genforge.serve.upstream_app import serve_upstream
+
+    refused = [("MODEL", a.model is not None or a.model_ref is not None), ("--adapter/--adapters-dir", bool(adapters)),
+               ("--watermark", watermark is not None), ("--decode/--enforce-eager",
+                                                        a.decode != "prepacked" or a.enforce_eager),
+               ("--kv-cache-memory", a.kv_cache_memory is not None), ("--canary/--shadow", bool(a.canary or a.shadow))]
+    for flag, given in refused:
+        if given:
+            why = ("the upstream samples the tokens, so genforge cannot watermark them (use --label-text, or "
+                   "the upstream's own watermarking)" if flag == "--watermark" else
+                   "the upstream engine serves the model; this server runs none")
+            raise ConfigError(f"{flag} with --upstream: {why}", param="upstream")
+    upstream_key = a.upstream_api_key or os.environ.get("GENFORGE_UPSTREAM_API_KEY") or None
+    serve_upstream(a.upstream, host=a.host, port=a.port, shutdown_timeout=a.shutdown_timeout,
+                   header_timeout=a.header_timeout, keep_alive=a.keep_alive, root_path=a.root_path, http=a.http,
+                   loop=a.loop, trace=a.trace, limit_concurrency=a.limit_concurrency, api_key=upstream_key,
+                   upstream_model=a.upstream_model, served_model_name=a.served_model_name, api_keys=api_keys,
+                   body_timeout=a.body_timeout, request_timeout=a.request_timeout or None,
+                   max_model_len=a.max_model_len, app_config=app_config, label_text=a.label_text)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -456,6 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples in the rolling window (default 60)")
     al.add_argument("--alert-detector", choices=["zscore", "iforest"], default=None,
                     help="robust z-score (default: measured the better one) or IsolationForest")
+    up = se.add_argument_group("in front of another OpenAI-compatible engine (vLLM, TGI, llama.cpp, genforge)")
+    up.add_argument("--upstream", default=None, metavar="URL",
+                    help="forward requests to URL/v1/... instead of serving a model (auth, guard, cache, RAG, "
+                    "labels, metrics and tracing run here)")
+    up.add_argument("--upstream-api-key", default=None, metavar="KEY",
+                    help="the upstream's API key (prefer GENFORGE_UPSTREAM_API_KEY: a flag shows in the process list)")
+    up.add_argument("--upstream-model", default=None, metavar="NAME",
+                    help="the model name sent upstream (default: the client's `model`)")
     add_serve_registry_flags(se)
     add_watermark_flags(se)
     il = se.add_argument_group("image runs: labels on generated images (the AIGC metadata is always written)")
