@@ -251,6 +251,9 @@ def test_ranks_get_disjoint_rows_that_make_up_the_global_batch():
 def test_every_rank_runs_the_same_number_of_eval_batches():
     shares = [distributed.my_share(list("abcde"), distributed.Ranks(rank=r, world=2)) for r in range(2)]
     assert shares == [[("a", 1.0), ("c", 1.0), ("e", 1.0)], [("b", 1.0), ("d", 1.0), ("a", 0.0)]]
+    # a run without validation data evaluates nothing, on any number of processes
+    assert distributed.my_share([], distributed.Ranks(rank=0, world=1)) == []
+    assert distributed.my_share([], distributed.Ranks(rank=1, world=2)) == []
 
 
 def test_blocks_are_the_decoder_layers_and_the_unet_levels():

@@ -238,6 +238,8 @@ def my_share(items: Sequence[Any], ranks: Ranks) -> list[tuple[Any, float]]:
     weight 0."""
     mine = [(item, 1.0) for item in items[ranks.rank::ranks.world]]
     rounds = -(-len(items) // ranks.world)
+    if len(mine) == rounds:  # also a run without validation data (no items at all)
+        return mine
     return mine + [(items[0], 0.0)] * (rounds - len(mine))
 
 
