@@ -202,6 +202,18 @@ def throughput(folder: Path, threads: int, rows: int, new: int, repeats: int) ->
     return {name: {"runs": v, "median_tokens_per_s": median(v)} for name, v in runs.items()}
 
 
+def ensure_bigger_model(work: Path, tok, preset: str = "lm-tiny") -> Path:
+    """A random-weight `preset` LM with lm-nano's tokenizer: throughput needs the shape, not training."""
+    from genforge.common.config import from_dict
+    from genforge.models.lm import LMSpec, build_lm_config, create_lm, save_lm
+
+    path = work / f"{preset}-random"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        save_lm(create_lm(build_lm_config(from_dict(LMSpec, {"preset": preset}, "model"), tok)), tok, path)
+    return path
+
+
 def per_step_cost(vocabs: tuple[int, ...], rows: int = 16, calls: int = 30) -> list[dict]:
     """ms per decode step for the watermark bias alone (on a copy of the logits, as the sampler does):
     ours with one deployment key and with a key per row, vs transformers' processor (one key)."""
@@ -240,6 +252,25 @@ def per_step_cost(vocabs: tuple[int, ...], rows: int = 16, calls: int = 30) -> l
     return out
 
 
+def speed_tables(a: argparse.Namespace, folder: Path, tok) -> dict:
+    """4. throughput on the trained lm-nano and on a random-weight lm-tiny (the cost is per step and
+    fixed, so it shrinks as the model grows); 5. the bias alone per step."""
+    from genforge.models.lm import count_parameters, load_lm
+
+    print("throughput (each config in its own process) ...", flush=True)
+    new, repeats = (32, 1) if a.quick else (128, 3)
+    bigger = ensure_bigger_model(Path(a.work), tok)
+    return {
+        "throughput_16_rows": throughput(folder, a.threads, 16, new, repeats),
+        "throughput_16_rows_lm_tiny": {"parameters": count_parameters(load_lm(bigger)[0]), "folder": str(bigger),
+                                       "weights": "random (throughput depends on the shape only)",
+                                       **throughput(bigger, a.threads, 16, new, repeats)},
+        "per_step_bias_cost": per_step_cost((len(tok), 32_000, 151_936) if not a.quick else (len(tok),)),
+        "speed_what_ran": {"git": git_commit(ROOT), "threads": a.threads, "cpu": cpu_info(),
+                           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+    }
+
+
 # -- the report ----------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -249,6 +280,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=str(CACHE / "labelling"))
     ap.add_argument("--text-only", action="store_true", help="skip the image half (benchmarks/labelling_images.py)")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="rerun only the throughput and per-step tables, into the existing JSON")
     ap.add_argument("--child", choices=CHILD_CONFIGS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=16, help=argparse.SUPPRESS)
@@ -265,6 +298,14 @@ def main() -> None:
 
     folder, data = ensure_model(Path(a.work), steps)
     model, tok = load_lm(folder)
+    if a.throughput_only:
+        out = RESULTS / ("labelling_text_quick.json" if a.quick else "labelling_text.json")
+        result = json.loads(out.read_text())
+        result.update(speed_tables(a, folder, tok))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print_tables(result, tuple(L for L in LENGTHS if L <= new))
+        print(f"\nwrote {out}")
+        return
     prompts = [w[:PROMPT] for w in val_windows(data, n, PROMPT, seed=1)]
     human = [retokenise(tok, w) for w in val_windows(data, n, new, seed=2)]
 
@@ -310,10 +351,6 @@ def main() -> None:
         rows_edit.append({"replaced": frac, "tpr_at_1pct_fpr": float((pos > thresholds[new]).mean()),
                           "tpr_at_z4": float((pos >= 4).mean()), "median_z": float(np.median(pos))})
 
-    # 4. throughput and 5. per-step cost
-    print("throughput (each config in its own process) ...", flush=True)
-    tput = throughput(folder, a.threads, 16, 32 if a.quick else 128, 1 if a.quick else 3)
-    steps_cost = per_step_cost((len(tok), 32_000, 151_936) if not a.quick else (len(tok),))
 
     result = {
         "what_ran": {"cpu": cpu_info(), "threads": a.threads, "versions": versions("torch", "transformers"),
@@ -326,7 +363,7 @@ def main() -> None:
                      "seconds": round(time.time() - started, 1)},
         "detection_vs_length": rows_len, "length_for_95pct_at_1pct_fpr": length_95,
         "perplexity": rows_ppl, "human_text_perplexity": human_ppl, "edits": rows_edit,
-        "throughput_16_rows": tput, "per_step_bias_cost": steps_cost,
+        **speed_tables(a, folder, tok),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("labelling_text_quick.json" if a.quick else "labelling_text.json")
@@ -360,12 +397,21 @@ def print_tables(r: dict, lengths: tuple[int, ...]) -> None:
     print(md_table(["replaced", "detected at 1% FPR", "detected at z=4", "median z"],
                    [[fmt(row["replaced"], ".0%"), fmt(row["tpr_at_1pct_fpr"], ".0%"), fmt(row["tpr_at_z4"], ".0%"),
                      fmt(row["median_z"], ".1f")] for row in r["edits"]]))
-    tp = r["throughput_16_rows"]
     print("\n### Throughput, batching engine, 16 rows, median of 3 processes (watermarked: a key per row; "
           "watermarked_one_key: the deployment key on every row)\n")
-    print(md_table(["config", "tokens/s", "runs"],
-                   [[name, fmt(v["median_tokens_per_s"], ".0f"), ", ".join(f"{x:.0f}" for x in v["runs"])]
-                    for name, v in tp.items()]))
+    rows = []
+    for label, key in (("lm-nano (trained)", "throughput_16_rows"), ("lm-tiny (random weights)",
+                                                                      "throughput_16_rows_lm_tiny")):
+        tp = r.get(key)
+        if not tp:
+            continue
+        base = tp["plain"]["median_tokens_per_s"]
+        for name in CHILD_CONFIGS:
+            v = tp[name]
+            rows.append([label, name, fmt(v["median_tokens_per_s"], ".0f"),
+                         f"{v['median_tokens_per_s'] / base - 1:+.1%}" if name != "plain" else "",
+                         ", ".join(f"{x:.0f}" for x in v["runs"])])
+    print(md_table(["model", "config", "tokens/s", "vs plain", "runs"], rows))
     print("\n### The bias alone per decode step, 16 rows\n")
     print(md_table(["vocabulary", "genforge, one key (ms)", "genforge, a key per row (ms)",
                     "transformers WatermarkLogitsProcessor, one key (ms)"],
