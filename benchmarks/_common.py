@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: what machine ran it, versions, memory, tables.
+"""Shared helpers for the benchmark scripts: what machine ran it, versions, memory, tables, and the
+`genforge serve` processes a benchmark starts (a free port, waiting for /health, a graceful stop).
 
 Every benchmark records the CPU's flags (AVX2 / AVX-512 / AVX512_BF16 / AMX decide which paths are
 fast), the load average when it started (other jobs on a shared machine make timings noisy), the
@@ -11,6 +12,8 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import signal
+import socket
 import statistics
 import subprocess
 import threading
@@ -178,3 +181,42 @@ def md_table(headers: list[str], rows: list[list], align: str | None = None) -> 
 
 def fmt(x, spec: str = ".0f") -> str | None:
     return None if x is None else format(x, spec)
+
+
+# --- servers as processes ---
+
+def free_port() -> int:
+    """A port nothing listens on now (the server binds it itself a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Returns once `url`/health answers 200; RuntimeError with the end of the server's log when the
+    process exits first or `timeout` seconds pass (then it is killed)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"genforge serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"genforge serve did not come up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM (a server drains its requests in flight, then exits); killed after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, cpu_info, git_commit, md_table, versions  # noqa: E402
+from _common import CACHE, cpu_info, git_commit, md_table, stop_server, versions, wait_healthy  # noqa: E402
 from soak import PROMPTS, _genforge, free_port, train_tiny  # noqa: E402
 
 from genforge.common.runs import atomic_write_text  # noqa: E402
@@ -93,18 +92,7 @@ def record(args: argparse.Namespace) -> dict:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     stop, errors, rows = threading.Event(), [], []
     try:
-        deadline = time.monotonic() + startup_budget - 15
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"genforge serve exited:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("genforge serve did not come up in time")
-            time.sleep(0.3)
+        wait_healthy(base, proc, log, timeout=startup_budget - 15)
         clients = [threading.Thread(target=_client, args=(base, stop, i, errors), daemon=True)
                    for i in range(args.clients)]
         for t in clients:
@@ -124,11 +112,7 @@ def record(args: argparse.Namespace) -> dict:
                 time.sleep(max(0.0, 1.0 - (time.time() - now)))
     finally:
         stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, timeout=30)
     server_lines = [ln for ln in log.read_text(errors="replace").splitlines() if "anomaly" in ln]
     meta = {"start": start, "onset": onset, "end": end, "delay_s": args.delay, "clients": args.clients,
             "client_errors": len(errors), "server_command": cmd, "server_alert_log": server_lines}

@@ -39,10 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_info, git_commit, md_table, versions  # noqa: E402
+from _common import cpu_info, free_port, git_commit, md_table, stop_server, versions, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -102,33 +100,16 @@ def build_items(answers_path: Path, tokenizer, budget: int, tie_margin: float, s
 
 @contextlib.contextmanager
 def served_judge(model: Path, log: Path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*genforge_cmd(), "serve", str(model), "--port", str(port), "--served-model-name",
                              JUDGE_NAME], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"genforge serve exited with {proc.returncode}: {log.read_text()[-800:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise SystemExit(f"genforge serve did not come up in 180 s; see {log}")
-            time.sleep(0.3)
+        wait_healthy(url, proc, log, timeout=180)
         yield url + "/v1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, timeout=30)
 
 
 @contextlib.contextmanager

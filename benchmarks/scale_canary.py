@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, md_table  # noqa: E402
+from _common import fmt, free_port, md_table, stop_server, wait_healthy  # noqa: E402
 
 MODEL = "m"
 MAX_TOKENS = 16
@@ -94,40 +92,10 @@ def _genforge(*args: str) -> None:
         raise RuntimeError(f"genforge {' '.join(args)} failed: {done.stderr}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(ref: str, port: int, where: list[str], log: Path, *extra: str) -> subprocess.Popen:
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "genforge.cli", "serve", "--model", ref, "--port", str(port),
                                  *where, *extra], stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV, cwd=ROOT)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"genforge serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"genforge serve did not come up:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------------------ load
@@ -176,12 +144,12 @@ def _load(url: str, clients: int, until: float, results: list, lock: threading.L
 
 
 def _contender(kind: str, *, clients: int, duration: float, where: list[str], logs: Path) -> dict:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = logs / f"{kind}.log"
     proc = (_start(f"{MODEL}@production", port, where, log, "--canary", f"{MODEL}@2=10%") if kind == "promote"
             else _start(f"{MODEL}@1", port, where, log))
-    _wait_healthy(url, proc, log)
+    wait_healthy(url, proc, log)
     with httpx.Client(timeout=60) as warm:  # the first requests pay one-off costs in both contenders
         for s in (False, True, False, True):
             _one(warm, url, "warm-up", s)
@@ -198,14 +166,14 @@ def _contender(kind: str, *, clients: int, duration: float, where: list[str], lo
             r = httpx.post(url + f"/admin/{action}", timeout=120)
             ok = r.status_code == 200 and r.json()["primary"]["version"] == target
         else:
-            _stop(proc)  # SIGTERM: the old server drains its requests in flight, then exits
+            stop_server(proc)  # SIGTERM: the old server drains its requests in flight, then exits
             proc = _start(f"{MODEL}@{target}", port, where, log)
-            _wait_healthy(url, proc, log)
+            wait_healthy(url, proc, log)
             ok = True
         switches.append({"to": target, "start": start - t0, "seconds": time.monotonic() - start, "ok": ok})
     for t in threads:
         t.join(120)
-    _stop(proc)
+    stop_server(proc)
     return _summary(results, switches, t0)
 
 

@@ -22,24 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, md_table, median  # noqa: E402
+from _common import fmt, free_port, md_table, median  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONTEXT = 256
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _char_dataset(root: Path) -> Path:
@@ -76,7 +69,7 @@ def _train(recipe: Path, name: str, nproc: int, threads: int, parallel: str) -> 
         cmd = [sys.executable, "-m", "genforge", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "genforge", *args]
+               "127.0.0.1", "--master-port", str(free_port()), "-m", "genforge", *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")

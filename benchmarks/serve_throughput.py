@@ -48,7 +48,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,18 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
-from _common import CACHE, PeakRSS, cpu_info, fmt, git_commit, has_flag, md_table, median, versions  # noqa: E402
+from _common import (  # noqa: E402
+    CACHE,
+    PeakRSS,
+    cpu_info,
+    fmt,
+    free_port,
+    git_commit,
+    has_flag,
+    md_table,
+    median,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -210,12 +220,6 @@ def body_for(c: Contender, mode: str, prompt: str, i: int, new_tokens: int, stre
     if mode == "sampled+seed":
         body["seed"] = 1000 + i
     return body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(overrides: dict) -> dict:

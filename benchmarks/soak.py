@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, stop_server, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-soak"
@@ -94,12 +95,6 @@ def train_tiny(cache: Path, steps: int) -> Path:
     return run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(run: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     cmd = [*_genforge(), "serve", str(run), "--port", str(port), "--served-model-name", MODEL,
            "--max-batch-size", str(args.max_batch_size), "--max-queue", str(args.max_queue),
@@ -109,19 +104,8 @@ def start_server(run: Path, port: int, args: argparse.Namespace, log: Path) -> s
     env = {**os.environ, "GENFORGE_API_KEYS": KEY}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"genforge serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("genforge serve did not come up in 600 s")
-        time.sleep(0.3)
+    wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout=600)
+    return proc
 
 
 PROMPTS = ["The list", "def f(x):\n    return", "In Python, a class", "import", "for i in range(",
@@ -330,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = server_counts(base)
     finally:
         stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, timeout=60)
 
     results = tally.results
     by_outcome = Counter(r.outcome for r in results)

@@ -16,8 +16,8 @@ from genforge.common.errors import ConfigError, RunError
 from genforge.eval.lm import evaluate_run
 from genforge.jobs.quantize import quantize_run
 from genforge.jobs.train import run_recipe
-from genforge.models.fastdecode import fast_path_unsupported
 from genforge.models.generation import SamplingParams, generate
+from genforge.models.llamacore import fast_path_unsupported
 from genforge.models.lm import load_lm
 from genforge.models.quantize import unsupported
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from genforge.models.fastdecode import LlamaRunner, fast_path_unsupported
+from genforge.models.fastdecode import LlamaRunner
 from genforge.models.generation import BatchGenerator
+from genforge.models.llamacore import fast_path_unsupported
 from genforge.models.lm import LMSpec, build_lm_config, create_lm
 from genforge.models.sampling import SamplingParams
 from tests.conftest import tiny_random_llama

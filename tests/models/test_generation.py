@@ -17,8 +17,9 @@ from transformers import (
 )
 
 from genforge.common.errors import GenforgeError
-from genforge.models.fastdecode import HFRunner, LlamaRunner, fast_path_unsupported
+from genforge.models.fastdecode import HFRunner, LlamaRunner
 from genforge.models.generation import BatchGenerator, Detokenizer, Sequence, generate, generate_many
+from genforge.models.llamacore import fast_path_unsupported
 from genforge.models.sampling import RowSampler, SamplingParams, sample
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "héllo wörld, 日本語 テキスト 😀 emoji",

@@ -3,25 +3,20 @@ registry's versions and aliases (common/registry.py owns their meaning; here the
 
 Two backends: an embedded SQLite file under a state folder (the default, one process or a few on one
 machine) and PostgreSQL + pgvector (several replicas sharing one database). `open_store` picks one
-from its argument; callers only ever see `Store`.
+from its argument; callers only ever see `Store`. What the two backends share (argument checks,
+result rows, the connection pool) is in common/store_backend.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from genforge.common.errors import ConfigError, DataError, GenforgeError, NotFoundError
-
-_INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from genforge.common.errors import ConfigError, GenforgeError
 
 
 class StoreUnavailable(GenforgeError):
@@ -166,83 +161,3 @@ def open_store(target: str | Path) -> Store:
     from genforge.common.store_sqlite import SqliteStore
 
     return SqliteStore(Path(text).expanduser())  # "~/..." from a config file, where no shell expands it
-
-
-# --- helpers shared by the backends ---
-
-def check_index_name(index: str) -> None:
-    if not isinstance(index, str) or not _INDEX_NAME.match(index):
-        raise ConfigError(f"index name {index!r} is not valid: use 1-64 letters, digits, '_', '-' or '.', "
-                          "starting with a letter or digit", param="index")
-
-
-def chunk_id(index: str, source: str, position: int) -> str:
-    return f"{index}:{hashlib.sha1(source.encode('utf-8')).hexdigest()[:10]}:{position}"
-
-
-def as_vector(vector: np.ndarray, dim: int | None, what: str) -> np.ndarray:
-    """A 1-D float32 copy of `vector`; ConfigError when it has the wrong dimension."""
-    v = np.asarray(vector, dtype=np.float32)
-    if v.ndim == 2 and v.shape[0] == 1:
-        v = v[0]
-    if v.ndim != 1 or (dim is not None and v.shape[0] != dim) or v.shape[0] == 0:
-        want = f"({dim},)" if dim is not None else "a 1-D vector"
-        raise ConfigError(f"{what}: vector of shape {tuple(np.shape(vector))}, expected {want}; embed with "
-                          "the same model the index or cache was built with", param="vector")
-    if not np.all(np.isfinite(v)):
-        raise DataError(f"{what}: the vector holds NaN or infinite values", param="vector")
-    return v
-
-
-def as_matrix(vectors: np.ndarray, rows: int, dim: int, what: str) -> np.ndarray:
-    m = np.asarray(vectors, dtype=np.float32)
-    if rows == 0 and m.size == 0:
-        return np.zeros((0, dim), dtype=np.float32)
-    if m.ndim != 2 or m.shape[1] != dim:
-        raise ConfigError(f"{what}: vectors of shape {tuple(np.shape(vectors))}, expected ({rows}, {dim}); "
-                          "embed with the model the index was created for", param="vectors")
-    if m.shape[0] != rows:
-        raise DataError(f"{what}: {m.shape[0]} vectors for {rows} chunks; give one vector per chunk")
-    if not np.all(np.isfinite(m)):
-        raise DataError(f"{what}: the vectors hold NaN or infinite values")
-    return m
-
-
-def check_chunks(source: str, chunks: list[Chunk]) -> None:
-    positions = [c.position for c in chunks]
-    if len(set(positions)) != len(positions):
-        raise DataError(f"source {source!r}: chunk positions repeat; each chunk needs its own position")
-    for c in chunks:
-        if "\x00" in c.text:
-            raise DataError(f"source {source!r} chunk {c.position}: the text holds NUL characters; "
-                            "remove them when reading the document")
-        if c.source != source:
-            raise DataError(f"replace_source({source!r}) got a chunk of source {c.source!r}; "
-                            "pass the chunks of one source at a time")
-
-
-def to_json(value: dict, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{what} is not JSON-serialisable: {e}") from e
-
-
-def check_k(k: int) -> None:
-    if not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}", param="k")
-
-
-def unknown_index(index: str, known: list[str]) -> NotFoundError:
-    listed = ", ".join(sorted(known)) if known else "none yet"
-    return NotFoundError(f"unknown index {index!r} (known: {listed}); create it with "
-                         "`genforge rag ingest PATHS --index NAME`", param="index")
-
-
-def top_k(scores: np.ndarray, k: int) -> Iterator[int]:
-    """Row numbers of the k best scores, best first (argpartition: O(n), not a full sort)."""
-    if k < len(scores):
-        idx = np.argpartition(-scores, k - 1)[:k]
-    else:
-        idx = np.arange(len(scores))
-    return iter(idx[np.argsort(-scores[idx], kind="stable")].tolist())

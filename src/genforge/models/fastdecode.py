@@ -9,22 +9,14 @@ A runner holds the KV cache of up to N rows in slots 0..n-1 and offers:
     move(src, dst, length), swap(a, b, length) -> keep the decoding rows in slots 0..n-1
     fast_path                     -> True for LlamaRunner, False for HFRunner
 
-Prefill and decode run the same transformer code (`_Core`, with a query-length axis: L tokens of
-a chunk, or L = 1); only the decode step is torch.compiled.
-
-`LlamaRunner` is the fast path: it runs the weights of a Llama-style transformers model (Llama,
-Mistral, Qwen2 without sliding window; Mixtral and Qwen2-MoE, see below) directly, with fused qkv
-and gate/up matmuls, RoPE applied to q and k in one go, a preallocated cache and one
-`scaled_dot_product_attention` per layer with a per-row length mask. The model's q/k/v and gate/up
-weights become views into the fused tensors, so the weights are in memory once. On a 2-core CPU the
-HF forward spends most of a small model's step in Python and tiny kernels (mask construction, cache
-bookkeeping, rotary per layer); this path issues about 15 kernels per layer. It must give the HF
-model's logits (tests check max |diff| < 1e-4 in fp32).
-
-Mixture of experts (Mixtral, Qwen2-MoE): attention runs as above; a layer whose MLP is a sparse
-MoE block runs that block itself, the model's own module (router, top-k, experts, and a shared
-expert where the model has one), on all the batch's tokens at once. The experts' dispatch is
-data-dependent, so such a model's step is not torch.compiled (eager, prepacked attention).
+`LlamaRunner` is the fast path for Llama-style models (Llama, Mistral, Qwen2 without sliding window;
+Mixtral and Qwen2-MoE): a preallocated cache, rows of similar length prefilled together, and the
+transformer of models/llamacore.py (fused weights, one attention call per layer). Prefill and decode
+run the same `LlamaCore` (with a query-length axis: L tokens of a chunk, or L = 1); only the decode
+step is torch.compiled. On a 2-core CPU the HF forward spends most of a small model's step in Python
+and tiny kernels (mask construction, cache bookkeeping, rotary per layer); this path issues about 15
+kernels per layer. A mixture-of-experts model's expert dispatch is data-dependent, so its step is
+not torch.compiled (eager, prepacked attention).
 
 `StateSpaceRunner` (models/ssmrunner.py) batches Mamba2: its per-row state replaces the KV cache.
 `HFRunner` is the fallback for everything else (Mamba, custom attention): the model's own forward
@@ -45,165 +37,17 @@ import torch.nn.functional as F
 
 from genforge.models.hfrunner import HFRunner
 from genforge.models.kvcache import KVCache
+from genforge.models.llamacore import (
+    LlamaCore,
+    fast_path_unsupported,
+    fuse_linears,
+    is_gated_mlp,
+    prepack_weight,
+)
 from genforge.models.multilora import MultiLora
 from genforge.models.ssmrunner import StateSpaceRunner, batches_state_space
 
-__all__ = ["LlamaRunner", "HFRunner", "StateSpaceRunner", "make_runner", "fast_path_unsupported",
-           "compile_cache_dir"]
-
-_FAST_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
-_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies do not change with length
-
-
-def fast_path_unsupported(model: torch.nn.Module, max_len: int | None = None) -> str | None:
-    """Why `LlamaRunner` cannot run `model` for contexts of `max_len` (None if it can)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in _FAST_TYPES:
-        return f"model type {getattr(cfg, 'model_type', None)!r} is not Llama-style"
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        return "unexpected module layout"
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if window and window < (max_len or cfg.max_position_embeddings):
-        return "sliding-window attention"
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in _STATIC_ROPE:
-        return f"rope type {rope.get('rope_type')!r} changes with length"
-    layer = inner.layers[0]
-    if not all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return "attention without q/k/v/o projections"
-    if not all(_is_gated_mlp(lay.mlp) or _is_moe_block(lay.mlp) for lay in inner.layers):
-        return "MLP is neither gated nor a sparse mixture-of-experts block"
-    if hasattr(layer.self_attn, "q_norm"):
-        return "per-head q/k norms"
-    linear = layer.self_attn.q_proj
-    if not isinstance(linear, torch.nn.Linear) or type(linear.weight.data) is not torch.Tensor:
-        return "quantized weights (models/quantize.py): the model's own quantized linears run them"
-    return None
-
-
-def _is_gated_mlp(mlp: torch.nn.Module) -> bool:
-    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-
-
-def _is_moe_block(mlp: torch.nn.Module) -> bool:
-    """A transformers sparse MoE block: a router (`gate`) and the experts, called on [n, L, hidden]."""
-    return hasattr(mlp, "gate") and hasattr(mlp, "experts")
-
-
-def _run_moe(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    out = block(h)
-    return out[0] if isinstance(out, tuple) else out  # some blocks also return their router logits
-
-
-@torch.no_grad()
-def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linears that read the same input: one matmul, not three.
-
-    The model's own Linear weights become views into the fused tensor, so memory holds one copy
-    of the weights, not the model's plus the runner's.
-    """
-    if len(linears) == 1:
-        lin = linears[0]
-        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-    weight = torch.cat([lin.weight.detach() for lin in linears], 0)
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
-                          for lin in linears])
-    start = 0
-    for lin in linears:
-        end = start + lin.out_features
-        lin.weight.data = weight[start:end]
-        if lin.bias is not None:
-            lin.bias.data = bias[start:end]
-        start = end
-    return weight, bias
-
-
-class _Weights(torch.nn.Module):
-    """One layer's fused weights as buffers (buffers, so a frozen compile (freeze=True) can prepack them)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor | None]):
-        super().__init__()
-        for name, t in tensors.items():
-            self.register_buffer(name, t, persistent=False)
-
-
-class _Core(torch.nn.Module):
-    """The transformer over L new tokens per row, for prefill (L = a chunk) and decode (L = 1).
-
-    Inputs: `x` [n, L, hidden] embeddings; `cos`/`sin` [n, L, H + 2Hkv, D] RoPE tables at each
-    token's position; `mask` [n, 1, rep*L or 1, span] (key t visible to a query); the KV-cache
-    write targets `write_rows`/`write_pos` [m] for the new tokens kept by `keep` (flat indices
-    into n*L; None = all); `read_rows` the cache rows attended (None = rows 0..n-1, a view).
-    The new keys and values are written first, then each row attends to its cache: the causal
-    mask's offset by the cached length is in `mask`. Returns the logits of each row's last token.
-    """
-
-    def __init__(self, runner: LlamaRunner):
-        super().__init__()
-        self.H, self.Hkv, self.D, self.rep = runner.H, runner.Hkv, runner.D, runner.rep
-        self.hidden, self.eps, self.act = runner.hidden, runner.eps, runner.act
-        self.layers = torch.nn.ModuleList(_Weights(dict(zip(_NAMES, w))) for w in runner.layers)
-        self.final = _Weights({"norm": runner.norm_w, "lm_head": runner.lm_head})
-        self.moe = runner.moe  # per layer: the model's own sparse MoE block, or None (a gated MLP)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                write_rows: torch.Tensor, write_pos: torch.Tensor, keep: torch.Tensor | None,
-                read_rows: torch.Tensor | slice | None, caches: list[torch.Tensor],
-                lora: tuple[MultiLora, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
-        n, L, span = x.shape[0], x.shape[1], mask.shape[-1]
-        H, Hkv, D, rep = self.H, self.Hkv, self.D, self.rep
-
-        def proj(i: int, group: str, inp: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            out = _linear(inp, wt, b)
-            if lora is not None and (d := lora[0].delta(i, group, inp, lora[1])) is not None:
-                out = out + d  # each row's own adapter (slot 0: zeros); models/multilora.py
-            return out
-
-        for i, (w, cache) in enumerate(zip(self.layers, caches)):
-            h = F.rms_norm(x, (self.hidden,), w.w_in, self.eps)
-            qkv = _rope(proj(i, "qkv", h, w.wqkv, w.bqkv).view(n, L, H + 2 * Hkv, D), cos, sin)
-            new_kv = qkv[:, :, H:].reshape(n * L, 2 * Hkv, D)
-            cache[write_rows, :, write_pos] = new_kv if keep is None else new_kv[keep]  # one indexed copy
-            kv = cache[:n, :, :span] if read_rows is None else cache[read_rows, :, :span]
-            # GQA without repeating keys: the `rep` query heads that share a kv head stand in the
-            # query axis of that head, next to the L query positions.
-            if L == 1:  # decode: the same layout without the permutes (fewer ops in the eager step)
-                q = qkv[:, 0, :H].view(n, Hkv, rep, D)
-            else:
-                q = qkv[:, :, :H].reshape(n, L, Hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(n, Hkv, rep * L, D)
-            att = F.scaled_dot_product_attention(q, kv[:, :Hkv], kv[:, Hkv:], attn_mask=mask)
-            if L == 1:
-                att = att.reshape(n, 1, H * D)
-            else:
-                att = att.view(n, Hkv, rep, L, D).permute(0, 3, 1, 2, 4).reshape(n, L, H * D)
-            x = x + proj(i, "o", att, w.wo, w.bo)
-            h = F.rms_norm(x, (self.hidden,), w.w_post, self.eps)
-            if self.moe[i] is not None:
-                x = x + _run_moe(self.moe[i], h)
-                continue
-            gate, up = proj(i, "gu", h, w.wgu, w.bgu).chunk(2, -1)
-            x = x + proj(i, "d", self.act(gate) * up, w.wd, w.bd)
-        last = F.rms_norm(x[:, -1], (self.hidden,), self.final.norm, self.eps)
-        return _linear(last, self.final.lm_head, None)
-
-
-_NAMES = ("w_in", "wqkv", "bqkv", "wo", "bo", "w_post", "wgu", "bgu", "wd", "bd")
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, or oneDNN's linear on a weight prepacked by `LlamaRunner(prepack=True)`."""
-    if w.is_mkldnn:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
-    return F.linear(x, w, b)
-
-
-def _prepack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """The weight in oneDNN's blocked layout (what inductor's freezing does, done once, eagerly)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+__all__ = ["LlamaRunner", "HFRunner", "StateSpaceRunner", "make_runner", "compile_cache_dir"]
 
 
 def compile_cache_dir() -> str:
@@ -227,10 +71,7 @@ def _use_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
 
 
-def _rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on every head at once (v heads have cos 1, sin 0); the sign of rotate_half is in sin."""
-    flipped = qkv.unflatten(-1, (2, qkv.shape[-1] // 2)).flip(-2).flatten(-2)
-    return qkv * cos + flipped * sin
+
 
 
 def _buckets(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
@@ -286,20 +127,20 @@ class LlamaRunner:
         self.moe: list[torch.nn.Module | None] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
-            gated = _is_gated_mlp(m)
+            gated = is_gated_mlp(m)
             self.moe.append(None if gated else m)
             self.layers.append((
                 layer.input_layernorm.weight.detach(),
-                *_fuse([a.q_proj, a.k_proj, a.v_proj]),
-                *_fuse([a.o_proj]),
+                *fuse_linears([a.q_proj, a.k_proj, a.v_proj]),
+                *fuse_linears([a.o_proj]),
                 layer.post_attention_layernorm.weight.detach(),
-                *(_fuse([m.gate_proj, m.up_proj]) if gated else (None, None)),
-                *(_fuse([m.down_proj]) if gated else (None, None)),
+                *(fuse_linears([m.gate_proj, m.up_proj]) if gated else (None, None)),
+                *(fuse_linears([m.down_proj]) if gated else (None, None)),
             ))
         self.prepacked = prepack
         if prepack:
-            self._take_and_prepack(model, slots)
-        gated_mlps = [lay.mlp for lay in inner.layers if _is_gated_mlp(lay.mlp)]  # a MoE block brings its own
+            self._take_andprepack_weight(model, slots)
+        gated_mlps = [lay.mlp for lay in inner.layers if is_gated_mlp(lay.mlp)]  # a MoE block brings its own
         self.act = F.silu if cfg.hidden_act == "silu" or not gated_mlps else gated_mlps[0].act_fn
         # RoPE tables for every position, read from the model's own rotary module so scaled
         # variants (llama3, linear, yarn) come out exactly as HF computes them.
@@ -318,7 +159,7 @@ class LlamaRunner:
         self.cache = KVCache(len(self.layers), self.Hkv, self.D, max_length=max_len, dtype=self.dtype,
                              device=self.device, slots=slots, max_slots=max_slots)
 
-        self.core = _Core(self)
+        self.core = LlamaCore(self)
         self.step_fn = self.core
         self.lora: MultiLora | None = None  # adapters served over this base (serve/adapters.py sets it)
         self.compiled = False
@@ -335,19 +176,19 @@ class LlamaRunner:
             self._compile(background=compile == "background")
 
     @torch.no_grad()
-    def _take_and_prepack(self, model: torch.nn.Module, rows: int) -> None:
+    def _take_andprepack_weight(self, model: torch.nn.Module, rows: int) -> None:
         """Prepack the fused matrices (and an untied lm_head); release the model's originals."""
-        matrices = (1, 3, 6, 8)  # wqkv, wo, wgu, wd in a layer's tuple (see _NAMES)
-        self.layers = [tuple(_prepack(t, rows) if i in matrices and t is not None else t  # None: a MoE layer
+        matrices = (1, 3, 6, 8)  # wqkv, wo, wgu, wd in a layer's tuple (see llamacore.WEIGHT_NAMES)
+        self.layers = [tuple(prepack_weight(t, rows) if i in matrices and t is not None else t  # None: a MoE layer
                              for i, t in enumerate(layer)) for layer in self.layers]
         tied = self.lm_head.untyped_storage().data_ptr() == self.embed.untyped_storage().data_ptr()
         if not tied:  # a tied lm_head is the embedding table, which the prefill still reads
-            self.lm_head = _prepack(self.lm_head, rows)
+            self.lm_head = prepack_weight(self.lm_head, rows)
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             # a MoE block keeps its own weights
-            mlp = (m.gate_proj, m.up_proj, m.down_proj) if _is_gated_mlp(m) else ()
+            mlp = (m.gate_proj, m.up_proj, m.down_proj) if is_gated_mlp(m) else ()
             for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, *mlp):
                 lin.weight.data = empty  # biases stay: views of the fused biases the runner keeps
         if not tied:
