@@ -37,7 +37,8 @@ def pair(lm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
                                     stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV, cwd=ROOT)
         gateway = CliServer(f"http://127.0.0.1:{port}", proc=proc, log=log)
         try:
-            _wait_healthy(gateway, time.monotonic() + 120)
+            # its app layer (embedder, verifier) loads in a process at idle priority: slow on a busy machine
+            _wait_healthy(gateway, time.monotonic() + 300)
             yield upstream, gateway
         finally:
             _stop(gateway)
