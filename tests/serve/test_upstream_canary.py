@@ -17,7 +17,7 @@ import pytest
 from genforge.serve.versions import route_bucket
 
 from .conftest import MODEL_NAME, ROOT, CliServer, _genforge_command, free_socket
-from .processes import CHILD_ENV, _stop, _wait_healthy, serving
+from .processes import CHILD_ENV, _stop, _wait_healthy, genforge, serving
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +144,17 @@ def test_a_canary_that_is_down_takes_no_traffic(fleet) -> None:  # last: it stop
     assert canary["ref"] == b.url and canary["ok"] is False and canary["traffic"] is False
     r = admin(split, "/admin/promote")
     assert r.status_code == 422 and "still serving" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--upstream", "http://127.0.0.1:9", "--canary-upstream", "http://127.0.0.1:10=150%"],
+     "the share must be between 0 and 100"),
+    (["--upstream", "http://127.0.0.1:9", "--canary-upstream", "http://127.0.0.1:10"], "expected URL=SHARE%"),
+    (["--upstream", "127.0.0.1:9"], "expected the http(s) URL"),
+    (["--upstream", "http://127.0.0.1:9", "--shadow-upstream", "http://127.0.0.1:99999"], "expected the http(s) URL"),
+    (["--upstream", "http://127.0.0.1:9", "--canary-upstream", "http://127.0.0.1:9=5%"], "that is the primary"),
+    (["--canary-upstream", "http://127.0.0.1:10=5%"], "give the primary engine with --upstream"),
+])
+def test_bad_canary_and_url_flags_are_one_line_errors(args: list[str], message: str) -> None:
+    r = genforge("serve", *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
