@@ -225,6 +225,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
     adapters = parse_adapter_flags(a.adapter, a.adapters_dir)
     if a.upstream is not None:
         return _serve_upstream(a, app_config=app_config, api_keys=keys, watermark=watermark, adapters=adapters)
+    if a.canary_upstream or a.shadow_upstream:
+        raise ConfigError("--canary-upstream/--shadow-upstream: give the primary engine with --upstream URL",
+                          param="upstream")
     model = _served_model(a)
     if looks_like_ref(model) or a.canary or a.shadow:
         from genforge.cli_registry import serve_from_registry
@@ -251,6 +254,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def _serve_upstream(a: argparse.Namespace, *, app_config, api_keys, watermark, adapters) -> None:
     """`serve --upstream URL`: the request path in front of another engine; its engine flags are refused."""
     from genforge.serve.upstream_app import serve_upstream
+    from genforge.serve.upstream_versions import check_url, parse_canary_upstream
 
     refused = [("MODEL", a.model is not None or a.model_ref is not None), ("--adapter/--adapters-dir", bool(adapters)),
                ("--watermark", watermark is not None), ("--decode/--enforce-eager",
@@ -260,15 +264,19 @@ def _serve_upstream(a: argparse.Namespace, *, app_config, api_keys, watermark, a
         if given:
             why = ("the upstream samples the tokens, so genforge cannot watermark them (use --label-text, or "
                    "the upstream's own watermarking)" if flag == "--watermark" else
-                   "the upstream engine serves the model; this server runs none")
+                   "they name registry versions; use --canary-upstream URL=SHARE% / --shadow-upstream URL"
+                   if flag == "--canary/--shadow" else "the upstream engine serves the model; this server runs none")
             raise ConfigError(f"{flag} with --upstream: {why}", param="upstream")
+    canary = parse_canary_upstream(a.canary_upstream) if a.canary_upstream else None
+    shadow = check_url(a.shadow_upstream, "--shadow-upstream") if a.shadow_upstream else None
     upstream_key = a.upstream_api_key or os.environ.get("GENFORGE_UPSTREAM_API_KEY") or None
     serve_upstream(a.upstream, host=a.host, port=a.port, shutdown_timeout=a.shutdown_timeout,
                    header_timeout=a.header_timeout, keep_alive=a.keep_alive, root_path=a.root_path, http=a.http,
                    loop=a.loop, trace=a.trace, limit_concurrency=a.limit_concurrency, api_key=upstream_key,
                    upstream_model=a.upstream_model, served_model_name=a.served_model_name, api_keys=api_keys,
                    body_timeout=a.body_timeout, request_timeout=a.request_timeout or None,
-                   max_model_len=a.max_model_len, app_config=app_config, label_text=a.label_text)
+                   max_model_len=a.max_model_len, app_config=app_config, label_text=a.label_text, canary=canary,
+                   shadow=shadow, shadow_log=a.shadow_log)
 
 
 def cmd_anomaly(a: argparse.Namespace) -> None:
@@ -489,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the upstream's API key (prefer GENFORGE_UPSTREAM_API_KEY: a flag shows in the process list)")
     up.add_argument("--upstream-model", default=None, metavar="NAME",
                     help="the model name sent upstream (default: the client's `model`)")
+    up.add_argument("--canary-upstream", default=None, metavar="URL=SHARE%",
+                    help="send SHARE percent of requests to a second engine, e.g. http://127.0.0.1:8001=10%% "
+                    "(sticky per the x-genforge-route-key header, else the request's `user`; promote / roll back "
+                    "with POST /admin/promote, /admin/rollback)")
+    up.add_argument("--shadow-upstream", default=None, metavar="URL",
+                    help="mirror every request to a second engine; its answers go to --shadow-log, never to clients")
     add_serve_registry_flags(se)
     add_watermark_flags(se)
     il = se.add_argument_group("image runs: labels on generated images (the AIGC metadata is always written)")

@@ -95,7 +95,8 @@ def add_serve_registry_flags(se: argparse.ArgumentParser) -> None:
     rg.add_argument("--shadow", default=None, metavar="REF",
                     help="mirror every request to this version; its answers are logged, never returned")
     rg.add_argument("--shadow-log", default=None, metavar="JSONL",
-                    help="where the shadow's answers go (default: REGISTRY_DIR/shadow/NAME@N.jsonl)")
+                    help="where the shadow's answers go (default: REGISTRY_DIR/shadow/NAME@N.jsonl; with "
+                    "--shadow-upstream ~/.cache/genforge/shadow/HOST_PORT.jsonl)")
     rg.add_argument("--registry-dir", default=None, metavar="DIR", help=ROOT_HELP)
     rg.add_argument("--follow-interval", type=positive_float, default=None, metavar="SECONDS",
                     help="resolve NAME@ALIAS again every SECONDS, following an alias moved by another replica or "

@@ -3,7 +3,9 @@ gateway process in front of it (with the semantic cache on), and the openai clie
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,8 @@ def pair(lm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
                                     stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV, cwd=ROOT)
         gateway = CliServer(f"http://127.0.0.1:{port}", proc=proc, log=log)
         try:
-            _wait_healthy(gateway, time.monotonic() + 120)
+            # its app layer (embedder, verifier) loads in a process at idle priority: slow on a busy machine
+            _wait_healthy(gateway, time.monotonic() + 300)
             yield upstream, gateway
         finally:
             _stop(gateway)
@@ -127,3 +130,76 @@ def test_upstream_down_is_502_and_health_503(pair) -> None:  # last: it stops th
     assert err.value.status_code == 502 and err.value.body["code"] == "upstream_unavailable"
     health = httpx.get(gateway.url + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["upstream"]["ok"] is False
+
+
+# ---------------------------------------------------------------- llama.cpp's llama-server as the upstream
+
+def _llama_server() -> tuple[Path | None, str]:
+    """(the llama-server binary, why not): GENFORGE_LLAMA_SERVER, else the one benchmarks/peers.py builds."""
+    named = os.environ.get("GENFORGE_LLAMA_SERVER")
+    cache = Path(os.environ.get("GENFORGE_BENCH_CACHE", Path.home() / ".cache" / "genforge-bench"))
+    path = Path(named) if named else cache / "llama.cpp" / "build" / "bin" / "llama-server"
+    if not path.is_file():
+        return None, (f"no llama-server at {path}: set GENFORGE_LLAMA_SERVER=PATH or run `python benchmarks/peers.py "
+                      "--llama` (a 2-core build takes about an hour, so CI does not)")
+    return path, ""
+
+
+@pytest.fixture(scope="module")
+def llama_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[CliServer, CliServer]]:
+    """(llama-server over lm-nano converted to GGUF, a gateway in front of it)."""
+    binary, why = _llama_server()
+    if binary is None:
+        pytest.skip(why)
+    lm_run = request.getfixturevalue("lm_run")  # trained only when the test can run
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peers import convert_gguf  # the vendored converter, with the GPT-2 pre-tokenizer mapping it needs
+
+    gguf = convert_gguf(lm_run / "model", "f32")
+    if gguf["status"] != "ok":
+        pytest.skip(f"cannot convert the test model to GGUF: {gguf['status']}")
+    logs = tmp_path_factory.mktemp("llama")
+    servers = []
+    try:
+        for name, cmd in (("llama-server", [str(binary), "-m", gguf["path"], "-np", "4", "-c", "1024", "-t", "1",
+                                            "--host", "127.0.0.1", "--alias", MODEL_NAME, "--port"]),
+                          ("gateway", [*_genforge_command(), "serve", "--upstream", None, "--port"])):
+            sock = free_socket()
+            port = sock.getsockname()[1]
+            sock.close()
+            cmd = [servers[0].url if c is None else c for c in cmd] + [str(port)]
+            log = logs / f"{name}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV, cwd=ROOT)
+            servers.append(CliServer(f"http://127.0.0.1:{port}", proc=proc, log=log))
+            _wait_healthy(servers[-1], time.monotonic() + 180)
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            _stop(server)
+
+
+def test_llama_server_passes_through_faithfully(llama_pair) -> None:
+    llama, gateway = llama_pair
+    health = httpx.get(gateway.url + "/health", timeout=10).json()
+    assert health["upstream"] == {"url": llama.url, "ok": True}
+    kw = {"model": MODEL_NAME, "prompt": "In Python, a class", "max_tokens": 12, "temperature": 0}
+    direct, via = client(llama).completions.create(**kw), client(gateway).completions.create(**kw)
+    assert via.choices[0].text == direct.choices[0].text and via.choices[0].text
+    assert via.usage == direct.usage and via.usage.completion_tokens > 0
+
+    def pieces(server: CliServer) -> tuple[list[str], object]:
+        chunks = list(client(server).completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        return [c.choices[0].text for c in chunks if c.choices and c.choices[0].text], chunks[-1].usage
+
+    direct_chunks, direct_usage = pieces(llama)
+    via_chunks, via_usage = pieces(gateway)
+    assert via_chunks == direct_chunks and len(via_chunks) > 1 and "".join(via_chunks) == via.choices[0].text
+    assert via_usage == direct_usage
+    # llama.cpp's own error (a prompt beyond its context) reaches the client with its status and body
+    body = {**kw, "prompt": "In Python, a class " * 400}
+    direct_err = httpx.post(llama.v1 + "/completions", json=body, timeout=60)
+    via_err = httpx.post(gateway.v1 + "/completions", json=body, timeout=60)
+    assert 400 <= direct_err.status_code < 500
+    assert via_err.status_code == direct_err.status_code and via_err.json() == direct_err.json()

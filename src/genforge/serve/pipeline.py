@@ -234,12 +234,19 @@ class AppLayer:
         """/v1/completions: judge each prompt (token-id prompts by their decoded text); a redacted
         prompt is tokenized again. Returns the prompts the engine sees and the placeholders (shared
         with the output filter, so a value keeps its number in the answer)."""
+        decoded = [tokenizer.decode(ids) if text is None else text for ids, text in zip(prompts, texts)]
+        redacted, placeholders = await self.guard_texts(decoded)
+        return [list(tokenizer(r)["input_ids"]) if r is not None else ids for ids, r in zip(prompts, redacted)], \
+            placeholders
+
+    async def guard_texts(self, texts: list[str]) -> tuple[list[str | None], Any]:
+        """Judge each completion prompt's text (raises ContentFilteredError when the policy blocks one).
+        Returns each prompt's redacted text (None: unchanged) and the placeholders the redactions used."""
         from genforge.data.pii import Placeholders
 
         placeholders = Placeholders()
-        out = []
-        for ids, text in zip(prompts, texts):
-            text = tokenizer.decode(ids) if text is None else text
+        out: list[str | None] = []
+        for text in texts:
             try:
                 with self._step("guard_input"):
                     result = await self.steps.call("check_input", text, placeholders)
@@ -249,7 +256,7 @@ class AppLayer:
             if result.action != "allowed":
                 self.metrics.guard_actions.labels(self.served_name, "input", result.action).inc()
             placeholders = result.placeholders  # numbered in the steps' copy: the next prompt goes on from it
-            out.append(list(tokenizer(result.redacted)["input_ids"]) if result.action == "redacted" else ids)
+            out.append(result.redacted if result.action == "redacted" else None)
         return out, placeholders
 
     def _cache_key(self, req: ChatCompletionRequest, messages: list[dict], rag_version: Any

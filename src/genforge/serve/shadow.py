@@ -41,9 +41,21 @@ def answer_texts(body: dict) -> list[str]:
     return out
 
 
-async def _never_disconnects() -> dict:
-    await asyncio.Event().wait()  # the shadow's "client" never leaves; the task is cancelled instead
-    return {"type": "http.disconnect"}
+def _client_of(body: bytes) -> Any:
+    """The ASGI `receive` of the shadow's "client": it sends `body` (the copy, as JSON: a service that
+    forwards the client's raw body, such as the upstream gateway's, forwards the copy), then never leaves
+    (the task is cancelled instead)."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 class Shadow:
@@ -75,7 +87,8 @@ class Shadow:
         outcome, texts, usage, error = "ok", None, None, None
         try:
             handler = service.chat if kind == "chat/completions" else service.completions
-            response = await handler(copy, Request(scope, _never_disconnects))
+            raw = copy.model_dump_json(exclude_unset=True, exclude_none=True).encode()
+            response = await handler(copy, Request(scope, _client_of(raw)))
             data = json.loads(bytes(response.body))
             if response.status_code >= 400:
                 outcome, error = "error", data.get("error", {}).get("message")

@@ -141,11 +141,22 @@ class UpstreamService:
         if self.model is not None:
             body["model"] = self.model
         guard = self.app.guard if self.app is not None else None
-        if guard is not None and req.logprobs is not None and guard.policy != "log":
-            raise GenforgeError("logprobs: not available while the output guard filters responses (its "
-                                "tokens would show what the filter removed)", param="logprobs")
+        placeholders = None
+        if guard is not None:  # the guard covers every model call, not only chat (as on a model server)
+            if req.logprobs is not None and guard.policy != "log":
+                raise GenforgeError("logprobs: not available while the output guard filters responses (its "
+                                    "tokens would show what the filter removed)", param="logprobs")
+            prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            if not all(isinstance(p, str) for p in prompts):
+                raise GenforgeError("prompt: token-id prompts cannot pass the input guard here (the gateway does "
+                                    "not have the upstream model's tokenizer to read them); send the prompt as text",
+                                    param="prompt")
+            redacted, placeholders = await self.app.guard_texts(prompts)
+            judged = [r if r is not None else p for p, r in zip(prompts, redacted)]
+            body["prompt"] = judged[0] if isinstance(req.prompt, str) else judged
         return await self._forward("/v1/completions", body, req, request, chat=False, prep=None,
-                                   make_filter=(lambda: guard.output_filter()) if guard is not None else None)
+                                   make_filter=(lambda: guard.output_filter(placeholders)) if guard is not None
+                                   else None)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         body = await self._body(req, request)

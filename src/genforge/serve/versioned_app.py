@@ -22,78 +22,30 @@ import contextlib
 import json
 import logging
 import sys
-import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Sample
-from pydantic import BaseModel, ConfigDict
+from prometheus_client import CollectorRegistry, generate_latest
 
 from genforge.common import tracing
 from genforge.common.errors import ConfigError
 from genforge.common.registry import ModelVersion, Registry, parse_ref
+from genforge.serve.app_base import install_error_handlers, torch_dtype
 from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, REQUEST_ID, Gate, validated
 from genforge.serve.labelling import Labelling
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
 from genforge.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
-from genforge.serve.server import _install_error_handlers, _torch_dtype
 from genforge.serve.shadow import Shadow, answer_texts
-from genforge.serve.versions import ROUTE_KEY_HEADER, VERSION_HEADER, Served, VersionSet, check_share
+from genforge.serve.version_routes import MergedRegistries, RouterMetrics, add_admin_routes, counted_stream
+from genforge.serve.versions import ROUTE_KEY_HEADER, VERSION_HEADER, Served, VersionSet
 
 log = logging.getLogger(__name__)
 SHADOW_MAX_PENDING = 8
 
-
-class PromoteBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: str | None = None
-
-
-class CanaryBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: str | None
-    share: float = 10.0
-
-
-class _Merged:
-    """One exposition over several registries, each sample given extra labels (the version's)."""
-
-    def __init__(self, sources: Callable[[], list[tuple[CollectorRegistry, dict[str, str]]]]):
-        self.sources = sources
-
-    def collect(self) -> list[Metric]:
-        families: dict[str, Metric] = {}
-        for registry, extra in self.sources():
-            for fam in registry.collect():
-                out = families.get(fam.name)
-                if out is None:
-                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                out.samples += [Sample(s.name, {**s.labels, **extra}, s.value, s.timestamp, s.exemplar)
-                                for s in fam.samples]
-        return list(families.values())
-
-
-class _RouterMetrics:
-    def __init__(self, metrics: ServeMetrics):
-        r, m = metrics.registry, metrics.model_name
-        self.requests = Counter("genforge:version_requests", "Requests routed to each version, by role (primary, "
-                                "canary, shadow; shadow_dropped: a copy not sent because the shadow was busy).",
-                                ["model_name", "version", "role"], registry=r)
-        self.shadow_latency = Counter("genforge:shadow_seconds", "Time the shadow spent on its copies.",
-                                      ["model_name", "version"], registry=r)
-        self.shadow_errors = Counter("genforge:shadow_errors", "Shadow copies that failed.", ["model_name", "version"],
-                                     registry=r)
-        self.switches = Counter("genforge:version_switches", "Changes of the serving versions by action (promote, "
-                                "rollback, reload, canary).", ["model_name", "action"], registry=r)
-        self.serving = Gauge("genforge:serving_version", "The version number each role serves (0: none).",
-                             ["model_name", "role"], registry=r)
-        self.m = m
 
 
 def build_version(version: ModelVersion, *, name: str, settings: dict, steps: Any, app_config: AppConfig,
@@ -110,7 +62,7 @@ def build_version(version: ModelVersion, *, name: str, settings: dict, steps: An
     if family in IMAGE_FAMILIES:
         raise ConfigError(f"{version.ref} is a {family} model; registry serving runs language models", param="model")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_lm(version.path, device=device, dtype=_torch_dtype(settings["dtype"]))
+    model, tokenizer = load_lm(version.path, device=device, dtype=torch_dtype(settings["dtype"]))
     metrics = ServeMetrics(name)
     app_layer = None
     if steps is not None and with_app_layer:
@@ -151,7 +103,7 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
                 "max_queue": max_queue, "decode": decode, "request_timeout": request_timeout,
                 "kv_cache_bytes": kv_cache_bytes, "stream_interval": stream_interval}
     metrics = ServeMetrics(name)
-    router = _RouterMetrics(metrics)
+    router = RouterMetrics(metrics)
     labelling = Labelling(watermark, label_text or None)
     steps = None
     if app_config.any_step:  # one set of steps (one embedder process) shared by every version
@@ -223,7 +175,7 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
     app = FastAPI(title="genforge", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", telemetry={"tracing": False})
     app.state.metrics, app.state.versions = metrics, versions
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     def exposition_sources() -> list[tuple[CollectorRegistry, dict[str, str]]]:
         out = [(metrics.registry, {})]
@@ -231,7 +183,7 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
         return out
 
     exposition = CollectorRegistry(auto_describe=False)
-    exposition.register(_Merged(exposition_sources))
+    exposition.register(MergedRegistries(exposition_sources))
 
     @app.get("/health")
     async def health() -> Response:
@@ -267,7 +219,7 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
             raise
         response.headers[VERSION_HEADER] = served.ref
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _counted(response.body_iterator, served)
+            response.body_iterator = counted_stream(response.body_iterator, served)
             primary_answer.set_result(None)
         else:
             served.in_flight -= 1
@@ -286,57 +238,12 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await dispatch("chat/completions", body, request)
 
-    @app.get("/admin/versions")
-    async def admin_versions() -> JSONResponse:
-        return JSONResponse({"object": "admin.versions", **versions.status()})
-
-    @app.post("/admin/promote")
-    async def promote(body: PromoteBody | None = None) -> JSONResponse:
-        async with versions.lock:
-            return JSONResponse({"object": "admin.switch", **await versions.promote(body.version if body else None)})
-
-    @app.post("/admin/rollback")
-    async def rollback() -> JSONResponse:
-        async with versions.lock:
-            return JSONResponse({"object": "admin.switch", **await versions.rollback()})
-
-    @app.post("/admin/reload")
-    async def reload() -> JSONResponse:
-        async with versions.lock:
-            return JSONResponse({"object": "admin.switch", **await versions.reload()})
-
-    @app.post("/admin/canary")
-    async def set_canary(body: CanaryBody) -> JSONResponse:
-        share = check_share(body.share, "canary share")
-        async with versions.lock:
-            return JSONResponse({"object": "admin.switch", **await versions.set_canary(body.version, share)})
+    add_admin_routes(app, versions)
 
     return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,
                 limit_concurrency=limit_concurrency)
 
 
-def _counted(body: AsyncIterator, served: Served) -> AsyncIterator:
-    """A stream's body that marks its version's request done when it ends, however it ends: also when
-    the client left before the first chunk, so the body was never started (then only the collection
-    of the unstarted generator can tell)."""
-    ended = False
-
-    def end() -> None:
-        nonlocal ended
-        if not ended:
-            ended = True
-            served.in_flight -= 1
-
-    async def counted() -> AsyncIterator:
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            end()
-
-    stream = counted()
-    weakref.finalize(stream, end)
-    return stream
 
 
 def serve_versions_forever(registry: Registry, ref: str, *, host: str = "127.0.0.1", port: int = 8000,
@@ -347,9 +254,9 @@ def serve_versions_forever(registry: Registry, ref: str, *, host: str = "127.0.0
     import uvicorn
 
     from genforge.common.tracing import setup_tracing
+    from genforge.serve.app_base import listen
     from genforge.serve.http import uvicorn_config
     from genforge.serve.options import exposure_warning
-    from genforge.serve.server import _listen
     from genforge.serve.tracing import log_request_ids
 
     ours = logging.getLogger("genforge")
@@ -364,7 +271,7 @@ def serve_versions_forever(registry: Registry, ref: str, *, host: str = "127.0.0
     if warning:
         print(warning, file=sys.stderr, flush=True)
     app = create_versioned_app(registry, ref, **app_kw)
-    sock = _listen(host, port)
+    sock = listen(host, port)
     config = uvicorn_config(app, header_timeout=header_timeout, keep_alive=keep_alive,
                             limit_concurrency=app_kw.get("limit_concurrency"), shutdown_timeout=shutdown_timeout,
                             root_path=root_path, http=http, loop=loop)

@@ -54,12 +54,14 @@ class NothingToSwitch(GenforgeError):
     type = "invalid_request_error"
 
 
-def parse_canary(text: str) -> tuple[str, float]:
-    """'nano@4=10%' -> ('nano@4', 10.0); ConfigError for a missing or out-of-range share."""
+def parse_canary(text: str, *, flag: str = "--canary", form: str = "NAME@VERSION=SHARE%, e.g. nano@4=10%"
+                 ) -> tuple[str, float]:
+    """'nano@4=10%' -> ('nano@4', 10.0); ConfigError for a missing or out-of-range share. `flag` and
+    `form` name the option in the message (--canary-upstream URL=SHARE% parses the same way)."""
     ref, sep, share = str(text).rpartition("=")
     if not sep or not ref:
-        raise ConfigError(f"--canary {text!r}: expected NAME@VERSION=SHARE%, e.g. nano@4=10%", param="canary")
-    return ref, check_share(share.strip().removesuffix("%"), f"--canary {text}")
+        raise ConfigError(f"{flag} {text!r}: expected {form}", param=flag[2:].replace("-", "_"))
+    return ref, check_share(share.strip().removesuffix("%"), f"{flag} {text}")
 
 
 def check_share(share: Any, where: str) -> float:
@@ -78,6 +80,15 @@ def route_bucket(key: str) -> float:
     """A route key's place in [0, 100): the same key lands in the same place on every replica and
     across restarts (sha256, not Python's per-process salted hash)."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 10000 / 100
+
+
+def takes_canary(route_key: str | None, share: float) -> bool:
+    """Whether a request goes to a canary that takes `share` percent: by its route key's bucket (sticky),
+    or at random when the request has no key."""
+    if share <= 0:
+        return False
+    place = route_bucket(route_key) if route_key else random.random() * 100
+    return place < share
 
 
 @dataclass(eq=False)
@@ -195,11 +206,8 @@ class VersionSet:
     # ------------------------------------------------------------------ routing
     def pick(self, route_key: str | None) -> tuple[Served, str]:
         """(the version a request goes to, its role: primary or canary)."""
-        canary, share = self.canary, self.canary_share
-        if canary is not None and share > 0:
-            place = route_bucket(route_key) if route_key else random.random() * 100
-            if place < share:
-                return canary, "canary"
+        if self.canary is not None and takes_canary(route_key, self.canary_share):
+            return self.canary, "canary"
         return self.primary, "primary"
 
     # ------------------------------------------------------------------ switching (under self.lock)
