@@ -180,6 +180,10 @@ def llama_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
             _stop(server)
 
 
+def counts(usage) -> tuple[int, int, int]:
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 def test_llama_server_passes_through_faithfully(llama_pair) -> None:
     llama, gateway = llama_pair
     health = httpx.get(gateway.url + "/health", timeout=10).json()
@@ -187,7 +191,8 @@ def test_llama_server_passes_through_faithfully(llama_pair) -> None:
     kw = {"model": MODEL_NAME, "prompt": "In Python, a class", "max_tokens": 12, "temperature": 0}
     direct, via = client(llama).completions.create(**kw), client(gateway).completions.create(**kw)
     assert via.choices[0].text == direct.choices[0].text and via.choices[0].text
-    assert via.usage == direct.usage and via.usage.completion_tokens > 0
+    # The counts; llama.cpp's prompt cache makes a repeated prompt's cached-token details differ by request.
+    assert counts(via.usage) == counts(direct.usage) and via.usage.completion_tokens > 0
 
     def pieces(server: CliServer) -> tuple[list[str], object]:
         chunks = list(client(server).completions.create(stream=True, stream_options={"include_usage": True}, **kw))
@@ -196,7 +201,7 @@ def test_llama_server_passes_through_faithfully(llama_pair) -> None:
     direct_chunks, direct_usage = pieces(llama)
     via_chunks, via_usage = pieces(gateway)
     assert via_chunks == direct_chunks and len(via_chunks) > 1 and "".join(via_chunks) == via.choices[0].text
-    assert via_usage == direct_usage
+    assert counts(via_usage) == counts(direct_usage)
     # llama.cpp's own error (a prompt beyond its context) reaches the client with its status and body
     body = {**kw, "prompt": "In Python, a class " * 400}
     direct_err = httpx.post(llama.v1 + "/completions", json=body, timeout=60)
