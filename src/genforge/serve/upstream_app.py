@@ -90,27 +90,15 @@ def create_upstream_app(url: str, *, api_key: str | None = None, upstream_model:
         raise
 
     def _switched(action: str) -> None:
-        router.switches.labels(name, action).inc()
-        _gauges()
-
-    def _gauges() -> None:
-        for role in ("primary", "canary", "shadow", "previous"):
-            upstream = getattr(upstreams, role)
-            router.serving.labels(name, role).set(upstream.number if upstream is not None else 0)
-
-    def _shadow_result(outcome: str, seconds: float) -> None:
-        ref = upstreams.shadow.ref
-        router.requests.labels(name, ref, "shadow_dropped" if outcome == "dropped" else "shadow").inc()
-        router.shadow_latency.labels(name, ref).inc(seconds)
-        if outcome == "error":
-            router.shadow_errors.labels(name, ref).inc()
+        router.switched(action, upstreams, lambda upstream: upstream.number)
 
     mirror = None
     if upstreams.shadow is not None:
         where = urllib.parse.urlsplit(shadow).netloc.replace(":", "_")
         path = Path(shadow_log) if shadow_log is not None else default_state_dir().parent / "shadow" / f"{where}.jsonl"
-        mirror = Shadow(upstreams.shadow, path, max_pending=SHADOW_MAX_PENDING, on_result=_shadow_result)
-    _gauges()
+        mirror = Shadow(upstreams.shadow, path, max_pending=SHADOW_MAX_PENDING,
+                        on_result=router.shadow_recorder(upstreams.shadow.ref))
+    router.show_roles(upstreams, lambda upstream: upstream.number)
 
     async def watch_canary() -> None:
         """A canary found down comes back once its /health answers 200 again."""

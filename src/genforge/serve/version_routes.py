@@ -69,6 +69,25 @@ class RouterMetrics:
                              ["model_name", "role"], registry=r)
         self.m = m
 
+    def show_roles(self, roles: Any, number: Callable[[Any], int]) -> None:
+        """Each role's gauge: `number` of what serves it (0: none)."""
+        for role in ("primary", "canary", "shadow", "previous"):
+            served = getattr(roles, role)
+            self.serving.labels(self.m, role).set(number(served) if served is not None else 0)
+
+    def switched(self, action: str, roles: Any, number: Callable[[Any], int]) -> None:
+        self.switches.labels(self.m, action).inc()
+        self.show_roles(roles, number)
+
+    def shadow_recorder(self, version: str) -> Callable[[str, float], None]:
+        """The shadow's `on_result`: its copies, time and errors under `version`."""
+        def record(outcome: str, seconds: float) -> None:
+            self.requests.labels(self.m, version, "shadow_dropped" if outcome == "dropped" else "shadow").inc()
+            self.shadow_latency.labels(self.m, version).inc(seconds)
+            if outcome == "error":
+                self.shadow_errors.labels(self.m, version).inc()
+        return record
+
 
 def add_admin_routes(app: FastAPI, versions: Any, *, reload: bool = True) -> None:
     """GET /admin/versions, POST /admin/promote, /admin/rollback, /admin/canary (and /admin/reload when

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -124,29 +124,16 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
         if steps is not None:
             steps.close()
         raise
+
     def _switched(action: str) -> None:
-        router.switches.labels(name, action).inc()
-        _gauges()
-
-    def _gauges() -> None:
-        for role in ("primary", "canary", "shadow", "previous"):
-            served = getattr(versions, role)
-            router.serving.labels(name, role).set(served.version.version if served is not None else 0)
-
-    def _shadow_result(served: Served) -> Callable[[str, float], None]:
-        def record(outcome: str, seconds: float) -> None:
-            v = str(served.version.version)
-            router.requests.labels(name, v, "shadow_dropped" if outcome == "dropped" else "shadow").inc()
-            router.shadow_latency.labels(name, v).inc(seconds)
-            if outcome == "error":
-                router.shadow_errors.labels(name, v).inc()
-        return record
+        router.switched(action, versions, lambda served: served.version.version)
 
     mirror = None
     if versions.shadow is not None:
         path = Path(shadow_log) if shadow_log is not None else registry.root / "shadow" / f"{versions.shadow.ref}.jsonl"
-        mirror = Shadow(versions.shadow, path, max_pending=SHADOW_MAX_PENDING, on_result=_shadow_result(versions.shadow))
-    _gauges()
+        mirror = Shadow(versions.shadow, path, max_pending=SHADOW_MAX_PENDING,
+                        on_result=router.shadow_recorder(str(versions.shadow.version.version)))
+    router.show_roles(versions, lambda served: served.version.version)
 
     async def follow() -> None:
         while True:
