@@ -136,7 +136,8 @@ def test_log_lines_written_for_a_request_name_its_id(lm):
     handler = logging.Handler()
     handler.emit = records.append
     handler.addFilter(RequestIdFilter())
-    logger = logging.getLogger("genforge.serve.server")
+    # On the package logger: the failing service and the app's error handler log from modules of their own.
+    logger = logging.getLogger("genforge.serve")
     logger.addHandler(handler)
     try:
         with lm_server(lm) as live:
@@ -145,13 +146,11 @@ def test_log_lines_written_for_a_request_name_its_id(lm):
                 raise RuntimeError("a bug")
 
             live.app.state.service.chat = broken
-            logging.getLogger("genforge.serve.service").addHandler(handler)
             r = httpx.post(live.v1 + "/chat/completions", headers={"x-request-id": "logged-1"},
                            json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
             assert r.status_code == 500 and r.headers["x-request-id"] == "logged-1"
     finally:
         logger.removeHandler(handler)
-        logging.getLogger("genforge.serve.service").removeHandler(handler)
     lines = [(r.getMessage(), r.request_id) for r in records]
     assert ("about to fail", "logged-1") in lines
     assert any(m.startswith("internal error") and rid == "logged-1" for m, rid in lines)
