@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 resolves to the CPU wheel on this machine kind; constraints.txt pins the rest.
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: demo demo-finetune test bench lint clean promtool
+.PHONY: demo demo-finetune test bench lint clean promtool chromium
 
 $(VENV)/.installed-%: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,7 @@ demo-finetune: $(VENV)/.installed-all
 	test -f runs/demo/model/config.json || $(VENV)/bin/genforge demo
 	$(VENV)/bin/genforge demo --finetune
 
-test: $(VENV)/.installed-all,dev promtool
+test: $(VENV)/.installed-all,dev promtool chromium
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q --durations=25
 
@@ -30,6 +30,13 @@ promtool:
 	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	   prometheus >/dev/null) ; } || echo "promtool not installed: the Prometheus rules test will be skipped"
+
+# The console's browser tests drive Debian's chromium (a browser that Playwright downloads itself cannot
+# be fetched on these machines); installed where apt-get runs as root, else those tests are skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	   chromium >/dev/null) ; } || echo "chromium not installed: the web console's browser tests will be skipped"
 
 bench: $(VENV)/.installed-all,dev
 	$(PY) benchmarks/lm_shakespeare.py

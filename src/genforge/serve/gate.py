@@ -25,6 +25,7 @@ from typing import Any
 
 from genforge.common import tracing
 from genforge.common.errors import AuthError
+from genforge.serve.console import is_console_path
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import error_body
 from genforge.serve.tracing import REQUEST_ID_HEADER, request_id_of, request_id_var
@@ -187,7 +188,7 @@ class Gate:
         return any([hmac.compare_digest(token.strip(), k) for k in self.keys])
 
     async def _handle(self, scope: dict, path: str, receive: Any, send: Any) -> None:
-        public = path in PUBLIC_PATHS
+        public = path in PUBLIC_PATHS or is_console_path(path)
         if self.keys and not public and not self._checked(scope):
             err = AuthError("invalid or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
             return await send_json(send, 401, err.to_openai(), [(b"www-authenticate", b"Bearer")])

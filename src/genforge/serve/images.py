@@ -189,6 +189,13 @@ def images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int = MA
     model = load_image_generator(run_dir, device=device)
     slot = GenerationSlot(max_queue)
     router = APIRouter()
+    diffusion = model.family == "diffusion"
+    # What the web console shows for this model (GET /v1/features); guidance and steps exist for
+    # diffusion only, the one-pass VAE/GAN refuse them.
+    router.image_features = {"kind": "class", "family": model.family, "size": model.sample_size,
+                             "classes": list(model.class_names) if model.conditional else [],
+                             "guidance": diffusion and model.conditional, "steps": diffusion, "edits": False,
+                             "max_n": MAX_N}
 
     def generate(req: ImageGenerationRequest, cancel: threading.Event) -> dict:
         check_response_format(req.response_format)

@@ -98,6 +98,10 @@ def text_images_router(run_dir: str | Path, *, max_queue: int = 8, max_work: int
     max_steps = int(pipe.scheduler.config.num_train_timesteps)
     slot = GenerationSlot(max_queue)
     router = APIRouter()
+    # What the web console shows for this model (GET /v1/features): prompts, and edits with a mask.
+    router.image_features = {"kind": "text", "family": "text-to-image", "size": side, "classes": [],
+                             "guidance": True, "steps": True, "max_steps": max_steps, "edits": True,
+                             "max_n": MAX_N}
 
     def prompts(req: TextImageRequest) -> tuple[str, str | None, str | None]:
         """The prompt and negative prompt the encoder will see; the revised prompt when cut."""

@@ -30,6 +30,7 @@ from genforge.serve.adapters import DEFAULT_MAX_LOADED, AdapterRegistry
 from genforge.serve.alerts import AlertSampler
 from genforge.serve.app_base import install_error_handlers, listen, torch_dtype
 from genforge.serve.app_config import AppConfig, default_state_dir
+from genforge.serve.console import app_features, install_console, run_dir_of
 from genforge.serve.detect import detect_router
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Gate, validated
@@ -207,6 +208,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             cards += [ModelCard(id=a, root=name, parent=name, max_model_len=limit) for a in service.adapters.names]
         return ModelList(data=cards)
 
+    image_features: dict | None = None
     if service is not None:
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -234,11 +236,25 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
         # Image runs: the image engineer's router owns generation; this module only mounts it.
         from genforge.serve.images import images_router
 
-        app.include_router(images_router(Path(model_path), max_queue=image_max_queue, labelling=image_labelling,
-                                         model_name=name))
+        router = images_router(Path(model_path), max_queue=image_max_queue, labelling=image_labelling,
+                               model_name=name)
+        image_features = router.image_features
+        app.include_router(router)
         mark = image_labelling.mark if image_labelling is not None else None
         app.include_router(detect_router(None, None, mark.key if mark is not None else None))
 
+    def features() -> dict[str, Any]:
+        return {"model": name, "family": family, "auth": bool(keys),
+                "chat": service is not None, "completions": service is not None,
+                "max_model_len": service.max_model_len if service is not None else None,
+                "adapters": list(service.adapters.names) if service is not None and service.adapters else [],
+                "images": image_features if service is None else None,
+                **app_features(app_config, service.app if service is not None else None),
+                "watermark": bool(service is not None and service.labelling.watermark is not None
+                                  or image_labelling is not None and image_labelling.mark is not None),
+                "detect": True, "embeddings": service is not None, "metrics": True}
+
+    install_console(app, features, run_dir_of(model_path))
     return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,
                 limit_concurrency=limit_concurrency)
 
