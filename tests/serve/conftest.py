@@ -27,6 +27,8 @@ import uvicorn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .console_browser import browser  # noqa: E402,F401  (the web console tests' chromium)
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "nano"
 CORPUS = ["the quick brown fox jumps over the lazy dog", "héllo wörld, 日本語 テキスト 😀 emoji",
@@ -67,6 +69,8 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from genforge.data.tokens import prepare_text_dataset
     from genforge.jobs.train import run_recipe
 
+    if os.environ.get("GENFORGE_TEST_LM_RUN"):  # a copy of this run kept from before: local iterations only
+        return Path(os.environ["GENFORGE_TEST_LM_RUN"])
     root = tmp_path_factory.mktemp("serve-lm")
     prepare_text_dataset("builtin:pydoc", root / "data", vocab_size=512)
     outcome = run_recipe(ROOT / "configs" / "lm-nano.yaml", overrides=[

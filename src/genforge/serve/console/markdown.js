@@ -1,5 +1,5 @@
 // The Markdown that genforge's report.md files use (headings, paragraphs, lists, pipe tables, code
-// fences, inline code/bold/italic/links/images, HTML comments skipped), rendered to DOM nodes.
+// fences, inline code/bold/italic/links/images, <details> blocks, HTML comments skipped), rendered to DOM nodes.
 // Own code rather than a library because the console ships no third-party script and loads nothing
 // from a CDN; building nodes (never innerHTML) means report text cannot inject markup.
 
@@ -11,6 +11,19 @@ export function renderMarkdown(text, { image = (src) => src } = {}) {
     const line = lines[i];
     if (!line.trim()) {
       i += 1;
+      continue;
+    }
+    const details = line.match(/^<details><summary>(.*)<\/summary>\s*$/);
+    if (details) {
+      // the collapsible blocks reports use (the recipe): the one HTML they contain, made a real element
+      const inner = [];
+      i += 1;
+      while (i < lines.length && lines[i].trim() !== "</details>") inner.push(lines[i++]);
+      i += 1;
+      const box = document.createElement("details");
+      box.append(Object.assign(document.createElement("summary"), { textContent: details[1] }));
+      box.append(renderMarkdown(inner.join("\n"), { image }));
+      out.append(box);
       continue;
     }
     const fence = line.match(/^```/);
@@ -98,7 +111,6 @@ function inline(text, image) {
     if (m[1]) {
       const img = document.createElement("img");
       img.alt = m[2];
-      img.loading = "lazy";
       Promise.resolve(image(m[3])).then((src) => (img.src = src));
       frag.append(img);
     } else if (m[4]) {

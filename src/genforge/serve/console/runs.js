@@ -154,7 +154,7 @@ async function loadReport(article) {
       const response = await request(`/v1/run/files/${src.split("/").map(encodeURIComponent).join("/")}`);
       return URL.createObjectURL(await response.blob());
     };
-    article.replaceChildren(el("p", { class: "muted", text: `Run ${report.run}` }), renderMarkdown(report.markdown, { image }));
+    article.replaceChildren(renderMarkdown(report.markdown, { image }));
   } catch (e) {
     article.replaceChildren(el("p", { class: "error", text: `Could not load the report: ${e.message}` }));
   }
