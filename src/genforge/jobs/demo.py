@@ -26,7 +26,8 @@ from genforge.train.loop import pick_device, to_device
 
 NEXT_STEPS = """Next:
   genforge generate {run} --prompt 'The for statement' --seed 0
-  genforge serve {run} --port 8000          # OpenAI-compatible API; in another terminal:
+  genforge serve {run} --port 8000          # OpenAI-compatible API and a web console at http://localhost:8000/
+  # in another terminal:
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "demo", "prompt": "The with statement", "max_tokens": 40}}'
   python -c "import openai; c = openai.OpenAI(base_url='http://localhost:8000/v1', api_key='-'); \\

@@ -151,7 +151,11 @@ export function startChat(features) {
     if (m.outputFiltered) {
       box.append(el("span", { class: "marker guard", text: "Parts of the answer were redacted by the guard" }));
     }
-    if (m.blocked) box.append(el("span", { class: "marker blocked", role: "alert", text: `Blocked by the guard: ${m.blocked}` }));
+    if (m.blocked) {
+      // the server's message says why ("... blocked by the guard: prompt injection ..."): shown as it is
+      const why = /guard/i.test(m.blocked) ? m.blocked : `Blocked by the guard: ${m.blocked}`;
+      box.append(el("span", { class: "marker blocked", role: "alert", text: why.charAt(0).toUpperCase() + why.slice(1) }));
+    }
     if (m.watermark) box.append(el("span", { class: "marker watermark", text: "Watermarked" }));
     if (m.finish === "stop" && m.empty) box.append(el("span", { class: "marker", text: "The model ended its answer at once" }));
     if (m.finish === "length") box.append(el("span", { class: "marker", text: "Stopped at max tokens" }));
