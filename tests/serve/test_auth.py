@@ -19,7 +19,7 @@ from .conftest import MODEL_NAME, Live, _genforge_command, free_socket, lm_serve
 KEY = "sk-auth-test"
 PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
              ("GET", "/openapi.json"), ("GET", "/v1/nope"), ("GET", "/nope"), ("GET", "/health/"),
-             ("GET", "/metrics/x"), ("GET", "/")]
+             ("GET", "/metrics/x"), ("GET", "/v1/features"), ("GET", "/v1/run/report"), ("GET", "/console")]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def _check_gate(base: str) -> None:
         r = httpx.request(method, base + path, json={"prompt": "x"} if method == "POST" else None)
         assert r.status_code == 401, (path, r.status_code, r.text)
         assert r.json()["error"]["type"] == "authentication_error"
-    for path in ("/health", "/metrics"):
+    # probes, scrapers, and the web console's page and files (it asks for the key; the API checks it)
+    for path in ("/health", "/metrics", "/", "/console/app.js"):
         assert httpx.get(base + path).status_code == 200, path
     ok = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL_NAME

@@ -50,7 +50,7 @@ export async function errorOf(response) {
 export async function request(path, options = {}, retried = false) {
   let response;
   try {
-    response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+    response = await fetch(relative(path), { ...options, headers: authHeaders(options.headers || {}) });
   } catch (e) {
     if (e.name === "AbortError") throw e;
     throw new ApiError("The server cannot be reached: is `genforge serve` still running?", { status: 0 });
@@ -133,9 +133,19 @@ export async function* ndjsonLines(response) {
   if (buffer.trim()) yield JSON.parse(buffer);
 }
 
+// Paths relative to the page, so a server behind a proxy prefix (--root-path /api) works as well.
+export function relative(path) {
+  return path.replace(/^\//, "");
+}
+
+// Where the page is served from (http://host:port or http://host:port/api).
+export function serverUrl() {
+  return new URL(".", location.href).href.replace(/\/$/, "");
+}
+
 // The base URL a user would type into curl or the openai client.
 export function baseUrl() {
-  return `${location.origin}/v1`;
+  return `${serverUrl()}/v1`;
 }
 
 export function keyForSnippet() {

@@ -2,7 +2,7 @@
 // first token, queue depth, cache hit rate) with a short history, and the served run's report.md
 // (loss curves, samples, evaluation tables), its images fetched with the API key.
 
-import { baseUrl, el, getJSON, keyForSnippet, request } from "./api.js";
+import { baseUrl, el, getJSON, keyForSnippet, relative, request, serverUrl } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 
 const POLL_MS = 2000;
@@ -11,7 +11,7 @@ const HISTORY = 60; // points in each sparkline: two minutes
 export function startRuns(features) {
   const $ = (id) => document.getElementById(id);
   $("runs-snippet").textContent =
-    `# the serving metrics (Prometheus text; no key needed)\ncurl -s ${location.origin}/metrics | grep '^genforge:'\n\n` +
+    `# the serving metrics (Prometheus text; no key needed)\ncurl -s ${serverUrl()}/metrics | grep '^genforge:'\n\n` +
     `# the served run's report\ncurl -s ${baseUrl()}/run/report -H "Authorization: Bearer ${keyForSnippet()}"`;
   if (features.report) loadReport($("report"));
   const history = { throughput: [], ttft: [] };
@@ -21,7 +21,7 @@ export function startRuns(features) {
   async function poll() {
     let text;
     try {
-      const response = await fetch("/metrics");
+      const response = await fetch(relative("/metrics"));
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       text = await response.text();
     } catch (e) {
