@@ -54,6 +54,11 @@ def test_models_and_health(pair) -> None:
     health = httpx.get(gateway.url + "/health", timeout=10)
     assert health.status_code == 200
     assert health.json()["upstream"] == {"url": upstream.url, "ok": True}
+    # the gateway serves the web console too, and tells it what it offers
+    assert "genforge console" in httpx.get(gateway.url + "/", timeout=10).text
+    features = httpx.get(gateway.v1 + "/features", timeout=10).json()
+    assert features["chat"] and features["cache"] and features["upstream"] == upstream.url
+    assert features["images"] is None and not features["documents"]
 
 
 def test_completion_and_chat_equal_the_upstreams(pair) -> None:

@@ -141,6 +141,13 @@ def test_admin_errors_are_openai_style_4xx(server):
     assert server.metric("genforge:request_errors_total", kind="internal") == 0
 
 
+def test_the_registry_server_serves_the_console_and_names_its_version(server):
+    assert httpx.get(server.url + "/", timeout=10).status_code == 200
+    features = httpx.get(server.v1 + "/features", headers={"Authorization": f"Bearer {server.api_key}"},
+                         timeout=10).json()
+    assert features["chat"] and features["version"] == "nano@1" and features["images"] is None
+
+
 def test_promote_and_rollback_switch_versions_while_streams_finish_where_they_started(server, registry_env):
     primary_users = [u for u in USERS if version_of(server, u) == "nano@1"][:3]
     canary_users = [u for u in USERS if version_of(server, u) == "nano@2"][:2]
