@@ -85,6 +85,19 @@ class Retriever:
         """The index's chunks as of the last refresh, ordered by (source, position)."""
         return list(self._state[1].values())
 
+    def chunk(self, chunk_id: str) -> Chunk | None:
+        """The chunk with this id in the index as it is now (None when there is none)."""
+        self.refresh()
+        return self._state[1].get(chunk_id)
+
+    def sources(self) -> dict[str, int]:
+        """Each source of the index as it is now, with its number of chunks, in (source) order."""
+        self.refresh()
+        counts: dict[str, int] = {}
+        for c in self._state[1].values():
+            counts[c.source] = counts.get(c.source, 0) + 1
+        return counts
+
     def search(self, question: str, k: int = 5, mode: str | None = None,
                vector: np.ndarray | None = None) -> list[tuple[Chunk, float]]:
         """The top `k` chunks for `question` by `mode` (None: the index's measured default)."""
