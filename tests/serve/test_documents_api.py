@@ -5,6 +5,7 @@ packaged all-MiniLM embedder and a real SQLite store; uploads as a browser's For
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import openai
@@ -145,6 +146,20 @@ def test_an_upload_without_files_or_into_another_index_is_refused(live):
     assert r.status_code == 400 and r.json()["error"]["param"] == "mode"
     r = httpx.get(live.v1 + "/rag/chunks/kb:0000000000:7", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "chunk_not_found"
+
+
+def test_the_gate_takes_uploads_by_their_own_limits(live):
+    # a document's brackets are not JSON nesting, and a file over the JSON body limit (1 MB) is fine
+    deep = "[" * 100 + " nested notes\n\n" + "Beavers build dams from branches and mud. " * 30000
+    final = lines(upload(live, ("deep.md", deep.encode())))[-1]
+    assert final["ingested"] == 1 and final["failed"] == []
+    # a body declared over the upload limit is refused before it is read
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/rag/documents HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+                     f"boundary=x\r\nContent-Length: {4 * MAX_FILE_BYTES}\r\n\r\n".encode())
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413") and "the upload exceeds the limit of 101 MB per request" in reply
 
 
 def test_without_rag_the_routes_say_so(api):

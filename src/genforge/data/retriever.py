@@ -4,7 +4,8 @@
 `genforge rag query|eval` run, and that `genforge eval --suite ... --rag NAME` runs to answer a
 suite the way the server would: dense through the store's `nearest`, BM25 over the index's chunks
 kept in memory and rebuilt only when the index version changes, hybrid by reciprocal rank fusion,
-and an optional rerank. The index is built by jobs/rag.py (`genforge rag ingest`).
+and an optional rerank. The index is written by data/ingest.py (`genforge rag ingest`, and files
+uploaded to a server).
 
 This layer loads no model: the caller passes the embedder (anything with `embed(texts)`, `name`
 and `version`, e.g. models.embeddings.Embedder) and the rerank scorer.
