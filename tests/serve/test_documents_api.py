@@ -197,3 +197,52 @@ def test_the_gateway_serves_the_same_routes_and_markers(live, state, tmp_path):
         headers, out = ask(gateway, "Mail john.doe@example.com: where do llamas live?")
         assert headers["x-genforge-guard"] == "redacted" and headers["x-genforge-guard-reason"] == "PII: EMAIL"
         assert any(s["source"].endswith("llamas.txt") for s in out.model_extra["sources"])
+
+
+
+def test_the_stream_ends_in_an_error_line_or_stops_the_work_when_the_client_leaves():
+    """The NDJSON stream's two endings the server tests cannot reach on demand: a failure after the first
+    line, and a client that leaves while the work goes on (the work's next step stops it, so its
+    transaction never commits)."""
+    import asyncio
+    import threading
+
+    from genforge.common.errors import DataError
+    from genforge.serve.documents import _ndjson
+
+    def failing(progress):
+        progress("reading", "a.md", 1, 1)
+        raise DataError("the store went away", code="store_gone")
+
+    async def collect(stream, n=None):
+        out = []
+        async for line in stream:
+            out.append(json.loads(line))
+            if n is not None and len(out) == n:
+                await stream.aclose()
+                break
+        return out
+
+    out = asyncio.run(collect(_ndjson(failing)))
+    assert [o["object"] for o in out] == ["rag.ingest.progress", "error"]
+    assert out[1]["error"]["message"] == "the store went away" and out[1]["error"]["code"] == "store_gone"
+
+    left, finished = threading.Event(), threading.Event()
+    outcome = {}
+
+    def long_work(progress):
+        progress("reading", "a.md", 1, 2)
+        left.wait(30)
+        try:
+            progress("embedding", "a.md", 1, 2)
+            outcome["wrote"] = True
+        except BaseException as e:
+            outcome["stopped"] = type(e).__name__
+            raise
+        finally:
+            finished.set()
+        return {}
+
+    assert len(asyncio.run(collect(_ndjson(long_work), n=1))) == 1  # the client reads one line and leaves
+    left.set()
+    assert finished.wait(30) and outcome == {"stopped": "_Abandoned"}

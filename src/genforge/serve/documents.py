@@ -187,7 +187,7 @@ async def _ndjson(work: Callable[[Progress], dict]) -> AsyncIterator[str]:
             return
         except GenforgeError as e:
             result = {"object": "error", "error": e.to_openai()["error"]}
-        except Exception as e:  # a bug: the stream still ends in shape, the log has the traceback
+        except BaseException as e:  # noqa: BLE001 - a bug: the stream still ends in shape, the log has the traceback
             error_id = f"err-{uuid.uuid4().hex[:12]}"
             log.error("internal error %s while indexing an upload", error_id, exc_info=e)
             result = {"object": "error", "error": {
