@@ -107,7 +107,7 @@ def test_interrupted_ingest_leaves_index_as_it_was(tmp_path, docs, embedder, mon
     monkeypatch.setattr(embedder, "embed", failing)
     with pytest.raises(KeyboardInterrupt):
         # A batch of one chunk per flush, so the failure comes after a batch was handed to the writer.
-        monkeypatch.setattr("genforge.jobs.rag._EMBED_BATCH", 1)
+        monkeypatch.setattr("genforge.data.ingest.EMBED_BATCH", 1)
         ingest([str(docs), "builtin:pydoc/lambda"], "kb", store, embedder=embedder)
     assert calls["n"] == 2
     with open_store(store) as s:

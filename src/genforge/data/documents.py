@@ -51,23 +51,46 @@ class Document:
 
 @dataclass(frozen=True)
 class Source:
-    """One thing to ingest: a file, or a pydoc topic (`builtin:pydoc/<topic>`)."""
+    """One thing to ingest: a file, a pydoc topic (`builtin:pydoc/<topic>`), or an uploaded file's
+    bytes (`data`, named as the user named the file)."""
     name: str
     kind: str
     path: Path | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     def read_bytes(self, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+        if self.data is not None:
+            check_file_bytes(self.name, len(self.data), max_bytes)
+            return check_not_empty(self.name, self.data)
         if self.path is None:
             from pydoc_data.topics import topics
             return topics[self.name.removeprefix(PYDOC + "/")].encode()
-        size = self.path.stat().st_size
-        if size > max_bytes:
-            raise DataError(f"{self.path}: {size / 2**20:.1f} MB is over the limit of {max_bytes / 2**20:.1f} MB "
-                            "per file (split the file, or raise the limit)", param="max_file_bytes")
-        data = self.path.read_bytes()
-        if not data.strip():
-            raise DataError(f"{self.path}: the file is empty (nothing to index)")
-        return data
+        check_file_bytes(str(self.path), self.path.stat().st_size, max_bytes)
+        return check_not_empty(str(self.path), self.path.read_bytes())
+
+
+def check_file_bytes(name: str, size: int, max_bytes: int = MAX_FILE_BYTES) -> None:
+    """DataError naming the file when `size` is over the per-file limit."""
+    if size > max_bytes:
+        raise DataError(f"{name}: {size / 2**20:.1f} MB is over the limit of {max_bytes / 2**20:.1f} MB "
+                        "per file (split the file, or raise the limit)", param="max_file_bytes")
+
+
+def check_not_empty(name: str, data: bytes) -> bytes:
+    """`data`, or a DataError naming the file when it holds nothing but whitespace."""
+    if not data.strip():
+        raise DataError(f"{name}: the file is empty (nothing to index)")
+    return data
+
+
+def kind_of(name: str) -> str:
+    """The reader a file name selects by its extension; DataError naming the file when there is none."""
+    suffix = Path(name).suffix
+    kind = EXTENSIONS.get(suffix.lower())
+    if kind is None:
+        raise DataError(f"{name}: unsupported file type '{suffix or '(none)'}' "
+                        f"(supported: {', '.join(sorted(EXTENSIONS))})", param="paths")
+    return kind
 
 
 def list_sources(paths: list[str]) -> list[Source]:
@@ -93,11 +116,7 @@ def _expand(spec: str) -> list[Source]:
     if not path.exists():
         raise DataError(f"{spec}: no such file or folder", param="paths")
     if path.is_file():
-        kind = EXTENSIONS.get(path.suffix.lower())
-        if kind is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix or '(none)'}' "
-                            f"(supported: {', '.join(sorted(EXTENSIONS))})", param="paths")
-        return [Source(str(path.resolve()), kind, path.resolve())]
+        return [Source(str(path.resolve()), kind_of(str(path)), path.resolve())]
     # Hidden files and folders (.git, editor swap files) are never documents.
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))

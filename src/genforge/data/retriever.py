@@ -4,7 +4,8 @@
 `genforge rag query|eval` run, and that `genforge eval --suite ... --rag NAME` runs to answer a
 suite the way the server would: dense through the store's `nearest`, BM25 over the index's chunks
 kept in memory and rebuilt only when the index version changes, hybrid by reciprocal rank fusion,
-and an optional rerank. The index is built by jobs/rag.py (`genforge rag ingest`).
+and an optional rerank. The index is written by data/ingest.py (`genforge rag ingest`, and files
+uploaded to a server).
 
 This layer loads no model: the caller passes the embedder (anything with `embed(texts)`, `name`
 and `version`, e.g. models.embeddings.Embedder) and the rerank scorer.
@@ -84,6 +85,19 @@ class Retriever:
     def chunks(self) -> list[Chunk]:
         """The index's chunks as of the last refresh, ordered by (source, position)."""
         return list(self._state[1].values())
+
+    def chunk(self, chunk_id: str) -> Chunk | None:
+        """The chunk with this id in the index as it is now (None when there is none)."""
+        self.refresh()
+        return self._state[1].get(chunk_id)
+
+    def sources(self) -> dict[str, int]:
+        """Each source of the index as it is now, with its number of chunks, in (source) order."""
+        self.refresh()
+        counts: dict[str, int] = {}
+        for c in self._state[1].values():
+            counts[c.source] = counts.get(c.source, 0) + 1
+        return counts
 
     def search(self, question: str, k: int = 5, mode: str | None = None,
                vector: np.ndarray | None = None) -> list[tuple[Chunk, float]]:

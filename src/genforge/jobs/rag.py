@@ -1,44 +1,31 @@
 """`genforge rag ingest|query|eval`: build a document index, search it, and measure its retrieval.
 
-`ingest` reads every source, skips the ones whose bytes (and chunking settings) are unchanged since
-the last ingest, chunks and embeds the rest, and writes them in one `store.write` transaction: the
-index changes all at once or, when anything raises or the process dies, not at all. A file that
-cannot be read (empty, too big, a broken PDF) is reported and skipped; the rest goes on.
+`ingest` lists the sources, loads the embedder and hands both to data/ingest.py's `ingest_sources`
+(the core the server's upload route shares): unchanged sources are skipped by their digest, the
+rest is chunked, embedded and written in one transaction, and a file that cannot be read is
+reported and skipped. This module adds the progress bar and remembers where the embedder is.
 
 `query` and `evaluate` search with data/retriever.py's `Retriever`, the one the server uses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
 
 from genforge.common.errors import DataError, NotFoundError
 from genforge.common.progress import console, progress_bar
-from genforge.common.store import Chunk, IndexWriter, Store, open_store
-from genforge.data.documents import (
-    MAX_FILE_BYTES,
-    Source,
-    TokenCounter,
-    chunk_document,
-    embedding_text,
-    hf_token_counter,
-    list_sources,
-    parse,
-)
+from genforge.common.store import Store, open_store
+from genforge.data.documents import MAX_FILE_BYTES, hf_token_counter, list_sources
+from genforge.data.ingest import ingest_sources
 from genforge.data.jsonl import read_records
 from genforge.data.retrieval import (
     MODES,
     check_mode,
 )
-from genforge.data.retriever import Retriever, embedder_id, is_relevant, source_texts
+from genforge.data.retriever import Retriever, is_relevant, source_texts
 from genforge.models.embeddings import Embedder, load_cross_encoder
-
-# Bumped when chunking changes, so the next ingest re-chunks sources whose bytes did not change.
-CHUNKER_VERSION = 1
-_EMBED_BATCH = 128
 
 
 def ingest(paths: list[str], index: str, store_spec: str, embedder_path: str | None = None,
@@ -50,82 +37,25 @@ def ingest(paths: list[str], index: str, store_spec: str, embedder_path: str | N
     if not sources:
         raise DataError(f"no documents found in {', '.join(paths)} (supported: txt, md, html, pdf, jsonl)")
     embedder = embedder or Embedder(embedder_path)
-    count = hf_token_counter(embedder._model.tokenizer)
-    settings = f"{CHUNKER_VERSION}|{chunk_tokens}|{overlap}|{field}|{embedder_id(embedder)}"
+    folders = [str(Path(p).expanduser().resolve()) for p in paths if Path(p).expanduser().is_dir()]
     store = open_store(store_spec)
     try:
-        created = store.index_info(index) is None
-        store.create_index(index, dim=embedder.dim, embedder=embedder_id(embedder))
-        stats = {"index": index, "sources": len(sources), "ingested": 0, "chunks": 0, "unchanged": 0,
-                 "duplicates": 0, "dropped": 0, "removed": 0, "failed": []}
-        try:
-            _ingest_into(store, index, sources, paths, settings, embedder, count, stats,
-                         chunk_tokens=chunk_tokens, overlap=overlap, max_file_bytes=max_file_bytes, field=field)
-            if created and not stats["chunks"]:
-                why = "; ".join(f["reason"] for f in stats["failed"][:5])
-                raise DataError(f"nothing to index in {', '.join(paths)}: {why or 'no text'}")
-        except BaseException:
-            if created:
-                store.drop_index(index)     # a first ingest that fails leaves no empty index behind
-            raise
+        with progress_bar(transient=True) as bar:
+            task = bar.add_task("ingest", total=len(sources), info="")
+
+            def progress(stage: str, source: str, done: int, total: int) -> None:
+                if stage == "reading":
+                    bar.update(task, completed=done, info=Path(source).name)
+
+            stats = ingest_sources(store, index, sources, embedder, hf_token_counter(embedder.tokenizer),
+                                   chunk_tokens=chunk_tokens, overlap=overlap, max_file_bytes=max_file_bytes,
+                                   field=field, folders=folders, progress=progress)
         # Queries load the same model without being told where it is.
         store.set_index_meta(index, {"embedder_path": str(embedder.path) if embedder_path else None})
-        stats["index_chunks"] = store.index_info(index)["chunks"]
     finally:
         store.close()
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     return stats
-
-
-def _ingest_into(store: Store, index: str, sources: list[Source], paths: list[str], settings: str,
-                 embedder: Embedder, count: TokenCounter, stats: dict, **opts) -> None:
-    known = store.source_digests(index)
-    pending: list[tuple[str, str, list[Chunk]]] = []
-
-    def flush(writer: IndexWriter) -> None:
-        chunks = [c for _, _, cs in pending for c in cs]
-        vectors = embedder.embed([embedding_text(c) for c in chunks])
-        at = 0
-        for name, digest, cs in pending:
-            writer.replace_source(name, digest, cs, vectors[at:at + len(cs)])
-            at += len(cs)
-        pending.clear()
-
-    with store.write(index) as writer, progress_bar(transient=True) as bar:
-        task = bar.add_task("ingest", total=len(sources), info="")
-        for src in sources:
-            bar.update(task, advance=1, info=Path(src.name).name)
-            try:
-                data = src.read_bytes(opts["max_file_bytes"])
-                digest = hashlib.sha256(data + settings.encode()).hexdigest()
-                if known.get(src.name) == digest:
-                    stats["unchanged"] += 1
-                    continue
-                chunked = chunk_document(parse(src, data, field=opts["field"]), count,
-                                         chunk_tokens=opts["chunk_tokens"], overlap=opts["overlap"])
-            except (DataError, OSError) as e:
-                reason = str(e) if isinstance(e, DataError) else f"cannot read ({e})"
-                stats["failed"].append({"source": src.name, "reason": reason.replace(f"{src.name}: ", "")})
-                continue
-            if not chunked.chunks:
-                stats["failed"].append({"source": src.name, "reason": "no text to index"})
-                continue
-            stats["ingested"] += 1
-            stats["chunks"] += len(chunked.chunks)
-            stats["duplicates"] += chunked.duplicates
-            stats["dropped"] += chunked.dropped
-            pending.append((src.name, digest, chunked.chunks))
-            if sum(len(cs) for _, _, cs in pending) >= _EMBED_BATCH:
-                flush(writer)
-        if pending:
-            flush(writer)
-        # Files deleted from a folder that is ingested again leave the index with them.
-        listed = {s.name for s in sources}
-        folders = [str(Path(p).expanduser().resolve()) for p in paths if Path(p).expanduser().is_dir()]
-        for name in known:
-            if name not in listed and any(name.startswith(f + "/") for f in folders) and not Path(name).exists():
-                writer.remove_source(name)
-                stats["removed"] += 1
 
 
 def _open(index: str, store_spec: str, embedder: Embedder | None) -> tuple[Store, Embedder]:

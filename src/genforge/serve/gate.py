@@ -25,6 +25,7 @@ from typing import Any
 
 from genforge.common import tracing
 from genforge.common.errors import AuthError
+from genforge.data.documents import MAX_FILE_BYTES
 from genforge.serve.console import is_console_path
 from genforge.serve.metrics import ServeMetrics
 from genforge.serve.protocol import error_body
@@ -39,6 +40,10 @@ DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that trickles its body holds a connect
 # unread data makes the kernel send a reset, and the client would see "connection reset" instead
 # of the error. Beyond it (or past the body timeout) the connection is closed unread.
 DRAIN_LIMIT_BYTES = 16 << 20
+# Routes that take files (multipart/form-data, serve/documents.py): two files at the per-file cap and
+# the form around them, and no JSON depth check (a document's brackets are not JSON).
+UPLOAD_PATHS = frozenset({"/v1/rag/documents"})
+MAX_UPLOAD_BYTES = 2 * MAX_FILE_BYTES + (1 << 20)
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest about 6 deep; Python's json recurses, so bound it first
 RETRY_AFTER_S = 1  # what a 503 asks clients to wait; the queue drains in about a decode step per token
 
@@ -213,9 +218,12 @@ class Gate:
         await self.app(scope, receive, send)
 
     async def _read_body(self, scope: dict, receive: Any, send: Any) -> Any:
-        limit = self.max_body
-        too_big = error_body(f"request body exceeds the limit of {limit} bytes", param=None,
-                             code="request_too_large")
+        upload = route_path(scope) in UPLOAD_PATHS
+        limit = max(self.max_body, MAX_UPLOAD_BYTES) if upload else self.max_body
+        message = (f"the upload exceeds the limit of {limit / 2**20:.0f} MB per request ({MAX_FILE_BYTES / 2**20:.0f} "
+                   "MB per file); upload the files in several requests" if upload
+                   else f"request body exceeds the limit of {limit} bytes")
+        too_big = error_body(message, param=None, code="request_too_large")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
@@ -251,12 +259,19 @@ class Gate:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if upload:
+            return self._replay(body, receive)
         # large bodies off the event loop: a megabyte of escapes takes ~0.1 s to scan
         too_deep = json_too_deep(body) if len(body) < 65536 else await asyncio.to_thread(json_too_deep, body)
         if too_deep:
             await send_json(send, 400, error_body(f"request body nests arrays/objects deeper than "
                                                   f"{MAX_JSON_DEPTH} levels", code="json_too_deep"))
             return None
+        return self._replay(body, receive)
+
+    @staticmethod
+    def _replay(body: bytes, receive: Any) -> Any:
+        """A `receive` that hands the app the body already read, then the real channel."""
         replayed = False
 
         async def replay() -> dict:

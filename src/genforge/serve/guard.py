@@ -261,7 +261,7 @@ class Guard:
                     (j, p.get("text")) for j, p in enumerate(content or []) if isinstance(p, dict)
                     and p.get("type") == "text" and isinstance(p.get("text"), str)]
                 for j, text in parts:
-                    where.append(f"message {i}")
+                    where.append(f"message {i + 1}")  # counted as a person counts the conversation's turns
                     texts.append(text)
                     refs.append((i, j))
         scans = self.scan(texts, placeholders, detector=detector)
@@ -269,7 +269,8 @@ class Guard:
         found = []
         for w, s in zip(where, scans):
             if s.injection:
-                why = f"rules {', '.join(s.rules)}" if s.rules else f"detector score {s.detector_score:.2f}"
+                why = (f"it matches the rule{'s' * (len(s.rules) > 1)} {', '.join(s.rules)}" if s.rules else
+                       f"detector score {s.detector_score:.2f} over the threshold {self.threshold:.2f}")
                 found.append(f"prompt injection in {w} ({why})")
             if s.pii:
                 found.append(f"personal data in {w} ({', '.join(sorted({p.type for p in s.pii}))})")
@@ -302,7 +303,7 @@ class Guard:
         scores = self.detector_scores([s.judged for s in result.scans])
         scans = [replace(s, detector_score=d, score=max(s.score, d), injection=s.injection or d >= self.threshold)
                  for s, d in zip(result.scans, scores)]
-        found = [f"prompt injection in {w} (detector score {d:.2f})"
+        found = [f"prompt injection in {w} (detector score {d:.2f} over the threshold {self.threshold:.2f})"
                  for w, s, d in zip(result.where, result.scans, scores) if d >= self.threshold and not s.injection]
         out = replace(result, scans=scans, score=max((s.score for s in scans), default=0.0),
                       injection=any(s.injection for s in scans), detector_pending=False)

@@ -91,6 +91,12 @@ class LayerSteps:
     def index_version(self, index: str) -> Any:
         return self.store.index_version(index)
 
+    def chunk(self, chunk_id: str) -> Any:
+        return self.retriever.chunk(chunk_id)
+
+    def sources(self) -> dict[str, int]:
+        return self.retriever.sources()
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()

@@ -65,9 +65,14 @@ class Prepared:
     _layer: AppLayer | None = None
 
     def headers(self) -> dict[str, str]:
+        out = {}
+        if self.guard is not None and self.guard.action in ("redacted", "logged"):
+            # The client sees that its input was changed (or flagged); sent before any token, so input only.
+            out["x-genforge-guard"] = self.guard.action
+            out["x-genforge-guard-reason"] = guard_reason(self.guard)
         if self.cache == "off":
-            return {}
-        out = {"x-genforge-cache": self.cache}
+            return out
+        out["x-genforge-cache"] = self.cache
         if self.key is not None:
             out["x-genforge-cache-key"] = self.key  # what DELETE /v1/cache?key= takes
         if self.hit is not None:
@@ -80,6 +85,15 @@ class Prepared:
         if layer is None or layer.guard is None:
             return None
         return layer.guard.output_filter(self.guard.placeholders if self.guard is not None else None)
+
+
+def guard_reason(result: Any) -> str:
+    """A guard result's findings in a few words for a header: "PII: EMAIL, PHONE", "prompt injection"."""
+    parts = ["prompt injection"] if result.injection else []
+    types = sorted({span.type for span in result.pii})
+    if types:
+        parts.append("PII: " + ", ".join(types))
+    return "; ".join(parts) or "flagged"
 
 
 class AppLayer:

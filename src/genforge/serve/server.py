@@ -32,6 +32,7 @@ from genforge.serve.app_base import install_error_handlers, listen, torch_dtype
 from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.console import app_features, install_console, run_dir_of
 from genforge.serve.detect import detect_router
+from genforge.serve.documents import documents_router
 from genforge.serve.embeddings import SharedEmbedder, embeddings_router
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Gate, validated
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
@@ -221,6 +222,7 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, token
             return await service.chat(body, request)
 
         app.include_router(embeddings_router(shared_embedder))
+        app.include_router(documents_router(app_config, steps, shared_embedder, default_state_dir()))
         mark = image_labelling.mark if image_labelling is not None else None
         app.include_router(detect_router(service.tokenizer, service.labelling, mark.key if mark is not None else None))
 

@@ -29,6 +29,7 @@ from genforge.common.errors import NotFoundError
 from genforge.serve.app_base import install_error_handlers, listen
 from genforge.serve.app_config import AppConfig, default_state_dir
 from genforge.serve.console import app_features, install_console
+from genforge.serve.documents import documents_router
 from genforge.serve.embeddings import SharedEmbedder
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, REQUEST_ID, Gate, validated
 from genforge.serve.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, uvicorn_config
@@ -67,9 +68,10 @@ def create_upstream_app(url: str, *, api_key: str | None = None, upstream_model:
     app_config = app_config or AppConfig()
     labelling = Labelling(None, label_text or None)
     steps = None
+    embedder = SharedEmbedder(app_config.embedder)  # the steps' when they run here, and the uploads'
     if app_config.any_step:  # one set of steps (one embedder process) shared by every upstream
         steps = (LayerProcess(app_config, default_state_dir()) if app_config.own_process
-                 else LocalSteps(app_config, default_state_dir(), SharedEmbedder(app_config.embedder)))
+                 else LocalSteps(app_config, default_state_dir(), embedder))
 
     def build(target: str, number: int) -> Upstream:
         own = ServeMetrics(name)
@@ -211,6 +213,7 @@ def create_upstream_app(url: str, *, api_key: str | None = None, upstream_model:
         deleted = await layers[0].invalidate(key)  # one store, shared by every upstream's layer
         return JSONResponse({"object": "cache.deleted", "deleted": deleted, "key": key})
 
+    app.include_router(documents_router(app_config, steps, embedder, default_state_dir()))
     add_admin_routes(app, upstreams, reload=False)
 
     def features() -> dict[str, Any]:
