@@ -252,3 +252,106 @@ def test_images_generate_a_grid_to_download_and_a_refusal_is_shown(browser, imag
     page.wait_for_selector("#status[data-kind=error]:not([hidden])")
     assert "steps" in page.inner_text("#status")
     assert not page.errors
+
+
+@pytest.fixture(scope="module")
+def rag_server(lm, tmp_path_factory) -> Iterator:
+    """lm-nano (its context raised to 1024: rotary positions, no new weights) answering from index "kb"."""
+    import copy
+
+    from genforge.jobs.rag import ingest
+    from genforge.serve.app_config import load_app_config
+
+    from .conftest import lm_server
+
+    root = tmp_path_factory.mktemp("console-rag")
+    (root / "llamas.txt").write_text("Llamas live in the Andes.\n\nThey eat grass and hay.", encoding="utf-8")
+    ingest([str(root / "llamas.txt")], "kb", str(root / "state"))
+    model = copy.deepcopy(lm[0])
+    model.config.max_position_embeddings = 1024
+    config = load_app_config(rag="kb", store=str(root / "state"))
+    with lm_server((model, lm[1]), app_config=config, api_keys=[KEY]) as live:
+        yield live
+
+
+def test_documents_upload_with_progress_search_and_a_refused_upload(browser, rag_server, tmp_path):
+    notes = tmp_path / "tarn.md"
+    notes.write_text("# Lake Tarn\n\nThe submarines of Lake Tarn are painted bright orange so divers find them.\n",
+                     encoding="utf-8")
+    page = open_console(browser, rag_server.url, view="documents")
+    page.wait_for_selector("#view-documents:not([hidden])")
+    page.wait_for_function("document.querySelector('#document-list').textContent.includes('llamas.txt')")
+    page.set_input_files("#upload-files", str(notes))
+    page.click("#upload")
+    page.wait_for_function("document.getElementById('ingest-note').textContent.startsWith('Indexed')", timeout=60_000)
+    assert page.get_attribute("#ingest-progress", "value") == page.get_attribute("#ingest-progress", "max")
+    page.wait_for_function("document.querySelector('#document-list').textContent.includes('tarn.md')")
+
+    page.fill("#search-query", "What colour are the submarines of Lake Tarn?")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-results .chunk")
+    first = page.locator("#search-results .chunk").first
+    assert "tarn.md" in first.locator(".chunk-head").inner_text() and "orange" in first.inner_text()
+    screenshot(page, "documents")
+
+    bad = tmp_path / "tool.exe"
+    bad.write_bytes(b"MZ\x00\x01binary")
+    page.set_input_files("#upload-files", str(bad))
+    page.click("#upload")
+    page.wait_for_selector("#ingest-note.error")
+    note = page.inner_text("#ingest-note")
+    assert note.startswith("Not indexed:") and "tool.exe" in note  # the server's message, naming the file
+    assert not page.errors
+
+
+def test_a_grounded_answer_numbers_its_sources_and_each_opens_its_chunk(browser, rag_server):
+    page = open_console(browser, rag_server.url, view="chat")
+    chat_ready(page)
+    page.fill("#max-tokens", "8")
+    send(page, "Where do llamas live?")
+    answer = last_answer(page)
+    assert "Grounded in" in answer.locator(".marker.rag").inner_text()
+    source = answer.locator("button.source").first
+    assert source.inner_text().startswith("[1] ")
+    source.click()
+    page.wait_for_selector("#chunk-dialog[open]")
+    page.wait_for_function("document.getElementById('chunk-text').textContent.includes('Andes')")
+    assert not page.errors
+
+
+@pytest.fixture(scope="module")
+def t2i_server(t2i_run: Path, tmp_path_factory) -> Iterator[CliServer]:
+    with serving(t2i_run, ["--api-key", KEY], logs=tmp_path_factory.mktemp("console-t2i")) as (server,):
+        yield server
+
+
+def test_text_to_image_generates_from_a_prompt_then_inpaints_a_painted_mask(browser, t2i_server, tmp_path):
+    from PIL import Image
+
+    page = open_console(browser, t2i_server.url)
+    page.wait_for_selector("#view-images:not([hidden])")
+    assert page.is_visible("#image-prompt") and page.is_visible("#image-edit")
+    page.fill("#image-prompt", "a thick, slanted three")
+    page.fill("#image-steps", "3")
+    page.fill("#image-n", "2")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#image-grid img').length === 2 && "
+                           "[...document.querySelectorAll('#image-grid img')].every(i => i.naturalWidth > 0)",
+                           timeout=60_000)
+
+    start = tmp_path / "start.png"
+    Image.new("L", (16, 16), 0).save(start)
+    page.set_input_files("#edit-image", str(start))
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] - 10, steps=8)
+    page.mouse.up()
+    page.fill("#image-n", "1")
+    with page.expect_request("**/v1/images/edits") as sent:
+        page.click("#generate")
+    form = sent.value.post_data_buffer
+    assert b'name="mask"' in form and b'name="image"' in form and b"a thick, slanted three" in form
+    page.wait_for_function("document.querySelectorAll('#image-grid img').length === 1 && "
+                           "document.querySelector('#image-grid img').naturalWidth > 0", timeout=60_000)
+    assert not page.errors
