@@ -147,6 +147,16 @@ def test_a_guard_block_shows_its_reason(browser, main_server):
     assert not page.errors
 
 
+def test_a_redacted_input_is_marked_with_what_was_redacted(browser, main_server):
+    page = open_console(browser, main_server.url)
+    chat_ready(page)
+    page.fill("#max-tokens", "8")
+    send(page, "Contact me at jane.doe@example.com about the meeting.")
+    marker = last_answer(page).locator(".marker.guard").first.inner_text()
+    assert marker == "Input redacted by the guard: PII: EMAIL"
+    assert not page.errors
+
+
 def test_the_metrics_view_updates_and_shows_the_run_report(browser, main_server):
     page = open_console(browser, main_server.url, view="runs")
     page.wait_for_selector("#metric-served")
@@ -350,8 +360,17 @@ def test_text_to_image_generates_from_a_prompt_then_inpaints_a_painted_mask(brow
     page.fill("#image-n", "1")
     with page.expect_request("**/v1/images/edits") as sent:
         page.click("#generate")
-    form = sent.value.post_data_buffer
-    assert b'name="mask"' in form and b'name="image"' in form and b"a thick, slanted three" in form
-    page.wait_for_function("document.querySelectorAll('#image-grid img').length === 1 && "
-                           "document.querySelector('#image-grid img').naturalWidth > 0", timeout=60_000)
+    assert sent.value.headers["content-type"].startswith("multipart/form-data")  # OpenAI's edits form
+    # the stroke went onto the mask (white = regenerate) where it was drawn, and only there
+    painted = page.evaluate("""() => {
+      const c = document.getElementById('mask-canvas'), d = c.getContext('2d');
+      const at = (x, y) => d.getImageData(x * c.width, y * c.height, 1, 1).data[0];
+      return [at(0.6, 0.5), at(0.1, 0.5)];
+    }""")
+    assert painted == [255, 0]
+    page.wait_for_function("(document.querySelectorAll('#image-grid img').length === 1 && "
+                           "document.querySelector('#image-grid img').naturalWidth > 0) || "
+                           "!document.getElementById('status').hidden", timeout=60_000)
+    assert page.is_hidden("#status"), page.inner_text("#status")
+    screenshot(page, "images-inpaint")
     assert not page.errors

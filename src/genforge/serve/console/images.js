@@ -18,6 +18,13 @@ export function startImages(features) {
   $("image-class").replaceChildren(...info.classes.map((c) => el("option", { value: c, text: c })));
   $("edit-strength").addEventListener("input", () => ($("edit-strength-out").textContent = $("edit-strength").value));
   const mask = info.edits ? maskPainter($("mask-canvas"), $("clear-mask")) : null;
+  if (info.edits) {
+    // the uploaded image shows under the canvas, so the mask is painted where it is meant
+    $("edit-image").addEventListener("change", () => {
+      const file = $("edit-image").files[0];
+      $("mask-canvas").style.backgroundImage = file ? `url(${URL.createObjectURL(file)})` : "";
+    });
+  }
 
   function body() {
     const b = { model: features.model, n: Number($("image-n").value) || 1, size: `${info.size}x${info.size}`,
@@ -68,7 +75,7 @@ export function startImages(features) {
         for (const [k, v] of Object.entries(body())) if (k !== "model") form.append(k, String(v));
         form.append("strength", $("edit-strength").value);
         form.append("image", file);
-        if (mask.painted()) form.append("mask", await mask.blob(), "mask.png");
+        if (mask.painted()) form.append("mask", await mask.blob(await createImageBitmap(file)), "mask.png");
         response = await request("/v1/images/edits", { method: "POST", body: form });
       } else {
         response = await postJSON("/v1/images/generations", body());
@@ -100,17 +107,16 @@ export function startImages(features) {
   return {};
 }
 
-// A canvas the user paints the inpainting mask on (mouse, pen or touch; arrow keys + space for the
-// keyboard): white = regenerate, the rest is kept. Sent as a PNG the size of the canvas; the
-// server resizes it to the image.
+// A canvas over the uploaded image where the user paints the inpainting mask (mouse, pen or touch;
+// arrow keys + Shift or space for the keyboard). Strokes are white on transparent; the PNG sent is
+// white on black at the image's own size, as the edits endpoint wants it.
 function maskPainter(canvas, clearButton) {
   const ctx = canvas.getContext("2d");
   let painting = false;
   let painted = false;
   let cursor = { x: canvas.width / 2, y: canvas.height / 2 };
   const clear = () => {
-    ctx.fillStyle = "black";
-    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
     painted = false;
   };
   const dab = (x, y) => {
@@ -152,6 +158,15 @@ function maskPainter(canvas, clearButton) {
   clearButton.addEventListener("click", clear);
   return {
     painted: () => painted,
-    blob: () => new Promise((resolve) => canvas.toBlob(resolve, "image/png")),
+    blob: (size) => {
+      const out = document.createElement("canvas");
+      out.width = size.width;
+      out.height = size.height;
+      const o = out.getContext("2d");
+      o.fillStyle = "black";
+      o.fillRect(0, 0, out.width, out.height);
+      o.drawImage(canvas, 0, 0, out.width, out.height);
+      return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+    },
   };
 }
