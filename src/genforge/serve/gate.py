@@ -33,7 +33,8 @@ from genforge.serve.tracing import REQUEST_ID_HEADER, request_id_of, request_id_
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers carry no key
 ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/images/generations",
-                       "/health", "/metrics", "/openapi.json"})
+                       "/v1/images/edits", "/v1/embeddings", "/v1/features", "/v1/rag/documents", "/v1/rag/search",
+                       "/health", "/metrics", "/openapi.json", "/"})
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # OpenAI-sized requests are far smaller; this bounds parser memory
 DEFAULT_BODY_TIMEOUT_S = 30.0  # a client that trickles its body holds a connection, not a server
 # A refused body is still read (and dropped) up to this much before the 413: closing a socket with
