@@ -56,6 +56,15 @@ def app_features(config: Any, layer: Any) -> dict[str, Any]:
             "documents": layer.rag_on}
 
 
+def routing_features(name: str, keys: list, service: Any, config: Any, **extra: Any) -> dict[str, Any]:
+    """/v1/features of a server that routes chat to its primary LM service: the registry server (its
+    `version` in `extra`) and the upstream gateway (its `upstream`)."""
+    return {"model": name, "family": "lm", "auth": bool(keys), "chat": True, "completions": True,
+            "max_model_len": service.max_model_len, "adapters": [], "images": None,
+            **app_features(config, service.app), "watermark": False, "detect": False, "embeddings": False,
+            "metrics": True, **extra}
+
+
 def install_console(app: FastAPI, features: Callable[[], dict[str, Any]], run_dir: Path | None) -> None:
     """Mount the console on `app`. `features()` is called per request: a reload or an adapter load
     changes what the server offers."""

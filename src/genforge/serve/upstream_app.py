@@ -28,7 +28,7 @@ from genforge.common import tracing
 from genforge.common.errors import NotFoundError
 from genforge.serve.app_base import install_error_handlers, listen
 from genforge.serve.app_config import AppConfig, default_state_dir
-from genforge.serve.console import app_features, install_console
+from genforge.serve.console import install_console, routing_features
 from genforge.serve.documents import documents_router
 from genforge.serve.embeddings import SharedEmbedder
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, REQUEST_ID, Gate, validated
@@ -217,11 +217,7 @@ def create_upstream_app(url: str, *, api_key: str | None = None, upstream_model:
     add_admin_routes(app, upstreams, reload=False)
 
     def features() -> dict[str, Any]:
-        service = upstreams.primary.service
-        return {"model": name, "family": "lm", "auth": bool(keys), "chat": True, "completions": True,
-                "max_model_len": service.max_model_len, "adapters": [], "images": None,
-                **app_features(app_config, service.app), "upstream": upstreams.primary.ref,
-                "watermark": False, "detect": False, "embeddings": False, "metrics": True}
+        return routing_features(name, keys, upstreams.primary.service, app_config, upstream=upstreams.primary.ref)
 
     install_console(app, features, None)
     return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,

@@ -35,7 +35,7 @@ from genforge.common.errors import ConfigError
 from genforge.common.registry import ModelVersion, Registry, parse_ref
 from genforge.serve.app_base import install_error_handlers, torch_dtype
 from genforge.serve.app_config import AppConfig, default_state_dir
-from genforge.serve.console import app_features, install_console
+from genforge.serve.console import install_console, routing_features
 from genforge.serve.gate import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, REQUEST_ID, Gate, validated
 from genforge.serve.labelling import Labelling
 from genforge.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -229,11 +229,8 @@ def create_versioned_app(registry: Registry, ref: str, *, canary: tuple[str, flo
     add_admin_routes(app, versions)
 
     def features() -> dict[str, Any]:
-        service = versions.primary.service
-        return {"model": name, "family": "lm", "auth": bool(keys), "chat": True, "completions": True,
-                "max_model_len": service.max_model_len, "adapters": [], "images": None,
-                **app_features(app_config, service.app), "version": versions.primary.ref,
-                "watermark": False, "detect": False, "embeddings": False, "metrics": True}
+        return routing_features(name, keys, versions.primary.service, app_config, version=versions.primary.ref,
+                                watermark=watermark is not None)
 
     install_console(app, features, None)
     return Gate(app, api_keys=keys, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout,

@@ -76,9 +76,8 @@ export async function postJSON(path, body, options = {}) {
   });
 }
 
-// Server-sent events of a streamed completion: yields each `data:` payload parsed, stops at [DONE].
-// Returns normally only after [DONE]; a stream cut before it throws, so the caller can say so.
-export async function* sseEvents(response) {
+// The records of a streamed body, split at `separator`; a connection cut mid-body throws `cut`.
+async function* records(response, separator, cut) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -88,49 +87,41 @@ export async function* sseEvents(response) {
       chunk = await reader.read();
     } catch (e) {
       if (e.name === "AbortError") throw e;
-      throw new ApiError("The server went away in the middle of the answer.", { status: 0, code: "stream_cut" });
+      throw new ApiError(cut, { status: 0, code: "stream_cut" });
     }
     if (chunk.done) break;
     buffer += decoder.decode(chunk.value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") return;
-        const parsed = JSON.parse(data);
-        if (parsed.error) throw new ApiError(parsed.error.message, { code: parsed.error.code, status: 500 });
-        yield parsed;
-      }
+    let at;
+    while ((at = buffer.indexOf(separator)) >= 0) {
+      yield buffer.slice(0, at);
+      buffer = buffer.slice(at + separator.length);
     }
   }
-  throw new ApiError("The server went away in the middle of the answer.", { status: 0, code: "stream_cut" });
+  if (buffer.trim()) yield buffer;
+}
+
+// Server-sent events of a streamed completion: yields each `data:` payload parsed, stops at [DONE].
+// Returns normally only after [DONE]; a stream cut before it throws, so the caller can say so.
+export async function* sseEvents(response) {
+  const cut = "The server went away in the middle of the answer.";
+  for await (const event of records(response, "\n\n", cut)) {
+    for (const line of event.split("\n")) {
+      if (!line.startsWith("data:")) continue;
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return;
+      const parsed = JSON.parse(data);
+      if (parsed.error) throw new ApiError(parsed.error.message, { code: parsed.error.code, status: 500 });
+      yield parsed;
+    }
+  }
+  throw new ApiError(cut, { status: 0, code: "stream_cut" });
 }
 
 // Lines of an NDJSON stream, parsed (document ingest progress).
 export async function* ndjsonLines(response) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    let chunk;
-    try {
-      chunk = await reader.read();
-    } catch {
-      throw new ApiError("The server went away while indexing.", { status: 0, code: "stream_cut" });
-    }
-    if (chunk.done) break;
-    buffer += decoder.decode(chunk.value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n")) >= 0) {
-      const line = buffer.slice(0, cut).trim();
-      buffer = buffer.slice(cut + 1);
-      if (line) yield JSON.parse(line);
-    }
+  for await (const line of records(response, "\n", "The server went away while indexing.")) {
+    if (line.trim()) yield JSON.parse(line);
   }
-  if (buffer.trim()) yield JSON.parse(buffer);
 }
 
 // Paths relative to the page, so a server behind a proxy prefix (--root-path /api) works as well.
