@@ -18,7 +18,7 @@ export function startDocuments(features) {
     try {
       const docs = await getJSON("/v1/rag/documents");
       $("document-list").replaceChildren(
-        ...docs.data.map((d) => el("li", {}, el("span", { text: d.source }), el("span", { class: "muted", text: ` ${d.chunks} chunks` }))),
+        ...docs.data.map((d) => el("li", {}, el("span", { text: d.source }), el("span", { class: "muted", text: ` ${d.chunks} chunk${d.chunks === 1 ? "" : "s"}` }))),
       );
     } catch (e) {
       $("document-list").replaceChildren(el("li", { class: "muted", text: `Could not list the documents: ${e.message}` }));
