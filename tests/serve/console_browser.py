@@ -21,10 +21,13 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
-    """One headless chromium for the session. Skipped where no chromium is installed (`make test`
-    apt-installs it as root); CI sets GENFORGE_REQUIRE_BROWSER=1, so there a missing browser fails."""
+    """One headless chromium per test module. Skipped where no chromium is installed (`make test`
+    apt-installs it as root); CI sets GENFORGE_REQUIRE_BROWSER=1, so there a missing browser fails.
+
+    Module scope, not session: Playwright's sync API keeps an asyncio loop running in the main thread
+    while it is open, and later modules' `asyncio.run` would find it and refuse to start."""
     sync_api = pytest.importorskip("playwright.sync_api")
     path = chromium_path()
     if path is None:
