@@ -172,4 +172,33 @@ def test_two_processes_pushing_at_once_get_different_numbers(store_url, tmp_path
         p.start()
     for p in procs:
         p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]  # a push that raised says so in the captured stderr
     assert sorted(out.get(timeout=5) for _ in procs) == [1, 2, 3]
+    objects = [p for p in (tmp_path / "reg" / "objects").iterdir()]
+    assert len(objects) == 1 and not objects[0].name.startswith(".push-")  # one copy, no leftovers
+
+
+def test_a_push_that_loses_the_rename_to_a_concurrent_push_of_the_same_weights_keeps_the_winner(
+        registry, tmp_path, monkeypatch):
+    import shutil
+
+    import genforge.common.registry as reg_module
+    run = make_run(tmp_path / "run")
+    real_read_only = reg_module._read_only
+
+    def other_push_wins(folder: Path) -> None:
+        # between this push's "does it exist" check and its rename, another process renames its copy in
+        real_read_only(folder)
+        digest_folders = folder.parent
+        shutil.copytree(folder, digest_folders / "winner")
+    monkeypatch.setattr(reg_module, "_read_only", other_push_wins)
+
+    def rename_winner_first(src, dst):
+        Path(src).parent.joinpath("winner").rename(dst)
+        return real_replace(src, dst)  # the loser's rename now fails: the folder is there and not empty
+    real_replace = reg_module.os.replace
+    monkeypatch.setattr(reg_module.os, "replace", rename_winner_first)
+    version = registry.push(run, "nano")
+    monkeypatch.undo()
+    assert version.version == 1 and registry.files_of(version).is_dir()
+    assert [p.name for p in (registry.root / "objects").iterdir()] == [version.digest]

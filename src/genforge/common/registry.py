@@ -111,7 +111,13 @@ class Registry:
                 shutil.rmtree(tmp)
             else:
                 _read_only(tmp)
-                os.replace(tmp, final)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    # another process pushing the same weights renamed its copy first: keep that one
+                    if not final.is_dir():
+                        raise
+                    shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
