@@ -136,6 +136,19 @@ def make_prompts(folder: Path, n: int, length: int) -> tuple[list[str], float]:
 # -- HTTP load -------------------------------------------------------------------------------------
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
+    for retries in range(3):
+        try:
+            return await _stream_one(client, url, body, t0, retries)
+        except httpx.RemoteProtocolError as e:
+            # A server may close a kept-alive connection just as the next request goes out on it (llama-server
+            # did, once in ~200 requests); the openai client retries such a request, and so does this one.
+            # The time lost stays in the request's latency, and the retries are counted in the results.
+            if "without sending a response" not in str(e) or retries == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _stream_one(client: httpx.AsyncClient, url: str, body: dict, t0: float, retries: int) -> dict:
     first, chunks, usage = None, 0, None
     async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
@@ -153,7 +166,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
                     first = time.perf_counter()
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") else chunks
-    return {"ttft": (first or end) - t0, "e2e": end - t0, "tokens": tokens}
+    return {"ttft": (first or end) - t0, "e2e": end - t0, "tokens": tokens, "retries": retries}
 
 
 async def _load(url: str, bodies: list[dict], clients: int) -> list[dict]:
@@ -179,7 +192,8 @@ def summarize(results: list[dict], wall: float, expected_tokens: int) -> dict:
     tokens = sum(r["tokens"] for r in results)
     return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ttft_p50": pct("ttft", 0.5),
             "ttft_p95": pct("ttft", 0.95), "e2e_p50": pct("e2e", 0.5), "e2e_p95": pct("e2e", 0.95),
-            "short_requests": sum(r["tokens"] < expected_tokens for r in results)}
+            "short_requests": sum(r["tokens"] < expected_tokens for r in results),
+            "retried_requests": sum(r.get("retries", 0) > 0 for r in results)}
 
 
 def run_http(url: str, bodies: list[dict], clients: int, expected: int) -> dict:

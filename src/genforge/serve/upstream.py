@@ -81,7 +81,15 @@ class UpstreamService:
             kw["timeout"] = timeout
         req = self.client.build_request(method, path, **kw)
         try:
-            return await self.client.send(req, stream=stream)
+            try:
+                return await self.client.send(req, stream=stream)
+            except httpx.RemoteProtocolError as e:
+                # The upstream closed a kept-alive connection just as this request went out on it, before
+                # answering anything (llama-server did under load: once in ~200 requests). The request never
+                # got a response, so it is sent once more, on a fresh connection, as HTTP clients do.
+                if "without sending a response" not in str(e):
+                    raise
+                return await self.client.send(self.client.build_request(method, path, **kw), stream=stream)
         except httpx.TimeoutException:
             raise UpstreamError(f"the upstream {self.url} did not answer in time", status=504,
                                 code="upstream_timeout") from None
