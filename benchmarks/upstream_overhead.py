@@ -8,6 +8,8 @@ gateway, streamed chunks the same and concatenating to that text, an over-long p
 its status and body. Rows: direct, gateway (no app layer: pure forwarding), and optionally gateway+guard
 (--guard redact: every chunk through the output filter). Tokens/s and TTFT p50/p95 from the client side;
 the prompts and load are the same for every row, and the upstream is the same process throughout.
+Each process's CPU time over each round comes from /proc: the gateway's CPU ms per 1k tokens is the hop's cost
+wherever it runs.
 
     PYTHONPATH=src python benchmarks/upstream_overhead.py --clients 8 --requests 32 --new-tokens 32
     PYTHONPATH=src python benchmarks/upstream_overhead.py --engine llama --rounds 3 --aggregate median \
@@ -112,12 +114,29 @@ def passthrough_checks(direct: str, gateway: str, model: str, prompt: str) -> di
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_round(url: str, bodies: list[dict], a: argparse.Namespace, pids: dict[str, int]) -> dict:
+    """One round of the load, plus each process's CPU over it: the gateway's CPU per 1k tokens is the hop's
+    cost wherever it runs (here it also takes those cycles from the engine, which shares the 2 cores)."""
+    before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    r = run_http(url + "/v1/completions", bodies, a.clients, a.new_tokens)
+    cpu = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+    return {**r, "cpu_s": cpu, **{f"{role}_cpu_ms_per_1k_tokens": 1e6 * v / max(r["tokens"], 1)
+                                  for role, v in cpu.items()}}
+
+
 def aggregate(rounds: list[dict], how: str) -> dict:
     """The best round (by tok/s), or each figure's median over the rounds."""
     if how == "best":
         return max(rounds, key=lambda r: r["tok_s"])
-    return {k: statistics.median(r[k] for r in rounds) for k in ("tok_s", "ttft_p50", "ttft_p95", "e2e_p50",
-                                                                   "e2e_p95", "short_requests")}
+    keys = ("tok_s", "ttft_p50", "ttft_p95", "e2e_p50", "e2e_p95", "short_requests", "retried_requests",
+            *(k for k in rounds[0] if k.endswith("_cpu_ms_per_1k_tokens")))
+    return {k: statistics.median(r[k] for r in rounds) for k in keys}
 
 
 def start_engine(a: argparse.Namespace, folder: Path, logs: Path) -> tuple[subprocess.Popen, str, str, dict]:
@@ -173,9 +192,10 @@ def main() -> None:
                    "stream": True, "stream_options": {"include_usage": True}} for pr in prompts]
         run_http(up_url + "/v1/completions", bodies[: a.clients], a.clients, a.new_tokens)  # warm-up
         rounds: dict[str, list[dict]] = {name: [] for name in urls}
+        pids = {"engine": upstream.pid, **{name: proc.pid for name, proc in zip(gateways, procs)}}
         for _ in range(a.rounds):
             for name, url in urls.items():
-                rounds[name].append(run_http(url + "/v1/completions", bodies, a.clients, a.new_tokens))
+                rounds[name].append(timed_round(url, bodies, a, pids))
     finally:
         for proc in procs:
             stop(proc)
@@ -183,9 +203,12 @@ def main() -> None:
     best = {name: aggregate(rs, a.aggregate) for name, rs in rounds.items()}
     base = best["direct"]
     rows = [[name, fmt(r["tok_s"], ".1f"), fmt(r["tok_s"] / base["tok_s"], ".3f"), fmt(r["ttft_p50"] * 1e3, ".1f"),
-             fmt(r["ttft_p95"] * 1e3, ".1f"), fmt((r["ttft_p50"] - base["ttft_p50"]) * 1e3, "+.1f")]
+             fmt(r["ttft_p95"] * 1e3, ".1f"), fmt((r["ttft_p50"] - base["ttft_p50"]) * 1e3, "+.1f"),
+             fmt(r["engine_cpu_ms_per_1k_tokens"], ".0f"),
+             fmt(r.get(f"{name}_cpu_ms_per_1k_tokens") if name != "direct" else None, ".0f")]
             for name, r in best.items()]
-    table = md_table(["path", "tok/s", "vs direct", "TTFT p50 ms", "TTFT p95 ms", "TTFT p50 added ms"], rows)
+    table = md_table(["path", "tok/s", "vs direct", "TTFT p50 ms", "TTFT p95 ms", "TTFT p50 added ms",
+                      "engine CPU ms / 1k tok", "gateway CPU ms / 1k tok"], rows)
     how = f"best of {a.rounds} rounds" if a.aggregate == "best" else f"medians of {a.rounds} alternated rounds"
     print(f"\n{engine['engine']}: {a.clients} streaming clients, {a.requests} requests of ~{n_prompt:.0f} prompt "
           f"tokens -> {a.new_tokens} tokens (greedy, ignore_eos); {how}\n\n{table}")
