@@ -259,9 +259,11 @@ class _Features:
         return np.array([p[self.owner[mine] == i].max() for i in idx])
 
 
-def cv_threshold(feats: _Features, idx: np.ndarray, groups: np.ndarray, seed: int = SEED, folds: int = 5) -> float:
+def cv_threshold(feats: _Features, idx: np.ndarray, groups: np.ndarray, seed: int = SEED, folds: int = 5,
+                 counted: np.ndarray | None = None) -> float:
     """The lowest score whose false-positive rate on rows `idx`, each scored by a fit on the other folds
-    (grouped by `groups`), is at most TARGET_TRAIN_FPR.
+    (grouped by `groups`), is at most TARGET_TRAIN_FPR. `counted` (booleans over `idx`): the benign rows whose
+    rate counts (default all).
 
     `train_injection_detector` groups by template, not by source: in leave-one-source-out (4% target), thresholds from
     folds by template gave 94.6% / 4.2% pooled against 95.4% / 4.8% from folds by source, whose few,
@@ -271,7 +273,7 @@ def cv_threshold(feats: _Features, idx: np.ndarray, groups: np.ndarray, seed: in
     cv = np.zeros(len(idx))
     for fit_i, held in GroupKFold(n_splits=min(folds, len(set(groups)))).split(cv, feats.label[idx], groups):
         cv[held] = feats.row_scores(idx[held], feats.fit(idx[fit_i], seed))
-    benign = np.sort(cv[feats.label[idx] == 0])
+    benign = np.sort(cv[(feats.label[idx] == 0) & (True if counted is None else counted)])
     return next((float(t) for t in benign if np.mean(benign >= t) <= TARGET_TRAIN_FPR), 1.0)
 
 
@@ -290,7 +292,12 @@ def train_injection_detector(data: str | Path | list[dict], out: str | Path | No
         raise DataError("the injection set's train split needs both attack (1) and benign (0) rows")
     embedder = Embedder() if embedder is None else embedder
     feats = _Features(train, embedder)
-    threshold = cv_threshold(feats, np.arange(len(train)), np.array([r["template"] for r in train]), seed, folds)
+    # The "tech" rows (documentation and code, jobs/guard_data_tech.py) are many and easy once learnt; counted
+    # in the 3%, they lowered the threshold from 0.83 to 0.77 and v1's held-out benign prompts went from 0% to
+    # 5.6% flagged (measured). The threshold is set on the prompts written for the guard, as before them.
+    prompts = np.array([r.get("source") != "tech" for r in train])
+    threshold = cv_threshold(feats, np.arange(len(train)), np.array([r["template"] for r in train]), seed, folds,
+                             counted=prompts)
     vec, model = feats.fit(np.arange(len(train)), seed)
     dim = feats.seg.shape[1]
     w = model.coef_[0].astype(np.float32)

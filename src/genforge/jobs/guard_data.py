@@ -9,7 +9,8 @@ templates, `guard_data_more.py`), "fresh" (a second held-out set, `guard_data_fr
 before anything was evaluated on it) and "fresh2" (a third, `guard_data_fresh2.py`, written once the
 first two had been looked at while tuning); both are training data now, as they have been looked at
 too often to measure anything, and "wide" (`guard_data_wide.py`, written to widen the training data,
-Chinese above all). The test split is v1's held-out quarter and "fresh3" (`guard_data_fresh3.py`,
+Chinese above all), and "tech" (`guard_data_tech.py`: documentation and code, benign and with planted
+attacks). The test split is v1's held-out quarter and "fresh3" (`guard_data_fresh3.py`,
 written blind by someone who had read neither the training data nor the rules, and evaluated once,
 after the detector and the rules were final).
 """
@@ -275,9 +276,12 @@ def injection_rows(seed: int = 0, per_category: int = 45) -> list[dict]:
     for r in rows:
         r["source"] = "v1"
     # the later sets draw from their own generators, so the v1 rows stay byte for byte what they were
+    from genforge.jobs.guard_data_tech import tech_rows  # it builds on this module's templates
+
     return (rows + _more_rows(random.Random(seed + 1)) + _fresh_rows(random.Random(seed + 2), fresh, "fresh")
             + _fresh_rows(random.Random(seed + 3), fresh2, "fresh2") + _wide_rows(random.Random(seed + 4))
-            + _fresh_rows(random.Random(seed + 5), fresh3, "fresh3", split="test"))
+            + _fresh_rows(random.Random(seed + 5), fresh3, "fresh3", split="test")
+            + tech_rows(random.Random(seed + 6)))
 
 
 def _more_rows(rng: random.Random, fills: int = 2) -> list[dict]:
