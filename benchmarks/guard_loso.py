@@ -1,6 +1,6 @@
 """Leave-one-source-out study of the injection guard: the honest proxy for "a set by a new author".
 
-Each source of the train split (v1, more, fresh, fresh2, wide: written at different times, by different
+Each source of the train split (v1, more, fresh, fresh2, wide, tech: written at different times, by different
 hands or in different styles) is held out in turn: the detector is fitted on all the other sources, and
 its threshold is chosen on those sources only (`jobs.guard.cv_threshold`), then the held-out source is
 scored. Prints recall / false-positive rate per held-out source and pooled, for the rules alone, the
@@ -53,7 +53,8 @@ def loso(rows: list[dict], feats: _Features, by: str = "template", seed: int = S
     for src in sorted(set(sources)):
         held, fit_idx = np.flatnonzero(sources == src), np.flatnonzero(sources != src)
         score[held] = feats.row_scores(held, feats.fit(fit_idx, seed))
-        thr[held] = cv_threshold(feats, fit_idx, groups[fit_idx], seed)
+        # as train_injection_detector does: the threshold counts the prompts, not the tech rows
+        thr[held] = cv_threshold(feats, fit_idx, groups[fit_idx], seed, counted=sources[fit_idx] != "tech")
     return {"source": sources, "score": score, "threshold": thr, "rules": rules, "label": feats.label}
 
 
