@@ -99,3 +99,20 @@ def test_a_halved_image_keeps_the_mark_where_the_half_band_target_is_on(digits):
     forced = [embed_mark(d, InvisibleMark(KEY, half_z=5)) for d in digits]
     assert found([resize(m, 0.5) for m, _ in forced], KEY) >= 8
     assert found([resize(m, 0.5) for m, _ in forced], "another-key") == 0
+
+
+def test_batched_scoring_equals_one_band_at_a_time():
+    # detection scores every band of every crop canvas from one batched DCT and one binomial call; each
+    # figure must be what scoring that band of that image alone gives
+    from genforge.data.image_watermark import _band, _bands_for, _score, _score_bands
+
+    rng = np.random.default_rng(3)
+    pattern = key_pattern(KEY)
+    for shape in ((16, 16), (19, 23), (40, 40), (70, 64)):
+        stack = rng.random((3, *shape)) * 255
+        for img, got in zip(stack, [_score_bands(im, pattern) for im in stack]):
+            want = []
+            for side in _bands_for(*shape):
+                z, p = _score(img, pattern[:side, :side][_band(side)].astype(np.float64), side, _band(side))
+                want.append((p, z, side))
+            assert [x for row in got for x in row] == pytest.approx([x for row in want for x in row], rel=1e-9)
