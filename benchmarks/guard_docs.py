@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--per-source", type=int, default=200)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guard_docs.json"))
     a = p.parse_args()
+    if a.per_source < 1:
+        p.error(f"--per-source must be at least 1, got {a.per_source}")
 
     from genforge.models.embeddings import Embedder
     from genforge.serve.guard import Guard

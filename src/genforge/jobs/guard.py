@@ -273,7 +273,10 @@ def cv_threshold(feats: _Features, idx: np.ndarray, groups: np.ndarray, seed: in
     cv = np.zeros(len(idx))
     for fit_i, held in GroupKFold(n_splits=min(folds, len(set(groups)))).split(cv, feats.label[idx], groups):
         cv[held] = feats.row_scores(idx[held], feats.fit(idx[fit_i], seed))
-    benign = np.sort(cv[(feats.label[idx] == 0) & (True if counted is None else counted)])
+    benign_rows = feats.label[idx] == 0
+    if counted is not None:
+        benign_rows &= counted
+    benign = np.sort(cv[benign_rows])
     return next((float(t) for t in benign if np.mean(benign >= t) <= TARGET_TRAIN_FPR), 1.0)
 
 
